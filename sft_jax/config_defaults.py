@@ -1,0 +1,92 @@
+"""Every config key the trainer reads, with its default. A key that is not here is an error (a typo in a
+config or on the command line must not be silently ignored). Experiment configs are diffs on these."""
+
+from __future__ import annotations
+
+import ml_collections
+
+TASKS = ("text_classification",)
+DTYPES = ("float32", "bfloat16")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "minilm-l6"  # short name, local Hugging Face directory, or hub id
+    c.task = "text_classification"
+    c.strategy = "full"  # head | partial | full
+    c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
+    c.pooling = "mean"  # cls | mean
+    c.head_dropout = 0.1
+    c.dtype = "float32"  # compute dtype; parameters stay float32
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""
+    c.data.eval = ""
+    c.data.text_field = "text"
+    c.data.label_field = "label"
+    c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.max_train_examples = 0  # 0: all; else the first N after a seeded shuffle
+    c.max_length = 128
+    c.buckets = (32, 64, 128)
+
+    c.batch_size = 32
+    c.eval_batch_size = 128
+    c.learning_rate = 5e-5
+    c.schedule = "linear"  # decay after warmup: linear | cosine | constant
+    c.warmup_steps = 0
+    c.weight_decay = 0.01
+    c.clip_norm = 1.0
+    c.max_steps = 1000
+    c.seed = 0
+
+    c.log_every = 20
+    c.eval_every = 200
+    c.checkpoint_every = 200
+    c.early_stopping = ml_collections.ConfigDict()
+    c.early_stopping.metric = "eval/accuracy"
+    c.early_stopping.mode = "max"  # max | min
+    c.early_stopping.patience = 0  # evaluations without improvement before stopping; 0 = never stop
+
+    c.forgetting = ml_collections.ConfigDict()
+    c.forgetting.stsb = ""  # STS-B dev TSV (or its folder); empty: no probe
+
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.sharding_rules = ()  # ((regex, partition-spec tuple), ...); unmatched parameters are replicated
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first unknown key or invalid value."""
+    _check_keys(config, defaults(), "")
+    from sft_jax.strategies import STRATEGIES
+
+    if config.strategy not in STRATEGIES:
+        raise ValueError(f"config.strategy: unknown strategy {config.strategy!r}; expected one of {STRATEGIES}")
+    if config.task not in TASKS:
+        raise ValueError(f"config.task: unknown task {config.task!r}; expected one of {TASKS}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
+    for key in ("batch_size", "eval_batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every",
+                "max_length"):
+        if int(config[key]) <= 0:
+            raise ValueError(f"config.{key}: must be positive, got {config[key]}")
+    if config.frozen_layers < 0:
+        raise ValueError(f"config.frozen_layers: must be >= 0, got {config.frozen_layers}")
+    if config.early_stopping.mode not in ("max", "min"):
+        raise ValueError(f"config.early_stopping.mode: {config.early_stopping.mode!r} is not max or min")
+    if not config.data.train:
+        raise ValueError("config.data.train: no training data given")
+    if not config.data.eval:
+        raise ValueError("config.data.eval: no evaluation data given")
+    if max(config.buckets) < config.max_length:
+        raise ValueError(f"config.buckets: the largest bucket {max(config.buckets)} is below "
+                         f"max_length={config.max_length}")
+
+
+def _check_keys(config, reference, prefix: str) -> None:
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise ValueError(f"unknown config key {name!r}")
+        if isinstance(reference[key], ml_collections.ConfigDict) and key != "mesh":
+            _check_keys(config[key], reference[key], name + ".")

@@ -1,0 +1,167 @@
+"""Label vocabulary, tokenization and deterministic, length-bucketed batches.
+
+Batches are addressed by step: `TrainBatches.batch(step)` is a pure function of (seed, step), so the
+data position of a run is its step and resume needs nothing else. Each batch is padded to the smallest
+bucket length that holds its longest example, so the train step compiles once per bucket.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from sft_jax.data.sources import DataError, Example
+
+
+class LabelVocab:
+    """Class names in a fixed order; the index is the class id the head predicts."""
+
+    def __init__(self, labels: Sequence[str]):
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"duplicate labels in {list(labels)}")
+        self.labels = list(labels)
+        self._index = {label: i for i, label in enumerate(self.labels)}
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example]) -> LabelVocab:
+        found = {e.label for e in examples}
+        if len(found) < 2:
+            raise DataError(f"{examples[0].where.rsplit(':', 1)[0]}: found {len(found)} label(s) {sorted(found)}; "
+                            "classification needs at least 2")
+        # Integer labels keep their numeric order (so "2" follows "1", not "10").
+        if all(label.lstrip("-").isdigit() for label in found):
+            return cls(sorted(found, key=int))
+        return cls(sorted(found))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def encode(self, label: str, where: str) -> int:
+        try:
+            return self._index[label]
+        except KeyError:
+            raise DataError(f"{where}: label {label!r} is not one of the training labels {self.labels}") from None
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump({"labels": self.labels}, f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LabelVocab:
+        with open(path) as f:
+            return cls(json.load(f)["labels"])
+
+
+@dataclasses.dataclass
+class EncodedDataset:
+    """Tokenized examples of variable length (unpadded) and their class ids."""
+
+    input_ids: list[np.ndarray]
+    labels: np.ndarray
+    where: list[str]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.input_ids])
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], int]:
+    """Token ids (with special tokens) truncated to max_length; returns the ids and how many were cut."""
+    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False, return_attention_mask=False)["input_ids"]
+    cut = 0
+    out = []
+    for seq in ids:
+        if len(seq) > max_length:
+            cut += 1
+            # Keep the final special token ([SEP]) so the encoder sees a well-formed sequence.
+            seq = seq[: max_length - 1] + seq[-1:]
+        out.append(np.asarray(seq, dtype=np.int32))
+    return out, cut
+
+
+def encode_classification(
+    examples: Sequence[Example], tokenizer, vocab: LabelVocab, max_length: int
+) -> EncodedDataset:
+    labels = np.array([vocab.encode(e.label, e.where) for e in examples], dtype=np.int32)
+    ids, cut = tokenize(tokenizer, [e.text for e in examples], max_length)
+    if cut:
+        logging.warning("%d of %d texts longer than max_length=%d tokens were truncated (first: %s)",
+                        cut, len(examples), max_length, examples[0].where.rsplit(":", 1)[0])
+    return EncodedDataset(input_ids=ids, labels=labels, where=[e.where for e in examples])
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(f"sequence of length {length} exceeds the largest bucket {max(buckets)}")
+
+
+def make_batch(ds: EncodedDataset, indices: np.ndarray, batch_size: int, buckets: Sequence[int],
+               pad_id: int) -> dict[str, np.ndarray]:
+    """Pads the examples at `indices` to one bucket length; rows past len(indices) get weight 0."""
+    seq_len = bucket_length(max(len(ds.input_ids[i]) for i in indices), buckets)
+    input_ids = np.full((batch_size, seq_len), pad_id, dtype=np.int32)
+    mask = np.zeros((batch_size, seq_len), dtype=np.int32)
+    labels = np.zeros((batch_size,), dtype=np.int32)
+    weights = np.zeros((batch_size,), dtype=np.float32)
+    for row, i in enumerate(indices):
+        seq = ds.input_ids[i]
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        labels[row] = ds.labels[i]
+        weights[row] = 1.0
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "weights": weights}
+
+
+class TrainBatches:
+    """Shuffled training batches, deterministic per (seed, epoch), addressed by global step.
+
+    Within an epoch, windows of `group_window` batches are sorted by length before being cut into
+    batches (then the batch order is shuffled), so most batches land in a short bucket.
+    """
+
+    def __init__(self, ds: EncodedDataset, batch_size: int, buckets: Sequence[int], seed: int, pad_id: int,
+                 group_window: int = 50):
+        if len(ds) < batch_size:
+            raise DataError(f"{ds.where[0].rsplit(':', 1)[0]}: {len(ds)} training examples, fewer than "
+                            f"batch_size={batch_size}")
+        self.ds, self.batch_size, self.buckets = ds, batch_size, tuple(buckets)
+        self.seed, self.pad_id, self.group_window = seed, pad_id, group_window
+        self.steps_per_epoch = len(ds) // batch_size
+        self._epoch, self._order = -1, None
+
+    def _epoch_order(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(len(self.ds))[: self.steps_per_epoch * self.batch_size]
+            lengths = self.ds.lengths
+            window = self.group_window * self.batch_size
+            chunks = []
+            for start in range(0, len(perm), window):
+                part = perm[start: start + window]
+                part = part[np.argsort(lengths[part], kind="stable")]
+                chunks.extend(np.split(part, len(part) // self.batch_size))
+            order = rng.permutation(len(chunks))
+            self._epoch, self._order = epoch, [chunks[i] for i in order]
+        return self._order
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        return make_batch(self.ds, self._epoch_order(epoch)[i], self.batch_size, self.buckets, self.pad_id)
+
+
+def eval_batches(ds: EncodedDataset, batch_size: int, buckets: Sequence[int], pad_id: int):
+    """Every example once, in order of length (fewer padded tokens), last batch padded with weight 0."""
+    order = np.argsort(ds.lengths, kind="stable")
+    for start in range(0, len(ds), batch_size):
+        idx = order[start: start + batch_size]
+        yield idx, make_batch(ds, idx, batch_size, buckets, pad_id)

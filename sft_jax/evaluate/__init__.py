@@ -1,0 +1,1 @@
+"""Metrics and forgetting probes."""

@@ -1,0 +1,1 @@
+"""NNX model families, their checkpoint loaders and the short-name registry."""

@@ -1,0 +1,277 @@
+"""BERT encoder (post-LN) in Flax NNX.
+
+The parameter tree mirrors the names the freezing rules match on::
+
+    embeddings/{word,position,token_type}_embeddings/embedding, embeddings/norm/{scale,bias}
+    layers/{i}/attention/{query,key,value,out}/{kernel,bias}, layers/{i}/attention_norm/...
+    layers/{i}/mlp/{up,down}/{kernel,bias}, layers/{i}/mlp_norm/{scale,bias}
+
+The module holds nothing but `nnx.Param`s: dropout takes an explicit key per call, so a
+checkpoint of the params is a checkpoint of the whole model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # HF "gelu" is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Hyper-parameters of a BERT encoder.
+
+    `dtype` is the compute dtype of the matmuls; parameters are always stored in float32, and
+    layer norm and softmax statistics are computed in float32 whatever `dtype` is.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; "
+                f"use one of {sorted(_ACTIVATIONS)}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head."""
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, hf_config: Mapping[str, Any], **overrides: Any) -> BertConfig:
+        """Builds a config from a Hugging Face `config.json` dict; unknown keys are ignored."""
+        position_type = hf_config.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(
+                f"position_embedding_type {position_type!r} is not supported (only 'absolute')"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
+        kwargs = {k: hf_config[k] for k in names if k in hf_config}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+
+def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when there is no key or nothing to drop."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def attention_bias(attention_mask: jax.Array) -> jax.Array:
+    """Additive attention bias [B, 1, 1, S] (float32): 0 for tokens, a large negative for pads.
+
+    A finite value rather than -inf keeps a fully padded row finite (uniform attention), not NaN.
+    """
+    mask = attention_mask[:, None, None, :].astype(bool)
+    return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Mean of `hidden` [B, T, H] over positions where `attention_mask` [B, T] is 1, in float32."""
+    mask = attention_mask.astype(jnp.float32)[..., None]
+    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
+    # Clamped like sentence-transformers, so an all-pad row gives zeros rather than NaN.
+    return total / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
+
+
+class BertEmbeddings(nnx.Module):
+    """Word + position + token-type embeddings followed by layer norm."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        # Kept in float32: the residual stream stays float32 and only matmul inputs are cast.
+        self.word_embeddings = nnx.Embed(
+            config.vocab_size, config.hidden_size, embedding_init=init, rngs=rngs
+        )
+        self.position_embeddings = nnx.Embed(
+            config.max_position_embeddings,
+            config.hidden_size,
+            embedding_init=init,
+            rngs=rngs,
+        )
+        self.token_type_embeddings = nnx.Embed(
+            config.type_vocab_size, config.hidden_size, embedding_init=init, rngs=rngs
+        )
+        self.norm = nnx.LayerNorm(
+            config.hidden_size,
+            epsilon=config.layer_norm_eps,
+            dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+        positions = jnp.arange(input_ids.shape[1])[None, :]
+        x = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings(token_type_ids)
+        )
+        return self.norm(x)
+
+
+def _linear(
+    in_features: int, out_features: int, config: BertConfig, rngs: nnx.Rngs
+) -> nnx.Linear:
+    return nnx.Linear(
+        in_features,
+        out_features,
+        dtype=config.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+class BertAttention(nnx.Module):
+    """Bidirectional multi-head self-attention over [B, T, heads, head_dim]."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        h = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.dropout_rate = config.attention_probs_dropout_prob
+        self.query = _linear(h, h, config, rngs)
+        self.key = _linear(h, h, config, rngs)
+        self.value = _linear(h, h, config, rngs)
+        self.out = _linear(h, h, config, rngs)
+
+    def __call__(
+        self, x: jax.Array, bias: jax.Array, *, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:
+        b, t, _ = x.shape
+        # A reshape (no transpose) to [B, T, N, D]; the einsums below pick the layout they need.
+        split = (b, t, self.num_heads, self.head_dim)
+        q = self.query(x).reshape(split)
+        k = self.key(x).reshape(split)
+        v = self.value(x).reshape(split)
+        # Logits and softmax in float32 even for bf16 inputs: the mask bias and exp need the range.
+        logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+        logits = logits * (self.head_dim**-0.5) + bias
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = _dropout(probs, self.dropout_rate, dropout_rng)
+        ctx = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+        return self.out(ctx.reshape(b, t, -1))
+
+
+class BertMlp(nnx.Module):
+    """Position-wise feed-forward block: up-projection, activation, down-projection."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self.activation = _ACTIVATIONS[config.hidden_act]
+        self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs)
+        self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(self.activation(self.up(x)))
+
+
+class BertLayer(nnx.Module):
+    """One post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self.dropout_rate = config.hidden_dropout_prob
+        self.attention = BertAttention(config, rngs=rngs)
+        self.attention_norm = nnx.LayerNorm(
+            config.hidden_size,
+            epsilon=config.layer_norm_eps,
+            dtype=jnp.float32,
+            rngs=rngs,
+        )
+        self.mlp = BertMlp(config, rngs=rngs)
+        self.mlp_norm = nnx.LayerNorm(
+            config.hidden_size,
+            epsilon=config.layer_norm_eps,
+            dtype=jnp.float32,
+            rngs=rngs,
+        )
+
+    def __call__(
+        self, x: jax.Array, bias: jax.Array, *, dropout_rng: jax.Array | None = None
+    ) -> jax.Array:
+        if dropout_rng is None:
+            attn_key = attn_out_key = mlp_out_key = None
+        else:
+            attn_key, attn_out_key, mlp_out_key = jax.random.split(dropout_rng, 3)
+        # The residual stream is float32; sub-block outputs in `dtype` are promoted on the add.
+        h = self.attention(x, bias, dropout_rng=attn_key)
+        x = self.attention_norm(x + _dropout(h, self.dropout_rate, attn_out_key))
+        h = self.mlp(x)
+        return self.mlp_norm(x + _dropout(h, self.dropout_rate, mlp_out_key))
+
+
+class BertEncoder(nnx.Module):
+    """BERT encoder returning the last hidden states (no pooler, no task head)."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embeddings = BertEmbeddings(config, rngs=rngs)
+        self.layers = nnx.List(
+            [BertLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        *,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Encodes a batch.
+
+        Args:
+          input_ids: int [B, T] token ids.
+          attention_mask: [B, T], 1 for real tokens and 0 for padding.
+          token_type_ids: int [B, T] segment ids; zeros when None.
+          dropout_rng: a PRNG key. Dropout is applied only when it is given, so evaluation is
+            simply a call without a key.
+
+        Returns:
+          float32 [B, T, hidden_size] hidden states of the last layer.
+        """
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        bias = attention_bias(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids)
+        if dropout_rng is not None:
+            # Layer i uses fold_in(key, i); embedding dropout takes the index after the last layer.
+            emb_key = jax.random.fold_in(dropout_rng, len(self.layers))
+            x = _dropout(x, self.config.hidden_dropout_prob, emb_key)
+        for i, layer in enumerate(self.layers):
+            layer_key = (
+                None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            )
+            x = layer(x, bias, dropout_rng=layer_key)
+        return x.astype(jnp.float32)

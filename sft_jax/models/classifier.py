@@ -1,0 +1,47 @@
+"""Added layers: a classification head on a pre-trained encoder."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sft_jax.models.bert import mean_pool
+from sft_jax.strategies import ParamLayout
+
+POOLINGS = ("cls", "mean")
+
+
+class EncoderClassifier(nnx.Module):
+    """encoder -> pooling (CLS token or masked mean) -> dropout -> linear head (freshly initialised)."""
+
+    def __init__(self, encoder: nnx.Module, hidden_size: int, num_labels: int, *, pooling: str = "mean",
+                 dropout: float = 0.1, rngs: nnx.Rngs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        self.encoder = encoder
+        self.pooling, self.dropout = pooling, dropout
+        self.head = nnx.Linear(hidden_size, num_labels, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+    def pooled(self, input_ids, attention_mask, *, dropout_rng=None) -> jax.Array:
+        encoder_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)
+        hidden = self.encoder(input_ids, attention_mask, dropout_rng=encoder_rng)
+        if self.pooling == "cls":
+            return hidden[:, 0].astype(jnp.float32)
+        return mean_pool(hidden, attention_mask)
+
+    def __call__(self, input_ids, attention_mask, *, dropout_rng=None) -> jax.Array:
+        x = self.pooled(input_ids, attention_mask, dropout_rng=dropout_rng)
+        if dropout_rng is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, 1), 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
+        return self.head(x)
+
+    def embed(self, input_ids, attention_mask) -> jax.Array:
+        """Mean-pooled sentence embedding of the encoder (the STS-B probe), whatever the head pools."""
+        return mean_pool(self.encoder(input_ids, attention_mask), attention_mask)
+
+
+def bert_layout(num_layers: int) -> ParamLayout:
+    return ParamLayout(embeddings=r"encoder/embeddings/", layer=r"encoder/layers/{i}/", head=r"head/",
+                       num_layers=num_layers)

@@ -1,0 +1,1 @@
+"""Checkpoint loaders that map published weights onto sft_jax modules."""

@@ -1,0 +1,195 @@
+"""Load Hugging Face BERT checkpoints (safetensors, or pytorch_model.bin via torch).
+
+HF names are mapped onto ours by rules on the module path plus a leaf rename, so one table
+serves `BertModel` (no prefix; sentence-transformers), `BertFor*` ("bert.") and exports that
+use "model.".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file
+
+from sft_jax.models.bert import BertConfig, BertEncoder
+
+# Prefixes that wrap the encoder in published checkpoints, tried in this order.
+_PREFIXES = ("", "bert.", "model.")
+
+# (our module path regex, HF module name template); matched with re.fullmatch.
+_MODULE_RULES = (
+    (r"embeddings/(word|position|token_type)_embeddings", r"embeddings.\1_embeddings"),
+    (r"embeddings/norm", r"embeddings.LayerNorm"),
+    (
+        r"layers/(\d+)/attention/(query|key|value)",
+        r"encoder.layer.\1.attention.self.\2",
+    ),
+    (r"layers/(\d+)/attention/out", r"encoder.layer.\1.attention.output.dense"),
+    (r"layers/(\d+)/attention_norm", r"encoder.layer.\1.attention.output.LayerNorm"),
+    (r"layers/(\d+)/mlp/up", r"encoder.layer.\1.intermediate.dense"),
+    (r"layers/(\d+)/mlp/down", r"encoder.layer.\1.output.dense"),
+    (r"layers/(\d+)/mlp_norm", r"encoder.layer.\1.output.LayerNorm"),
+)
+
+# Our leaf name -> HF leaf names, newest first (gamma/beta are the pre-2020 LayerNorm names).
+_LEAF_NAMES = {
+    "embedding": ("weight",),
+    "kernel": ("weight",),
+    "scale": ("weight", "gamma"),
+    "bias": ("bias", "beta"),
+}
+
+
+def read_weights(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Reads every tensor of a HF checkpoint directory into numpy (floating tensors as float32).
+
+    Looks for `model.safetensors`, a sharded `model.safetensors.index.json`, then
+    `pytorch_model.bin` (which needs torch).
+    """
+    model_dir = pathlib.Path(model_dir)
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    torch_bin = model_dir / "pytorch_model.bin"
+    if single.is_file():
+        weights = _load_safetensors(single)
+    elif index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(_load_safetensors(model_dir / shard))
+    elif torch_bin.is_file():
+        weights = _load_torch_bin(torch_bin)
+    else:
+        raise FileNotFoundError(
+            f"{model_dir}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+        )
+    return {
+        k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+        for k, v in weights.items()
+    }
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except TypeError:
+        # numpy has no bfloat16; go through jax, which does, and upcast once here.
+        from safetensors.flax import load_file as load_file_jax
+
+        return {
+            k: np.asarray(v.astype(jnp.float32)) for k, v in load_file_jax(path).items()
+        }
+
+
+def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"{path} is a PyTorch checkpoint and torch is not installed; install torch or "
+            "convert the checkpoint to model.safetensors"
+        ) from e
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {
+        k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()
+    }
+
+
+def _hf_module(path: str) -> str:
+    for pattern, template in _MODULE_RULES:
+        match = re.fullmatch(pattern, path)
+        if match:
+            return match.expand(template)
+    raise KeyError(f"no Hugging Face name rule for parameter {path!r}")
+
+
+def _detect_prefix(weights: dict[str, Any]) -> str:
+    for prefix in _PREFIXES:
+        if f"{prefix}embeddings.word_embeddings.weight" in weights:
+            return prefix
+    return ""  # Nothing matches; the missing-key report below names what was expected.
+
+
+def bert_state_from_hf(
+    weights: dict[str, np.ndarray],
+    abstract_state: nnx.State,
+    *,
+    source: str = "checkpoint",
+) -> nnx.State:
+    """Fills `abstract_state` (from `nnx.eval_shape`) with HF-named `weights`.
+
+    Linear weights are transposed to [in, out]; pooler, `cls.*` and task-head tensors are ignored.
+
+    Raises:
+      ValueError: naming every expected key that is missing or whose shape does not match.
+    """
+    prefix = _detect_prefix(weights)
+    missing, mismatched, filled = [], [], []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        *module, leaf = (str(p) for p in path)
+        hf_module = prefix + _hf_module("/".join(module))
+        names = [f"{hf_module}.{name}" for name in _LEAF_NAMES[leaf]]
+        name = next((n for n in names if n in weights), None)
+        if name is None:
+            missing.append(names[0])
+            continue
+        value = weights[name]
+        if leaf == "kernel":
+            value = value.T  # torch Linear stores [out, in]
+        if value.shape != tuple(variable.shape):
+            mismatched.append(
+                f"{name}: checkpoint {tuple(weights[name].shape)}, expected "
+                f"{tuple(variable.shape)}{' (transposed)' if leaf == 'kernel' else ''}"
+            )
+            continue
+        filled.append((path, variable.replace(value=jnp.asarray(value, jnp.float32))))
+    if missing or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+        raise ValueError(f"{source}: cannot load BERT weights; {'. '.join(problems)}")
+    return nnx.from_flat_state(filled)
+
+
+def load_bert(
+    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
+) -> tuple[BertEncoder, BertConfig]:
+    """Loads a Hugging Face BERT checkpoint directory as a `BertEncoder`.
+
+    Args:
+      model_dir: a directory with `config.json` and weights (see `read_weights`). Use
+        `sft_jax.models.registry.resolve_model_dir` to turn a short name or hub id into one.
+      dtype: compute dtype of the matmuls; parameters are float32 regardless.
+
+    Returns:
+      The module holding the checkpoint's weights, and its config.
+    """
+    model_dir = pathlib.Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json")
+    config = BertConfig.from_hf(json.loads(config_path.read_text()), dtype=dtype)
+    weights = read_weights(model_dir)
+    # Shapes only: the random init would be thrown away, and for big models it is not free.
+    abstract = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    state = bert_state_from_hf(weights, abstract_state, source=str(model_dir))
+    return nnx.merge(graphdef, state), config
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The checkpoint's tokenizer, via `transformers.AutoTokenizer`."""
+    from transformers import (
+        AutoTokenizer,
+    )  # Heavy import, only paid by callers that tokenize.
+
+    return AutoTokenizer.from_pretrained(str(model_dir))

@@ -1,0 +1,39 @@
+"""AdamW with a weight-decay mask, warmup then decay, and gradient clipping, from plain arguments."""
+
+from __future__ import annotations
+
+import re
+
+import optax
+
+# Biases and normalisation parameters are not decayed (as in BERT and most fine-tuning recipes).
+NO_DECAY = re.compile(r"(^|/)bias$|(^|/)(scale|norm[^/]*)$|norm/")
+
+
+def decay_mask(params: dict) -> dict:
+    return {name: not NO_DECAY.search(name) for name in params}
+
+
+def make_schedule(learning_rate: float, max_steps: int, warmup_steps: int, decay: str = "linear") -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then `decay` ("linear", "cosine" or "constant") to the end."""
+    warmup_steps = min(warmup_steps, max_steps)
+    rest = max(max_steps - warmup_steps, 1)
+    if decay == "linear":
+        after = optax.linear_schedule(learning_rate, 0.0, rest)
+    elif decay == "cosine":
+        after = optax.cosine_decay_schedule(learning_rate, rest)
+    elif decay == "constant":
+        after = optax.constant_schedule(learning_rate)
+    else:
+        raise ValueError(f"unknown schedule decay {decay!r}; expected linear, cosine or constant")
+    if warmup_steps == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps])
+
+
+def adamw(schedule: optax.Schedule, *, weight_decay: float = 0.01, clip_norm: float | None = 1.0,
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    """Clip by global norm (of the trainable gradients), then AdamW with biases and norms undecayed."""
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    return optax.chain(*parts)

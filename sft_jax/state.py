@@ -1,0 +1,73 @@
+"""TrainState and the bridge between an NNX module and a flat {path: array} parameter dict.
+
+Parameters live in the train state as a flat dict keyed by path ("encoder/layers/0/attention/query/kernel"):
+regex rules, shardings, checkpoints and the trainable/frozen split all work on these names directly.
+`ModelDef` rebuilds the module from such a dict inside jit (the graph is static, traced once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+from flax import nnx
+
+
+def _path_name(path) -> str:
+    # Variables flatten to their `.value` (a GetAttrKey); the name is the chain of dict keys before it.
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+    """The static part of a model: its graph and the structure of its parameter state."""
+
+    graphdef: Any
+    treedef: Any
+    names: tuple[str, ...]
+
+    @classmethod
+    def split(cls, module: nnx.Module) -> tuple[ModelDef, dict[str, jax.Array]]:
+        graphdef, state = nnx.split(module, nnx.Param)
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+        names = tuple(_path_name(path) for path, _ in leaves)
+        if len(set(names)) != len(names):
+            raise ValueError("parameter paths are not unique")
+        return cls(graphdef, treedef, names), dict(zip(names, (leaf for _, leaf in leaves)))
+
+    def merge(self, params: dict[str, jax.Array]) -> nnx.Module:
+        state = jax.tree_util.tree_unflatten(self.treedef, [params[name] for name in self.names])
+        return nnx.merge(self.graphdef, state)
+
+    def __hash__(self):  # identity hash: used as a static jit argument
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict[str, jax.Array]
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data (checkpointable); dropout keys are folded in per step
+
+
+def count_params(params: dict[str, Any], names=None) -> int:
+    names = params.keys() if names is None else names
+    return int(sum(np.prod(params[n].shape) for n in names))
+
+
+def params_fingerprint(params: dict[str, Any]) -> str:
+    """A short hash of all parameter bytes: equal fingerprints mean bit-identical parameters."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(params):
+        h.update(name.encode())
+        h.update(np.asarray(jax.device_get(params[name])).tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,248 @@
+"""train_and_evaluate(config, workdir): load, fine-tune, evaluate, probe forgetting, checkpoint, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from flax import nnx
+
+from sft_jax import optim, sharding, strategies
+from sft_jax.checkpoint import Checkpoints
+from sft_jax.config_defaults import validate
+from sft_jax.data import batching
+from sft_jax.data.sources import DataError, read_classification
+from sft_jax.evaluate import metrics as metrics_lib
+from sft_jax.evaluate.stsb import stsb_spearman
+from sft_jax.losses import classification_loss
+from sft_jax.models.classifier import EncoderClassifier, bert_layout
+from sft_jax.models.loading.hf import load_bert, load_tokenizer
+from sft_jax.models.registry import resolve_model_dir
+from sft_jax.state import ModelDef, TrainState, count_params, params_fingerprint
+from sft_jax.train_step import make_eval_step, make_train_step
+
+LABELS_FILE = "labels.json"
+# Changing these between runs on one workdir would resume a different experiment.
+INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size")
+
+
+class Task:
+    """A text-classification model and what it needs around it, built from a config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_labels: int):
+        self.model_dir = resolve_model_dir(config.model)
+        dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        encoder, bert_config = load_bert(self.model_dir, dtype=dtype)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.max_length = min(config.max_length, bert_config.max_position_embeddings)
+        module = EncoderClassifier(encoder, bert_config.hidden_size, num_labels, pooling=config.pooling,
+                                   dropout=config.head_dropout, rngs=nnx.Rngs(config.seed))
+        self.model_def, self.params = ModelDef.split(module)
+        self.layout = bert_layout(bert_config.num_hidden_layers)
+
+
+def embed_fn(model_def: ModelDef):
+    """Jitted mean-pooled embedding: the encoder part of the classifier."""
+    return jax.jit(lambda params, ids, mask: model_def.merge(params).embed(ids, mask))
+
+
+def _check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    changed = [k for k in INCOMPATIBLE_KEYS if k in old and old[k] != config.to_dict()[k]]
+    if changed:
+        detail = ", ".join(f"{k}: {old[k]!r} -> {config[k]!r}" for k in changed)
+        raise ValueError(f"{workdir}: cannot resume, the config changed incompatibly ({detail}); "
+                         "use a new workdir")
+
+
+def load_data(config, workdir: str, tokenizer, max_length: int):
+    """Reads and tokenizes train and eval data; the label vocabulary comes from train (or the workdir)."""
+    train_ex = read_classification(config.data.train, text_field=config.data.text_field,
+                                   label_field=config.data.label_field, data_dir=config.data.tfds_data_dir)
+    eval_ex = read_classification(config.data.eval, text_field=config.data.text_field,
+                                  label_field=config.data.label_field, data_dir=config.data.tfds_data_dir)
+    found = batching.LabelVocab.from_examples(train_ex)
+    labels_path = os.path.join(workdir, LABELS_FILE)
+    if os.path.exists(labels_path):
+        vocab = batching.LabelVocab.load(labels_path)
+        if vocab.labels != found.labels:
+            raise DataError(f"{config.data.train}: labels {found.labels} differ from {vocab.labels} saved in "
+                            f"{labels_path}; use a new workdir")
+    else:
+        vocab = found
+    if config.data.max_train_examples:
+        keep = np.random.default_rng(config.seed).permutation(len(train_ex))[: config.data.max_train_examples]
+        train_ex = [train_ex[i] for i in sorted(keep)]
+    # Encoding the eval set first checks its labels before any time is spent on training.
+    eval_ds = batching.encode_classification(eval_ex, tokenizer, vocab, max_length)
+    train_ds = batching.encode_classification(train_ex, tokenizer, vocab, max_length)
+    return vocab, train_ds, eval_ds
+
+
+def evaluate(eval_fn, params, eval_ds, config, pad_id: int, num_labels: int) -> dict[str, float]:
+    preds = np.zeros(len(eval_ds), np.int32)
+    loss_sum = 0.0
+    for idx, batch in batching.eval_batches(eval_ds, config.eval_batch_size, config.buckets, pad_id):
+        aux = jax.device_get(eval_fn(params, batch))
+        preds[idx] = aux["predictions"][: len(idx)]
+        loss_sum += float(aux["loss_sum"])
+    return {"eval/accuracy": metrics_lib.accuracy(preds, eval_ds.labels),
+            "eval/f1": metrics_lib.macro_f1(preds, eval_ds.labels, num_labels),
+            "eval/loss": loss_sum / len(eval_ds)}
+
+
+class MetricWriter:
+    """metrics.jsonl (one line per logged step) and TensorBoard events in the workdir."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(workdir)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _improved(value: float, best: float | None, mode: str) -> bool:
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    if not os.access(workdir, os.W_OK):
+        raise PermissionError(f"{workdir}: workdir is not writable")
+    _check_resume(workdir, config)
+
+    # Data first: bad input must stop the run before a model is loaded.
+    model_dir = resolve_model_dir(config.model)
+    tokenizer = load_tokenizer(model_dir)
+    vocab, train_ds, eval_ds = load_data(config, workdir, tokenizer, config.max_length)
+    task = Task(config, len(vocab))
+    pad_id = tokenizer.pad_token_id
+    vocab.save(os.path.join(workdir, LABELS_FILE))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config.to_dict(), f, indent=1, default=str)
+
+    rules = strategies.strategy_rules(config.strategy, task.layout, config.frozen_layers)
+    labels = strategies.label_params(task.model_def.names, rules)
+    trainable = strategies.trainable_names(labels)
+    schedule = optim.make_schedule(config.learning_rate, config.max_steps, config.warmup_steps, config.schedule)
+    tx = strategies.partition(labels, optim.adamw(schedule, weight_decay=config.weight_decay,
+                                                  clip_norm=config.clip_norm))
+
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    p_shard = sharding.param_shardings(task.model_def.names, mesh, config.sharding_rules)
+    b_shard = sharding.batch_sharding(mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = {k: jax.device_put(v, p_shard[k]) for k, v in task.params.items()}
+    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                       opt_state=opt_state,
+                       rng=jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated))
+    state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+
+    ckpt = Checkpoints(workdir)
+    meta = {"best_metric": None, "best_step": None, "bad_evals": 0, "stopped_early": False}
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, meta = restored
+        logging.info("resumed from step %d", int(state.step))
+
+    train_fn = make_train_step(task.model_def, tx, classification_loss, trainable,
+                               state_sharding=state_shard, batch_sharding=b_shard)
+    eval_fn = make_eval_step(task.model_def, classification_loss, params_sharding=p_shard, batch_sharding=b_shard)
+    embed = embed_fn(task.model_def)
+    batches = batching.TrainBatches(train_ds, config.batch_size, config.buckets, config.seed, pad_id)
+
+    results = {"trainable_params": count_params(task.params, trainable),
+               "total_params": count_params(task.params), "train_examples": len(train_ds),
+               "eval_examples": len(eval_ds), "num_labels": len(vocab)}
+    if config.forgetting.stsb:
+        if "stsb_before" not in meta:
+            meta["stsb_before"] = stsb_spearman(lambda i, m: embed(task.params, i, m), tokenizer,
+                                                config.forgetting.stsb)
+        results["forgetting/stsb_spearman/before"] = meta["stsb_before"]
+
+    writer = MetricWriter(workdir)
+    mode, patience = config.early_stopping.mode, config.early_stopping.patience
+    step = int(state.step)
+    t0, examples, eval_time = time.time(), 0, 0.0
+    bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    while step < config.max_steps and not meta["stopped_early"]:
+        batch = sharding.put_batch(batches.batch(step), b_shard)
+        state, m = train_fn(state, batch)
+        step += 1
+        examples += config.batch_size
+        if step % config.log_every == 0 or step == config.max_steps:
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            rate = examples / max(time.time() - t0 - eval_time, 1e-9)
+            logged = {"train/loss": m["loss"], "train/accuracy": m["correct"] / max(m["count"], 1),
+                      "train/grad_norm": m["grad_norm"], "train/learning_rate": float(schedule(step - 1)),
+                      "train/examples_per_s": rate}
+            writer.write(step, logged)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
+        bar.update(1)
+        if step % config.eval_every == 0 or step == config.max_steps:
+            t_eval = time.time()
+            ev = evaluate(eval_fn, state.params, eval_ds, config, pad_id, len(vocab))
+            writer.write(step, ev)
+            value = ev[config.early_stopping.metric]
+            if _improved(value, meta["best_metric"], mode):
+                meta.update(best_metric=value, best_step=step, bad_evals=0)
+                ckpt.save_best(state, meta)
+            else:
+                meta["bad_evals"] += 1
+                if patience and meta["bad_evals"] >= patience:
+                    meta["stopped_early"] = True
+                    logging.info("early stopping at step %d (best %s=%.4f at step %d)", step,
+                                 config.early_stopping.metric, meta["best_metric"], meta["best_step"])
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+            eval_time += time.time() - t_eval
+        if step % config.checkpoint_every == 0 or step == config.max_steps or meta["stopped_early"]:
+            ckpt.save_latest(state, meta)
+    bar.close()
+    ckpt.wait()
+    elapsed = time.time() - t0
+    train_seconds = elapsed - eval_time  # includes compilation and checkpoint saves
+
+    # Final metrics are those of the best checkpoint (early stopping keeps it).
+    best_params, _ = ckpt.restore_params(state.params, "best")
+    results.update(evaluate(eval_fn, best_params, eval_ds, config, pad_id, len(vocab)))
+    if config.forgetting.stsb:
+        results["forgetting/stsb_spearman/after"] = stsb_spearman(
+            lambda i, m: embed(best_params, i, m), tokenizer, config.forgetting.stsb)
+        results["forgetting/stsb_spearman/drop"] = (results["forgetting/stsb_spearman/before"]
+                                                    - results["forgetting/stsb_spearman/after"])
+    results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
+                    "params_fingerprint": params_fingerprint(state.params),
+                    "best_params_fingerprint": params_fingerprint(best_params)})
+    if examples:
+        results.update({"train/examples_per_s": examples / train_seconds, "train/wall_time_s": elapsed})
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    writer.close()
+    ckpt.close()
+    return results

@@ -1,0 +1,66 @@
+"""Pure train and eval steps. No config reads: importable and usable on its own (e.g. in Colab).
+
+    step_fn = make_train_step(model_def, tx, loss_fn, trainable, ...)
+    state, metrics = step_fn(state, batch)
+
+`loss_fn(model, batch, rng) -> (loss, aux)` where `rng` is a dropout key (None when evaluating).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sft_jax.state import ModelDef, TrainState
+
+LossFn = Callable[..., tuple[jax.Array, dict]]
+
+
+def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax.GradientTransformation,
+               loss_fn: LossFn, trainable: Sequence[str]) -> tuple[TrainState, dict]:
+    """One optimizer step. Only `trainable` parameters are differentiated; the others pass through as is."""
+    trainable = set(trainable)
+    train_p = {k: v for k, v in state.params.items() if k in trainable}
+    frozen_p = {k: v for k, v in state.params.items() if k not in trainable}
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def compute_loss(tp):
+        return loss_fn(model_def.merge({**frozen_p, **tp}), batch, rng)
+
+    (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(train_p)
+    # The partition expects the full tree; frozen entries go to set_to_zero and are dead code after it.
+    full_grads = {**{k: jnp.zeros_like(v) for k, v in frozen_p.items()}, **grads}
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    new_train = optax.apply_updates(train_p, {k: updates[k] for k in train_p})
+    new_state = state.replace(step=state.step + 1, params={**frozen_p, **new_train}, opt_state=opt_state)
+    # Per-example outputs (predictions) stay out of the train metrics; eval_step returns them.
+    scalars = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **scalars}
+    return new_state, metrics
+
+
+def eval_step(params: dict, batch: dict, *, model_def: ModelDef, loss_fn: LossFn) -> dict:
+    """Sums over the batch (weighted by batch["weights"]), so the host can add them up across batches."""
+    _, aux = loss_fn(model_def.merge(params), batch, None)
+    return aux
+
+
+def make_train_step(model_def: ModelDef, tx, loss_fn: LossFn, trainable: Sequence[str], *,
+                    state_sharding=None, batch_sharding=None, donate: bool = True):
+    """`train_step` jitted with explicit shardings; the state buffer is donated (updated in place)."""
+    fn = functools.partial(train_step, model_def=model_def, tx=tx, loss_fn=loss_fn, trainable=tuple(trainable))
+    if state_sharding is None:
+        return jax.jit(fn, donate_argnums=(0,) if donate else ())
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(model_def: ModelDef, loss_fn: LossFn, *, params_sharding=None, batch_sharding=None):
+    fn = functools.partial(eval_step, model_def=model_def, loss_fn=loss_fn)
+    if params_sharding is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(params_sharding, batch_sharding))
