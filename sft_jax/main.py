@@ -3,7 +3,7 @@
 Running the same command again on the same DIR resumes from the latest checkpoint.
 """
 
-import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -19,22 +19,52 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     from sft_jax.train import train_and_evaluate  # after flag parsing: JAX reads XLA_FLAGS on import
 
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (DataError, ValueError, FileNotFoundError, PermissionError) as e:
-        logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    print(json.dumps(results, indent=1))
+    print(summary(results, FLAGS.workdir))
+
+
+def summary(results: dict, workdir: str) -> str:
+    """The figures a researcher looks at first; everything is in WORKDIR/results.json."""
+    keys = ["eval/accuracy", "eval/f1", "eval/loss", "forgetting/stsb_spearman/before",
+            "forgetting/stsb_spearman/after", "trainable_params", "total_params", "best_step",
+            "train/examples_per_s"]
+    width = max(len(k) for k in keys)
+    lines = [f"{k:<{width}}  {results[k]:.4f}" if isinstance(results[k], float) else f"{k:<{width}}  {results[k]}"
+             for k in keys if results.get(k) is not None]
+    return "\n".join(lines + [f"(all results: {os.path.join(workdir, 'results.json')})"])
+
+
+def _unknown_override(e: Exception) -> str | None:
+    """The `--config.KEY=VALUE` argument naming a key the config lacks (ml_collections raises
+    AttributeError(KeyError("'KEY'..."))), or None when `e` is about something else."""
+    inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else e
+    text = " ".join(str(inner.args[0] if inner.args else inner).split())
+    for arg in sys.argv[1:]:
+        path = arg.split("=", 1)[0]
+        key = repr(path.rsplit(".", 1)[-1])
+        if path.startswith("--config.") and text.startswith(key):
+            return f"{arg}: unknown config key {path[2:]!r}{text[len(key):]}"  # keeps "Did you mean ..."
+    return None
 
 
 def run():
     try:
         app.run(main)
-    except flags.IllegalFlagValueError as e:  # e.g. --config.KEY=... for a key that does not exist
+    except flags.IllegalFlagValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (AttributeError, KeyError) as e:  # e.g. --config.KEY=... for a key that does not exist
+        message = None if FLAGS.is_parsed() else _unknown_override(e)
+        if message is None:  # raised by the run itself, not by flag parsing: keep the traceback
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -20,7 +20,9 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A mesh with axis sizes from `shape`; one axis may be -1 (all remaining devices)."""
+    """A mesh with axis sizes from `shape`; one axis may be -1 (all remaining devices).
+
+    A mesh smaller than the device count uses the first devices (e.g. {"data": 1}: one device)."""
     devices = np.asarray(jax.devices() if devices is None else devices)
     shape = dict(shape or {"data": -1})
     unknown = set(shape) - set(AXES)
@@ -34,6 +36,8 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
         if devices.size % fixed:
             raise ValueError(f"{devices.size} devices do not divide into mesh {shape}")
         sizes[sizes.index(-1)] = devices.size // fixed
+    if int(np.prod(sizes)) < devices.size and -1 not in shape.values():
+        devices = devices.reshape(-1)[: int(np.prod(sizes))]
     if int(np.prod(sizes)) != devices.size:
         raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices, have {devices.size}")
     return Mesh(devices.reshape(sizes), AXES)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 
@@ -111,7 +110,7 @@ class MetricWriter:
         self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self.tb = SummaryWriter(workdir)
 
-    def write(self, step: int, values: dict[str, float]) -> None:
+    def write(self, step: int, values: dict[str, float]) -> None:  # noqa: D102
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
         for k, v in values.items():
@@ -169,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     restored = ckpt.restore_latest(state)
     if restored is not None:
         state, meta = restored
-        logging.info("resumed from step %d", int(state.step))
+        tqdm.tqdm.write(f"resumed from step {int(state.step)} of {workdir}")
 
     train_fn = make_train_step(task.model_def, tx, classification_loss, trainable,
                                state_sharding=state_shard, batch_sharding=b_shard)
@@ -217,8 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 meta["bad_evals"] += 1
                 if patience and meta["bad_evals"] >= patience:
                     meta["stopped_early"] = True
-                    logging.info("early stopping at step %d (best %s=%.4f at step %d)", step,
-                                 config.early_stopping.metric, meta["best_metric"], meta["best_step"])
+                    bar.write(f"early stopping at step {step}: best {config.early_stopping.metric}="
+                              f"{meta['best_metric']:.4f} at step {meta['best_step']}")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
             eval_time += time.time() - t_eval
         if step % config.checkpoint_every == 0 or step == config.max_steps or meta["stopped_early"]:

@@ -54,7 +54,7 @@ def _read_jsonl(path: str, text_field: str, label_field: str) -> Iterator[Exampl
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: drop a leading BOM
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
@@ -73,7 +73,7 @@ def _read_delimited(path: str, delimiter: str, text_field: str, label_field: str
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     csv.field_size_limit(sys.maxsize)
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a BOM
             rows = csv.reader(f, delimiter=delimiter, quoting=quoting)
             header = next(rows, None)
             if header is None:
@@ -90,21 +90,33 @@ def _read_delimited(path: str, delimiter: str, text_field: str, label_field: str
                 if len(row) != len(header):
                     raise DataError(f"{where}: expected {len(header)} columns, found {len(row)}")
                 yield _make_example({text_field: row[ti], label_field: row[li]}, where, text_field, label_field)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    except UnicodeDecodeError:
+        raise DataError(_utf8_error(path)) from None
+
+
+def _utf8_error(path: str) -> str:
+    """Names the first line that is not UTF-8 (the text decoder only knows an offset in its buffer)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+    return f"{path}: not valid UTF-8"
 
 
 def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | None) -> Iterator[Example]:
     import tensorflow_datasets as tfds  # imported lazily: slow to import and only needed here
 
-    parts = spec.split(":")
+    parts = spec.split(":", 2)  # a split may itself hold colons: "train[:10%]"
     if len(parts) not in (2, 3) or not parts[1]:
         raise DataError(f"{spec}: expected tfds:NAME[:SPLIT]")
     name, split = parts[1], parts[2] if len(parts) == 3 else "train"
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises many types; all mean "not available here"
-        raise DataError(f"{spec}: cannot open TFDS dataset ({type(e).__name__}: {e})") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]  # not found: then lists every TFDS dataset
+        raise DataError(f"{spec}: cannot open TFDS dataset ({type(e).__name__}: {first_line})") from None
     features = source.dataset_info.features
     # GLUE-style datasets call the text "sentence"; accept it when "text" is configured.
     if text_field not in features and text_field == "text" and "sentence" in features:

@@ -1,0 +1,153 @@
+"""Shared test setup: 8 CPU devices for sharding tests, offline Hugging Face, a tiny random BERT.
+
+The environment is set here, at import time, because JAX reads XLA_FLAGS once when it initialises.
+"""
+
+from __future__ import annotations
+
+import os
+
+_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import shutil  # noqa: E402
+
+import pytest  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+TINY_BERT = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> pathlib.Path:
+    """A random 2-layer, 32-wide BERT saved as a Hugging Face directory, with MiniLM's tokenizer."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from sft_jax.models.registry import resolve_model_dir
+
+    try:
+        minilm = resolve_model_dir("minilm-l6")
+    except ValueError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(**TINY_BERT)).save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm / name, out / name)
+    return out
+
+
+def write_jsonl(path: pathlib.Path, records: list[dict]) -> pathlib.Path:
+    """Writes one JSON object per line; returns `path`."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def sentiment_records(n: int, offset: int = 0) -> list[dict]:
+    """`n` easy sentiment examples alternating positive / negative."""
+    out = []
+    for i in range(offset, offset + n):
+        if i % 2:
+            out.append({"text": f"bad movie number {i}, dull and boring", "label": "negative"})
+        else:
+            out.append({"text": f"good movie number {i}, fun and great", "label": "positive"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def make_tiny_config(tiny_bert_dir):
+    """A factory: `make_tiny_config(data_dir)` -> a fresh tiny_config writing its jsonl data to `data_dir`
+    (for module-scoped fixtures, which cannot use the function-scoped `tiny_config`)."""
+
+    def make(tmp_path: pathlib.Path):
+        from sft_jax.config_defaults import defaults
+
+        c = defaults()
+        c.model = str(tiny_bert_dir)
+        c.data.train = str(write_jsonl(tmp_path / "train.jsonl", sentiment_records(64)))
+        c.data.eval = str(write_jsonl(tmp_path / "eval.jsonl", sentiment_records(16, offset=64)))
+        c.batch_size = 8
+        c.eval_batch_size = 8
+        c.max_steps = 4
+        c.eval_every = 2
+        c.log_every = 1
+        c.checkpoint_every = 2
+        c.max_length = 32
+        c.buckets = (16, 32)
+        c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+        c.forgetting.stsb = ""
+        return c
+
+    return make
+
+
+@pytest.fixture
+def tiny_config(make_tiny_config, tmp_path):
+    """A complete config for a few-step run of the tiny BERT on 64 train / 16 eval jsonl examples."""
+    return make_tiny_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_trainer(tiny_bert_dir):
+    """A factory building what `train_and_evaluate` builds for the tiny BERT (labels, optimizer, sharded
+    state, jitted train step) without running it, so tests can step it and look inside the state.
+
+    `build(strategy, frozen_layers=0, mesh=None, learning_rate=1e-2)` returns a namespace with model_def,
+    labels, trainable, tx, state, train_fn, batch_sharding, mesh, host_params (a numpy copy of the initial
+    parameters: the state passed to train_fn is donated) and `batch(texts, labels)` (a padded host batch).
+    """
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from sft_jax import optim, sharding, strategies
+    from sft_jax.data import batching
+    from sft_jax.losses import classification_loss
+    from sft_jax.models.classifier import EncoderClassifier, bert_layout
+    from sft_jax.models.loading.hf import load_bert, load_tokenizer
+    from sft_jax.state import ModelDef, TrainState
+    from sft_jax.train_step import make_train_step
+
+    tokenizer = load_tokenizer(tiny_bert_dir)
+
+    def make_batch(texts, labels, buckets=(16, 32)):
+        ids, _ = batching.tokenize(tokenizer, texts, max(buckets))
+        ds = batching.EncodedDataset(ids, np.asarray(labels, np.int32), [""] * len(ids))
+        return batching.make_batch(ds, np.arange(len(ids)), len(ids), buckets, tokenizer.pad_token_id)
+
+    def build(strategy="full", frozen_layers=0, mesh=None, learning_rate=1e-2, seed=0):
+        encoder, bert_config = load_bert(tiny_bert_dir)
+        module = EncoderClassifier(encoder, bert_config.hidden_size, 2, rngs=nnx.Rngs(seed))
+        model_def, params = ModelDef.split(module)
+        labels = strategies.label_params(
+            model_def.names,
+            strategies.strategy_rules(strategy, bert_layout(bert_config.num_hidden_layers), frozen_layers))
+        trainable = strategies.trainable_names(labels)
+        tx = strategies.partition(labels, optim.adamw(optax.constant_schedule(learning_rate)))
+        mesh_ = sharding.make_mesh(mesh or {"data": 1})
+        p_shard = sharding.param_shardings(model_def.names, mesh_)
+        replicated = jax.sharding.NamedSharding(mesh_, jax.sharding.PartitionSpec())
+        host_params = {k: np.array(v) for k, v in params.items()}
+        params = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
+        opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh_)
+        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+                           opt_state=jax.jit(tx.init, out_shardings=opt_shard)(params),
+                           rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated))
+        state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+        b_shard = sharding.batch_sharding(mesh_)
+        train_fn = make_train_step(model_def, tx, classification_loss, trainable, state_sharding=state_shard,
+                                   batch_sharding=b_shard)
+        return types.SimpleNamespace(model_def=model_def, labels=labels, trainable=trainable, tx=tx, state=state,
+                                     train_fn=train_fn, batch_sharding=b_shard, mesh=mesh_,
+                                     host_params=host_params, batch=make_batch)
+
+    return build
