@@ -9,7 +9,7 @@ from configs.common import get_config as common_config
 from configs.common import shared_data
 
 # Learning rates per strategy: a fresh head alone tolerates (and needs) a much larger step.
-LEARNING_RATES = {"head": 2e-3, "partial": 1e-4, "full": 5e-5}
+LEARNING_RATES = {"head": 2e-3, "partial": 1e-4, "full": 1e-4}
 
 
 def get_config(arg=None):

@@ -91,7 +91,7 @@ def write_report(rows: list[dict], steps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--strategies", default="head,partial,full")
+    parser.add_argument("--strategies", default="full,partial,head")
     args = parser.parse_args()
     rows = [run(s, args.steps) for s in args.strategies.split(",")]
     write_report(rows, args.steps)
