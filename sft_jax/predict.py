@@ -67,20 +67,13 @@ class Predictor:
 
 
 def _read_texts(path: str) -> list[str]:
-    from sft_jax.data.sources import DataError
+    from sft_jax.data.sources import DataError, iter_jsonl
 
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
-            texts.append(record["text"])
+    for where, record in iter_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{where}: expected an object with a string field 'text'")
+        texts.append(record["text"])
     return texts
 
 

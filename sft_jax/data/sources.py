@@ -49,7 +49,8 @@ def _make_example(record: dict, where: str, text_field: str, label_field: str) -
     return Example(text=text, label=_label_to_str(record[label_field], where, label_field), where=where)
 
 
-def _read_jsonl(path: str, text_field: str, label_field: str) -> Iterator[Example]:
+def iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
+    """Yields ("file:line", record) for each non-blank line of a JSONL file of objects."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -65,7 +66,12 @@ def _read_jsonl(path: str, text_field: str, label_field: str) -> Iterator[Exampl
                 raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield _make_example(record, where, text_field, label_field)
+            yield where, record
+
+
+def _read_jsonl(path: str, text_field: str, label_field: str) -> Iterator[Example]:
+    for where, record in iter_jsonl(path):
+        yield _make_example(record, where, text_field, label_field)
 
 
 def _read_delimited(path: str, delimiter: str, text_field: str, label_field: str) -> Iterator[Example]:
