@@ -21,7 +21,7 @@ $(STAMP): setup.py Makefile
 demo: install
 	rm -rf workdirs/demo
 	$(BIN)/python -m sft_jax.main --config=configs/sst2.py:partial --workdir=workdirs/demo \
-	  --config.max_steps=300 --config.eval_every=150 --config.checkpoint_every=150
+	  --config.max_steps=300 --config.warmup_steps=30 --config.eval_every=150 --config.checkpoint_every=150
 
 test: install
 	$(BIN)/python -m pytest -q tests
