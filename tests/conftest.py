@@ -151,3 +151,54 @@ def tiny_trainer(tiny_bert_dir):
                                      host_params=host_params, batch=make_batch)
 
     return build
+
+
+# Tiny random decoders of both families, saved by transformers as HF directories with the real
+# tokenizers of SmolLM2 / Gemma 3 (so vocabularies and chat templates are the real ones).
+TINY_LLAMA = dict(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=2)
+TINY_GEMMA3 = dict(vocab_size=262144, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=8,
+                   max_position_embeddings=256, sliding_window=4,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   rope_theta=1e6, rope_local_base_freq=1e4, tie_word_embeddings=True, bos_token_id=2,
+                   eos_token_id=1, pad_token_id=0)
+
+
+def _tiny_decoder_dir(tmp_path_factory, family: str) -> pathlib.Path:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from sft_jax.models.loading.lm import load_lm_tokenizer
+
+    real = "smollm2-135m-instruct" if family == "llama" else "gemma3-270m"
+    try:
+        tokenizer = load_lm_tokenizer(real)
+    except ValueError as e:
+        pytest.skip(str(e))
+    out = tmp_path_factory.mktemp(f"tiny_{family}")
+    torch.manual_seed(0)
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA))
+    else:
+        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**TINY_GEMMA3))
+        with torch.no_grad():  # Gemma norms init to 0 (= scale 1); randomise them so the offset is tested
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
+    """A random 2-layer LLaMA (GQA 4/2 heads, tied embeddings) with SmolLM2's tokenizer, as a HF directory."""
+    return _tiny_decoder_dir(tmp_path_factory, "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> pathlib.Path:
+    """A random 3-layer Gemma 3 (sliding window 4 on layers 0-1, global layer 2) with Gemma's tokenizer."""
+    return _tiny_decoder_dir(tmp_path_factory, "gemma3")

@@ -61,7 +61,7 @@ class DecoderConfig:
     rope_local_theta: float = 10000.0  # Gemma 3 sliding-window layers
     max_position_embeddings: int = 2048
     tie_embeddings: bool = True
-    query_scale: float | None = None  # None: head_dim ** -0.5
+    query_pre_attn_scalar: float | None = None  # queries are scaled by its -1/2 power; None: head_dim
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer FULL or SLIDING; empty: all FULL
     bos_token_id: int | None = None
@@ -130,7 +130,7 @@ class DecoderConfig:
                 for i in range(hf["num_hidden_layers"])]
             kwargs.update(rope_theta=rope.get(FULL, {}).get("rope_theta", 1e6),
                           rope_local_theta=rope.get(SLIDING, {}).get("rope_theta", 1e4),
-                          query_scale=float(hf.get("query_pre_attn_scalar", kwargs["head_dim"])) ** -0.5,
+                          query_pre_attn_scalar=hf.get("query_pre_attn_scalar", kwargs["head_dim"]),
                           sliding_window=window, layer_types=tuple(types))
             if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
                 raise ValueError("logit soft-capping is not supported (Gemma 3 does not use it)")
@@ -153,7 +153,7 @@ class DecoderConfig:
             return dict(common, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
                         hidden_activation=self.hidden_act, sliding_window=self.sliding_window,
                         layer_types=list(self.layer_types) or [FULL] * self.num_layers,
-                        query_pre_attn_scalar=self.query_scale ** -2 if self.query_scale else self.head_dim,
+                        query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
                         rope_parameters={FULL: {"rope_type": "default", "rope_theta": self.rope_theta},
                                          SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_theta}},
                         final_logit_softcapping=None, attn_logit_softcapping=None)
@@ -235,7 +235,7 @@ class Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
         h, n, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
-        self.scale = config.query_scale or d**-0.5
+        self.scale = float(config.query_pre_attn_scalar or d) ** -0.5
         self.window = config.sliding_window if layer_type == SLIDING else None
         self.theta = config.rope_local_theta if layer_type == SLIDING and config.gemma else config.rope_theta
         self.q = _linear(h, n * d, config, rngs)
@@ -396,7 +396,8 @@ class DecoderLM(nnx.Module):
         if self.lm_head is not None:
             return
         c = self.config
-        self.lm_head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=c.dtype,
-                                  param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-        self.lm_head.kernel.value = jnp.asarray(self.embed.embedding.value).T
+        head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=jnp.float32,
+                          rngs=nnx.Rngs(0))
+        head.kernel.value = jnp.asarray(self.embed.embedding.value).T
+        self.lm_head = nnx.data(head)  # the attribute was created as static None
         self.config = dataclasses.replace(c, tie_embeddings=False)
