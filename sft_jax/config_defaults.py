@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import ml_collections
 
-TASKS = ("text_classification",)
+TASKS = ("text_classification", "language_modeling")
 DTYPES = ("float32", "bfloat16")
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.model = "minilm-l6"  # short name, local Hugging Face directory, or hub id
-    c.task = "text_classification"
+    c.model = "minilm-l6"  # short name, local Hugging Face directory, .gguf file, or hub id
+    c.task = "text_classification"  # text_classification | language_modeling
     c.strategy = "full"  # head | partial | full
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
     c.pooling = "mean"  # cls | mean
@@ -49,6 +49,11 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.forgetting = ml_collections.ConfigDict()
     c.forgetting.stsb = ""  # STS-B dev TSV (or its folder); empty: no probe
+    # Decoders: WikiText-2 raw test perplexity before/after (folder or file; empty: no probe).
+    c.forgetting.wikitext2 = ""
+    c.forgetting.wikitext2_max_tokens = 0  # 0: the whole test set; else its first N tokens (a faster probe)
+    c.forgetting.wikitext2_max_length = 512  # window length
+    c.forgetting.wikitext2_stride = 512  # window step; < max_length gives each token more context
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ()  # ((regex, partition-spec tuple), ...); unmatched parameters are replicated

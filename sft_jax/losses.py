@@ -23,3 +23,20 @@ def classification_loss(model, batch: dict, rng: jax.Array | None) -> tuple[jax.
         "probs": jax.nn.softmax(logits, axis=-1),
     }
     return loss, aux
+
+
+def lm_loss(model, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]:
+    """Next-token cross-entropy averaged over target tokens (batch["loss_mask"] == 1).
+
+    The batch is already shifted (`targets[t]` is the token after `input_ids[t]`), so packed rows and
+    prompt masks need nothing here. A batch without target tokens is an error upstream, not a NaN here:
+    the count is clamped to 1 so such a batch contributes zero loss and zero gradient.
+    """
+    logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   dropout_rng=rng)
+    weights = batch["loss_mask"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    count = jnp.sum(weights)
+    loss_sum = jnp.sum(ce * weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * weights)
+    return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}

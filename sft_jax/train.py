@@ -17,12 +17,15 @@ from sft_jax import optim, sharding, strategies
 from sft_jax.checkpoint import Checkpoints
 from sft_jax.config_defaults import validate
 from sft_jax.data import batching
+from sft_jax.data import lm as lm_data
 from sft_jax.data.sources import DataError, read_classification
 from sft_jax.evaluate import metrics as metrics_lib
 from sft_jax.evaluate.stsb import stsb_spearman
-from sft_jax.losses import classification_loss
+from sft_jax.losses import classification_loss, lm_loss
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
+from sft_jax.models.finetuned import build_lm, decoder_layout
 from sft_jax.models.loading.hf import load_bert, load_tokenizer
+from sft_jax.models.loading.lm import load_lm_tokenizer
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.state import ModelDef, TrainState, count_params, params_fingerprint
 from sft_jax.train_step import make_eval_step, make_train_step
@@ -101,6 +104,96 @@ def evaluate(eval_fn, params, eval_ds, config, pad_id: int, num_labels: int) -> 
             "eval/loss": loss_sum / len(eval_ds)}
 
 
+class ClassificationRun:
+    """Text classification: data, model, loss, evaluation and the STS-B probe, as the train loop needs them."""
+
+    metrics = ("eval/accuracy", "eval/f1", "eval/loss")
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        # Data first: bad input must stop the run before a model is loaded.
+        self.tokenizer = load_tokenizer(resolve_model_dir(config.model))
+        self.vocab, self.train_ds, self.eval_ds = load_data(config, workdir, self.tokenizer, config.max_length)
+        task = Task(config, len(self.vocab))
+        self.vocab.save(os.path.join(workdir, LABELS_FILE))
+        self.model_def, self.params, self.layout = task.model_def, task.params, task.layout
+        self.loss_fn = classification_loss
+        self.pad_id = self.tokenizer.pad_token_id
+        self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
+                                             self.pad_id)
+        self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
+                        "num_labels": len(self.vocab)}
+        self._embed = embed_fn(self.model_def)
+
+    def evaluate(self, eval_fn, params) -> dict[str, float]:
+        return evaluate(eval_fn, params, self.eval_ds, self.config, self.pad_id, len(self.vocab))
+
+    @staticmethod
+    def train_metrics(m: dict) -> dict[str, float]:
+        return {"train/accuracy": m["correct"] / max(m["count"], 1)}
+
+    def probes(self, params) -> dict[str, float]:
+        if not self.config.forgetting.stsb:
+            return {}
+        return {"stsb_spearman": stsb_spearman(lambda i, m: self._embed(params, i, m), self.tokenizer,
+                                               self.config.forgetting.stsb)}
+
+
+class LanguageModelRun:
+    """Next-token fine-tuning of a decoder LM on text (.txt or .jsonl), with the WikiText-2 perplexity probe."""
+
+    metrics = ("eval/loss", "eval/perplexity", "eval/accuracy")
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        self.tokenizer = load_lm_tokenizer(config.model)
+        self.train_ds = lm_data.encode_documents(lm_data.read_documents(config.data.train, config.data.text_field),
+                                                 self.tokenizer, config.max_length)
+        self.eval_ds = lm_data.encode_documents(lm_data.read_documents(config.data.eval, config.data.text_field),
+                                                self.tokenizer, config.max_length)
+        model, model_config = build_lm(config.model, config.strategy, config.dtype)
+        self.model_def, self.params = ModelDef.split(model)
+        self.layout = decoder_layout(model_config.num_layers)
+        self.loss_fn = lm_loss
+        self.pad_id = self.tokenizer.pad_token_id
+        self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
+                                             self.pad_id, collate=lm_data.make_lm_batch)
+        self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
+                        "train_target_tokens": self.train_ds.num_targets,
+                        "eval_target_tokens": self.eval_ds.num_targets}
+        self._perplexity = None
+
+    def evaluate(self, eval_fn, params) -> dict[str, float]:
+        loss_sum = correct = count = 0.0
+        for _, batch in batching.eval_batches(self.eval_ds, self.config.eval_batch_size, self.config.buckets,
+                                              self.pad_id, collate=lm_data.make_lm_batch):
+            aux = jax.device_get(eval_fn(params, batch))
+            loss_sum += float(aux["loss_sum"])
+            correct += float(aux["correct"])
+            count += float(aux["count"])
+        loss = loss_sum / count
+        return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/accuracy": correct / count}
+
+    @staticmethod
+    def train_metrics(m: dict) -> dict[str, float]:
+        return {"train/accuracy": m["correct"] / max(m["count"], 1), "train/target_tokens": m["count"]}
+
+    def probes(self, params) -> dict[str, float]:
+        f = self.config.forgetting
+        if not f.wikitext2:
+            return {}
+        from sft_jax.evaluate.perplexity import wikitext2_perplexity
+
+        r = wikitext2_perplexity(self.model_def, params, self.tokenizer, f.wikitext2, max_length=f.wikitext2_max_length,
+                                 stride=f.wikitext2_stride, max_tokens=f.wikitext2_max_tokens or None)
+        return {"wikitext2_ppl": r["token_perplexity"], "wikitext2_word_ppl": r["word_perplexity"]}
+
+
+RUNS = {"text_classification": ClassificationRun, "language_modeling": LanguageModelRun}
+# How forgetting is summarised: (name of the summary, sign of (after - before) that means "forgot").
+_FORGETTING = {"stsb_spearman": ("drop", -1.0), "wikitext2_ppl": ("rise", 1.0), "wikitext2_word_ppl": ("rise", 1.0)}
+
+
 class MetricWriter:
     """metrics.jsonl (one line per logged step) and TensorBoard events in the workdir."""
 
@@ -134,28 +227,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise PermissionError(f"{workdir}: workdir is not writable")
     _check_resume(workdir, config)
 
-    # Data first: bad input must stop the run before a model is loaded.
-    model_dir = resolve_model_dir(config.model)
-    tokenizer = load_tokenizer(model_dir)
-    vocab, train_ds, eval_ds = load_data(config, workdir, tokenizer, config.max_length)
-    task = Task(config, len(vocab))
-    pad_id = tokenizer.pad_token_id
-    vocab.save(os.path.join(workdir, LABELS_FILE))
+    run = RUNS[config.task](config, workdir)
+    if config.early_stopping.metric not in run.metrics:
+        raise ValueError(f"config.early_stopping.metric: {config.early_stopping.metric!r} is not one of "
+                         f"{run.metrics} for task {config.task!r}")
     with open(os.path.join(workdir, "config.json"), "w") as f:
         json.dump(config.to_dict(), f, indent=1, default=str)
 
-    rules = strategies.strategy_rules(config.strategy, task.layout, config.frozen_layers)
-    labels = strategies.label_params(task.model_def.names, rules)
+    rules = strategies.strategy_rules(config.strategy, run.layout, config.frozen_layers)
+    labels = strategies.label_params(run.model_def.names, rules)
     trainable = strategies.trainable_names(labels)
     schedule = optim.make_schedule(config.learning_rate, config.max_steps, config.warmup_steps, config.schedule)
     tx = strategies.partition(labels, optim.adamw(schedule, weight_decay=config.weight_decay,
                                                   clip_norm=config.clip_norm))
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    p_shard = sharding.param_shardings(task.model_def.names, mesh, config.sharding_rules)
+    p_shard = sharding.param_shardings(run.model_def.names, mesh, config.sharding_rules)
     b_shard = sharding.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = {k: jax.device_put(v, p_shard[k]) for k, v in task.params.items()}
+    params = {k: jax.device_put(v, p_shard[k]) for k, v in run.params.items()}
     opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
     opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
     state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
@@ -170,20 +260,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, meta = restored
         tqdm.tqdm.write(f"resumed from step {int(state.step)} of {workdir}")
 
-    train_fn = make_train_step(task.model_def, tx, classification_loss, trainable,
+    train_fn = make_train_step(run.model_def, tx, run.loss_fn, trainable,
                                state_sharding=state_shard, batch_sharding=b_shard)
-    eval_fn = make_eval_step(task.model_def, classification_loss, params_sharding=p_shard, batch_sharding=b_shard)
-    embed = embed_fn(task.model_def)
-    batches = batching.TrainBatches(train_ds, config.batch_size, config.buckets, config.seed, pad_id)
+    eval_fn = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard)
+    batches = run.batches
 
-    results = {"trainable_params": count_params(task.params, trainable),
-               "total_params": count_params(task.params), "train_examples": len(train_ds),
-               "eval_examples": len(eval_ds), "num_labels": len(vocab)}
-    if config.forgetting.stsb:
-        if "stsb_before" not in meta:
-            meta["stsb_before"] = stsb_spearman(lambda i, m: embed(task.params, i, m), tokenizer,
-                                                config.forgetting.stsb)
-        results["forgetting/stsb_spearman/before"] = meta["stsb_before"]
+    results = {"trainable_params": count_params(run.params, trainable),
+               "total_params": count_params(run.params), **run.summary}
+    # The "before" probe runs once, on the pre-trained weights, and is kept in the checkpoint meta for resumes.
+    if "probes_before" not in meta:
+        meta["probes_before"] = run.probes(run.params)
+    for name, value in meta["probes_before"].items():
+        results[f"forgetting/{name}/before"] = value
 
     writer = MetricWriter(workdir)
     mode, patience = config.early_stopping.mode, config.early_stopping.patience
@@ -198,7 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if step % config.log_every == 0 or step == config.max_steps:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             rate = examples / max(time.time() - t0 - eval_time, 1e-9)
-            logged = {"train/loss": m["loss"], "train/accuracy": m["correct"] / max(m["count"], 1),
+            logged = {"train/loss": m["loss"], **run.train_metrics(m),
                       "train/grad_norm": m["grad_norm"], "train/learning_rate": float(schedule(step - 1)),
                       "train/examples_per_s": rate}
             writer.write(step, logged)
@@ -206,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.update(1)
         if step % config.eval_every == 0 or step == config.max_steps:
             t_eval = time.time()
-            ev = evaluate(eval_fn, state.params, eval_ds, config, pad_id, len(vocab))
+            ev = run.evaluate(eval_fn, state.params)
             writer.write(step, ev)
             value = ev[config.early_stopping.metric]
             if _improved(value, meta["best_metric"], mode):
@@ -229,12 +317,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Final metrics are those of the best checkpoint (early stopping keeps it).
     best_params, _ = ckpt.restore_params(state.params, "best")
-    results.update(evaluate(eval_fn, best_params, eval_ds, config, pad_id, len(vocab)))
-    if config.forgetting.stsb:
-        results["forgetting/stsb_spearman/after"] = stsb_spearman(
-            lambda i, m: embed(best_params, i, m), tokenizer, config.forgetting.stsb)
-        results["forgetting/stsb_spearman/drop"] = (results["forgetting/stsb_spearman/before"]
-                                                    - results["forgetting/stsb_spearman/after"])
+    results.update(run.evaluate(eval_fn, best_params))
+    for name, after in run.probes(best_params).items():
+        results[f"forgetting/{name}/after"] = after
+        summary, sign = _FORGETTING.get(name, ("change", 1.0))
+        results[f"forgetting/{name}/{summary}"] = sign * (after - results[f"forgetting/{name}/before"])
     results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
                     "params_fingerprint": params_fingerprint(state.params),
                     "best_params_fingerprint": params_fingerprint(best_params)})

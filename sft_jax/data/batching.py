@@ -129,13 +129,14 @@ class TrainBatches:
     batches (then the batch order is shuffled), so most batches land in a short bucket.
     """
 
-    def __init__(self, ds: EncodedDataset, batch_size: int, buckets: Sequence[int], seed: int, pad_id: int,
-                 group_window: int = 50):
+    def __init__(self, ds, batch_size: int, buckets: Sequence[int], seed: int, pad_id: int,
+                 group_window: int = 50, collate=None):
         if len(ds) < batch_size:
             raise DataError(f"{ds.where[0].rsplit(':', 1)[0]}: {len(ds)} training examples, fewer than "
                             f"batch_size={batch_size}")
         self.ds, self.batch_size, self.buckets = ds, batch_size, tuple(buckets)
         self.seed, self.pad_id, self.group_window = seed, pad_id, group_window
+        self.collate = collate or make_batch  # (ds, indices, batch_size, buckets, pad_id) -> batch dict
         self.steps_per_epoch = len(ds) // batch_size
         self._epoch, self._order = -1, None
 
@@ -156,12 +157,13 @@ class TrainBatches:
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         epoch, i = divmod(step, self.steps_per_epoch)
-        return make_batch(self.ds, self._epoch_order(epoch)[i], self.batch_size, self.buckets, self.pad_id)
+        return self.collate(self.ds, self._epoch_order(epoch)[i], self.batch_size, self.buckets, self.pad_id)
 
 
-def eval_batches(ds: EncodedDataset, batch_size: int, buckets: Sequence[int], pad_id: int):
+def eval_batches(ds, batch_size: int, buckets: Sequence[int], pad_id: int, collate=None):
     """Every example once, in order of length (fewer padded tokens), last batch padded with weight 0."""
+    collate = collate or make_batch
     order = np.argsort(ds.lengths, kind="stable")
     for start in range(0, len(ds), batch_size):
         idx = order[start: start + batch_size]
-        yield idx, make_batch(ds, idx, batch_size, buckets, pad_id)
+        yield idx, collate(ds, idx, batch_size, buckets, pad_id)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
 from sft_jax.state import ModelDef
+from sft_jax.strategies import ParamLayout
 
 
 def build_lm(model: str, strategy: str, dtype: str = "float32") -> tuple[DecoderLM, DecoderConfig]:
@@ -42,3 +43,9 @@ def load_finetuned_lm(workdir: str, which: str = "best") -> tuple[DecoderLM, Dec
     finally:
         ckpt.close()
     return model_def.merge(params), config, load_lm_tokenizer(run["model"])
+
+
+def decoder_layout(num_layers: int) -> ParamLayout:
+    """Where strategies find the parts of a decoder. `head` = the output side: the LM head and final norm."""
+    return ParamLayout(embeddings=r"embed/", layer=r"layers/{i}/", head=r"(lm_head|final_norm)/",
+                       num_layers=num_layers)

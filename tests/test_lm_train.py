@@ -1,0 +1,152 @@
+"""Language-model fine-tuning: shifted batches and masks, the loss against transformers, strategies on decoders."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sft_jax.data import lm as lm_data
+from sft_jax.data.sources import DataError
+from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n")
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer(tiny_llama_dir):
+    return load_lm_tokenizer(str(tiny_llama_dir))
+
+
+def test_batch_is_shifted_and_masked(llama_tokenizer, tmp_path):
+    docs = [lm_data.Document("to be or not to be", "a:1"), lm_data.Document("that is the question", "a:2")]
+    ds = lm_data.encode_documents(docs, llama_tokenizer, max_length=32)
+    batch = lm_data.make_lm_batch(ds, np.array([0, 1]), 3, (8, 16), llama_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == (3, 8)
+    for row in range(2):
+        seq = ds.tokens[row]
+        assert seq[-1] == llama_tokenizer.eos_token_id  # documents end with EOS, so the model learns to stop
+        n = len(seq) - 1
+        np.testing.assert_array_equal(batch["input_ids"][row, :n], seq[:-1])
+        np.testing.assert_array_equal(batch["targets"][row, :n], seq[1:])
+        np.testing.assert_array_equal(batch["loss_mask"][row], [1.0] * n + [0.0] * (8 - n))
+        np.testing.assert_array_equal(batch["segment_ids"][row], [1] * n + [0] * (8 - n))
+        np.testing.assert_array_equal(batch["positions"][row, :n], np.arange(n))
+    assert batch["loss_mask"][2].sum() == 0 and batch["segment_ids"][2].sum() == 0  # a padding row
+
+
+def test_long_document_is_split_not_truncated(llama_tokenizer):
+    ds = lm_data.encode_documents([lm_data.Document(TEXT, "t:1")], llama_tokenizer, max_length=8)
+    ids = lm_data.doc_token_ids(llama_tokenizer, TEXT)
+    assert len(ds) > 3 and all(len(t) <= 9 for t in ds.tokens)
+    # Blocks overlap by one token, so every token after the first is a target exactly once.
+    targets = np.concatenate([t[1:] for t in ds.tokens])
+    np.testing.assert_array_equal(targets, ids[1:])
+    assert ds.num_targets == len(ids) - 1
+
+
+def test_percent_slices_split_a_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(100)))
+    train = lm_data.read_documents(f"{path}[:90%]")[0].text
+    held_out = lm_data.read_documents(f"{path}[90%:]")[0].text
+    assert train + held_out == path.read_text()
+    assert held_out.startswith("line 90\n")
+    with pytest.raises(DataError, match=r"\[A%:B%\]"):
+        lm_data.read_documents(f"{path}[90%:10%]")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    assert [d.text for d in lm_data.read_documents(f"{jsonl}[80%:]")] == ["doc 8", "doc 9"]
+
+
+def test_bad_lm_records_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'text'"):
+        lm_data.read_documents(str(bad))
+    with pytest.raises(DataError, match=r"must be \.txt or \.jsonl"):
+        (tmp_path / "x.csv").write_text("a,b\n")
+        lm_data.read_documents(str(tmp_path / "x.csv"))
+
+
+def test_lm_loss_matches_transformers(tiny_llama_dir, llama_tokenizer):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from sft_jax.losses import lm_loss
+
+    ds = lm_data.encode_documents([lm_data.Document(TEXT, "t:1")], llama_tokenizer, max_length=64)
+    batch = lm_data.make_lm_batch(ds, np.array([0]), 1, (64,), llama_tokenizer.pad_token_id)
+    model, _ = load_decoder(str(tiny_llama_dir))
+    with jax.default_matmul_precision("highest"):
+        loss, aux = lm_loss(model, jax.tree.map(jnp.asarray, batch), None)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(ds.tokens[0][None].astype(np.int64))
+    with torch.no_grad():
+        expected = ref(input_ids=ids, labels=ids).loss.item()  # HF shifts labels inside
+    assert abs(float(loss) - expected) < 1e-5
+    assert int(aux["count"]) == len(ds.tokens[0]) - 1
+
+
+def _lm_config(model_dir, tmp_path, strategy):
+    from sft_jax.config_defaults import defaults
+
+    train = tmp_path / "train.txt"
+    train.write_text(TEXT * 4)
+    c = defaults()
+    c.task = "language_modeling"
+    c.model = str(model_dir)
+    c.strategy = strategy
+    c.frozen_layers = 1
+    c.data.train, c.data.eval = str(train) + "[:75%]", str(train) + "[75%:]"
+    c.max_length, c.buckets = 16, (16,)
+    c.batch_size, c.eval_batch_size = 4, 4
+    c.max_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
+    c.learning_rate = 1e-2
+    c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
+    return c
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("strategy", ["full", "partial", "head"])
+def test_strategies_on_decoders(family, strategy, tiny_llama_dir, tiny_gemma3_dir, tmp_path):
+    from sft_jax.models.finetuned import load_finetuned_lm
+    from sft_jax.state import ModelDef
+    from sft_jax.train import train_and_evaluate
+
+    model_dir = tiny_llama_dir if family == "llama" else tiny_gemma3_dir
+    workdir = tmp_path / "run"
+    results = train_and_evaluate(_lm_config(model_dir, tmp_path, strategy), str(workdir))
+    assert np.isfinite(results["eval/loss"]) and results["eval/perplexity"] > 1
+    _, before = ModelDef.split(load_decoder(str(model_dir))[0])
+    _, after = ModelDef.split(load_finetuned_lm(str(workdir), "latest")[0])
+
+    def moved(name):
+        return not np.array_equal(np.asarray(before[name]), np.asarray(after[name]))
+
+    if strategy == "head":
+        # "head" on a decoder = its output side: a separate LM head (initialised from the tied embedding) and
+        # the final norm learn; the embedding and every block stay bit-identical.
+        assert "lm_head/kernel" in after and moved("final_norm/scale")
+        assert not np.array_equal(np.asarray(after["lm_head/kernel"]), np.asarray(before["embed/embedding"]).T)
+        assert not any(moved(n) for n in before if n not in ("final_norm/scale",))
+        assert results["trainable_params"] == after["lm_head/kernel"].size + after["final_norm/scale"].size
+    elif strategy == "partial":
+        frozen = [n for n in before if n.startswith(("embed/", "layers/0/"))]
+        assert frozen and not any(moved(n) for n in frozen)
+        assert all(moved(n) for n in before if n.startswith("layers/1/"))
+    else:
+        assert all(moved(n) for n in before)
+
+
+def test_early_stopping_metric_must_belong_to_the_task(tiny_llama_dir, tmp_path):
+    from sft_jax.train import train_and_evaluate
+
+    c = _lm_config(tiny_llama_dir, tmp_path, "full")
+    c.early_stopping.metric = "eval/f1"
+    with pytest.raises(ValueError, match="eval/f1"):
+        train_and_evaluate(c, str(tmp_path / "run"))
