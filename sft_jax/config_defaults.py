@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import ml_collections
 
-TASKS = ("text_classification", "language_modeling")
+TASKS = ("text_classification", "language_modeling", "sft")
 DTYPES = ("float32", "bfloat16")
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "minilm-l6"  # short name, local Hugging Face directory, .gguf file, or hub id
-    c.task = "text_classification"  # text_classification | language_modeling
+    c.task = "text_classification"  # text_classification | language_modeling | sft
     c.strategy = "full"  # head | partial | full
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
     c.pooling = "mean"  # cls | mean
@@ -24,12 +24,29 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.eval = ""
     c.data.text_field = "text"
     c.data.label_field = "label"
+    # sft records: {"input","output"}, {"instruction","input","output"}, {"instruction","instances"}, {"messages"}
+    c.data.input_field = "input"
+    c.data.output_field = "output"
+    c.data.instruction_field = "instruction"
+    c.data.messages_field = "messages"
+    c.data.max_eval_examples = 0  # 0: all
     c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
     c.data.max_train_examples = 0  # 0: all; else the first N after a seeded shuffle
     c.max_length = 128
     c.buckets = (32, 64, 128)
 
+    c.packing = False  # sft / language_modeling: several examples per row (attention stays within each)
+
+    # sft: how a record becomes a prompt ({input}, {instruction}); chat=True renders through the chat template.
+    c.prompt = ml_collections.ConfigDict()
+    c.prompt.template = "{input}\n"
+    c.prompt.instruction_template = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    c.prompt.instruction_only_template = "### Instruction:\n{instruction}\n\n### Response:\n"
+    c.prompt.chat = False
+    c.prompt.system = ""
+
     c.batch_size = 32
+    c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide); same update, less memory
     c.eval_batch_size = 128
     c.learning_rate = 5e-5
     c.schedule = "linear"  # decay after warmup: linear | cosine | constant
@@ -75,6 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "max_length"):
         if int(config[key]) <= 0:
             raise ValueError(f"config.{key}: must be positive, got {config[key]}")
+    if config.grad_accum_steps < 1 or config.batch_size % config.grad_accum_steps:
+        raise ValueError(f"config.grad_accum_steps: {config.grad_accum_steps} must be >= 1 and divide "
+                         f"batch_size={config.batch_size}")
     if config.frozen_layers < 0:
         raise ValueError(f"config.frozen_layers: must be >= 0, got {config.frozen_layers}")
     if config.early_stopping.mode not in ("max", "min"):

@@ -18,6 +18,7 @@ from sft_jax.checkpoint import Checkpoints
 from sft_jax.config_defaults import validate
 from sft_jax.data import batching
 from sft_jax.data import lm as lm_data
+from sft_jax.data import sft as sft_data
 from sft_jax.data.sources import DataError, read_classification
 from sft_jax.evaluate import metrics as metrics_lib
 from sft_jax.evaluate.stsb import stsb_spearman
@@ -139,26 +140,54 @@ class ClassificationRun:
                                                self.config.forgetting.stsb)}
 
 
+def sft_fields(config) -> sft_data.Fields:
+    d = config.data
+    return sft_data.Fields(input=d.input_field, output=d.output_field, instruction=d.instruction_field,
+                           messages=d.messages_field)
+
+
+def prompt_format(config) -> sft_data.PromptFormat:
+    return sft_data.PromptFormat(**config.prompt.to_dict())
+
+
 class LanguageModelRun:
-    """Next-token fine-tuning of a decoder LM on text (.txt or .jsonl), with the WikiText-2 perplexity probe."""
+    """A decoder LM fine-tuned on next-token prediction: plain text (task=language_modeling, every token a
+    target) or prompt -> output records (task=sft, only output tokens are targets); WikiText-2 probe."""
 
     metrics = ("eval/loss", "eval/perplexity", "eval/accuracy")
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         self.tokenizer = load_lm_tokenizer(config.model)
-        self.train_ds = lm_data.encode_documents(lm_data.read_documents(config.data.train, config.data.text_field),
-                                                 self.tokenizer, config.max_length)
-        self.eval_ds = lm_data.encode_documents(lm_data.read_documents(config.data.eval, config.data.text_field),
-                                                self.tokenizer, config.max_length)
+        if config.task == "sft":
+            fields, fmt = sft_fields(config), prompt_format(config)
+            self.eval_records = sft_data.read_sft(config.data.eval, fields, config.data.max_eval_examples)
+            train_records = sft_data.read_sft(config.data.train, fields)
+            if config.data.max_train_examples:
+                keep = np.random.default_rng(config.seed).permutation(len(train_records))
+                train_records = [train_records[i] for i in sorted(keep[: config.data.max_train_examples])]
+            self.eval_ds = sft_data.encode_sft(self.eval_records, self.tokenizer, fmt, config.max_length)
+            self.train_ds = sft_data.encode_sft(train_records, self.tokenizer, fmt, config.max_length)
+        else:
+            read = lm_data.read_documents
+            self.eval_ds = lm_data.encode_documents(read(config.data.eval, config.data.text_field), self.tokenizer,
+                                                    config.max_length)
+            self.train_ds = lm_data.encode_documents(read(config.data.train, config.data.text_field),
+                                                     self.tokenizer, config.max_length)
         model, model_config = build_lm(config.model, config.strategy, config.dtype)
         self.model_def, self.params = ModelDef.split(model)
         self.layout = decoder_layout(model_config.num_layers)
         self.loss_fn = lm_loss
         self.pad_id = self.tokenizer.pad_token_id
-        self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
-                                             self.pad_id, collate=lm_data.make_lm_batch)
+        if config.packing:
+            packed = lm_data.pack(self.train_ds, max(config.buckets))
+            self.batches = batching.TrainBatches(packed, config.batch_size, config.buckets, config.seed,
+                                                 self.pad_id, collate=lm_data.make_packed_batch)
+        else:
+            self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
+                                                 self.pad_id, collate=lm_data.make_lm_batch)
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
+                        "train_rows": len(self.batches.ds),
                         "train_target_tokens": self.train_ds.num_targets,
                         "eval_target_tokens": self.eval_ds.num_targets}
         self._perplexity = None
@@ -260,8 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state, meta = restored
         tqdm.tqdm.write(f"resumed from step {int(state.step)} of {workdir}")
 
-    train_fn = make_train_step(run.model_def, tx, run.loss_fn, trainable,
-                               state_sharding=state_shard, batch_sharding=b_shard)
+    train_fn = make_train_step(run.model_def, tx, run.loss_fn, trainable, state_sharding=state_shard,
+                               batch_sharding=b_shard, accum_steps=config.grad_accum_steps)
     eval_fn = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard)
     batches = run.batches
 

@@ -20,9 +20,45 @@ from sft_jax.state import ModelDef, TrainState
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
+def _accumulated_grads(loss_fn, model_def, frozen_p, train_p, batch, rng, accum_steps: int):
+    """Gradient of the mean loss over all examples / target tokens of `batch`, computed over `accum_steps`
+    micro-batches: per micro-batch the gradient of the summed loss, then one division by the total count.
+    Micro-batches with more target tokens therefore weigh more, exactly as in the one large batch."""
+
+    def split(x):
+        # Strided split (row i goes to micro-batch i % A): each micro-batch takes rows from every device's
+        # shard of a data-parallel batch, so all devices stay busy in every micro-step.
+        return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+    micro = jax.tree.map(split, batch)
+
+    def summed(tp, mb, key):
+        _, aux = loss_fn(model_def.merge({**frozen_p, **tp}), mb, key)
+        return aux["loss_sum"], aux
+
+    def body(carry, inputs):
+        grads, sums = carry
+        mb, i = inputs
+        (_, aux), g = jax.value_and_grad(summed, has_aux=True)(train_p, mb, jax.random.fold_in(rng, i))
+        grads = jax.tree.map(jnp.add, grads, g)
+        sums = {k: sums[k] + aux[k] for k in sums}
+        return (grads, sums), None
+
+    _, aux_shape = jax.eval_shape(summed, train_p, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in aux_shape.items() if not v.shape}
+    (grads, sums), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, train_p), zeros),
+                                   (micro, jnp.arange(accum_steps)))
+    count = jnp.maximum(sums["count"], 1.0)
+    return sums["loss_sum"] / count, sums, jax.tree.map(lambda g: g / count, grads)
+
+
 def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax.GradientTransformation,
-               loss_fn: LossFn, trainable: Sequence[str]) -> tuple[TrainState, dict]:
-    """One optimizer step. Only `trainable` parameters are differentiated; the others pass through as is."""
+               loss_fn: LossFn, trainable: Sequence[str], accum_steps: int = 1) -> tuple[TrainState, dict]:
+    """One optimizer step. Only `trainable` parameters are differentiated; the others pass through as is.
+
+    With `accum_steps` > 1 the batch is processed as that many micro-batches (the loss function's aux must
+    hold `loss_sum` and `count`), for the same update as the whole batch at a fraction of the memory.
+    """
     trainable = set(trainable)
     train_p = {k: v for k, v in state.params.items() if k in trainable}
     frozen_p = {k: v for k, v in state.params.items() if k not in trainable}
@@ -31,7 +67,10 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
     def compute_loss(tp):
         return loss_fn(model_def.merge({**frozen_p, **tp}), batch, rng)
 
-    (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(train_p)
+    if accum_steps > 1:
+        loss, aux, grads = _accumulated_grads(loss_fn, model_def, frozen_p, train_p, batch, rng, accum_steps)
+    else:
+        (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(train_p)
     # The partition expects the full tree; frozen entries go to set_to_zero and are dead code after it.
     full_grads = {**{k: jnp.zeros_like(v) for k, v in frozen_p.items()}, **grads}
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
@@ -50,9 +89,10 @@ def eval_step(params: dict, batch: dict, *, model_def: ModelDef, loss_fn: LossFn
 
 
 def make_train_step(model_def: ModelDef, tx, loss_fn: LossFn, trainable: Sequence[str], *,
-                    state_sharding=None, batch_sharding=None, donate: bool = True):
+                    state_sharding=None, batch_sharding=None, donate: bool = True, accum_steps: int = 1):
     """`train_step` jitted with explicit shardings; the state buffer is donated (updated in place)."""
-    fn = functools.partial(train_step, model_def=model_def, tx=tx, loss_fn=loss_fn, trainable=tuple(trainable))
+    fn = functools.partial(train_step, model_def=model_def, tx=tx, loss_fn=loss_fn, trainable=tuple(trainable),
+                           accum_steps=accum_steps)
     if state_sharding is None:
         return jax.jit(fn, donate_argnums=(0,) if donate else ())
     return jax.jit(fn, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),

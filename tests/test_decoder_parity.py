@@ -183,3 +183,20 @@ def test_gemma3_gguf_matches_transformers():
     first = ids[np.arange(len(ids)), mask.argmax(1)]  # the tokenizer pads on the left and adds BOS
     assert (first == config.bos_token_id).all()
     _assert_close(model(jnp.asarray(ids), jnp.asarray(mask)), _reference_logits(ref, ids, mask), mask, 1e-3)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tiny_gemma3_dir):
+    """dtype=bfloat16 casts matmul inputs only: parameters stay float32 and logits stay close to float32's."""
+    from sft_jax.state import ModelDef
+
+    model32, _ = load_decoder(str(tiny_gemma3_dir))
+    model16, config16 = load_decoder(str(tiny_gemma3_dir), dtype=jnp.bfloat16)
+    assert config16.dtype == jnp.bfloat16
+    _, params16 = ModelDef.split(model16)
+    assert all(v.dtype == jnp.float32 for v in params16.values())
+    ids = jnp.asarray(np.random.default_rng(4).integers(3, 5000, (2, 10)))
+    logits32, logits16 = model32(ids), model16(ids)
+    assert logits16.dtype == jnp.float32
+    # bf16 keeps 8 mantissa bits (relative error ~4e-3 per rounding); on these O(1) logits that is ~1e-2.
+    assert float(jnp.abs(logits32 - logits16).max()) < 5e-2
+    assert float(jnp.abs(logits32 - logits16).max()) > 0  # bf16 really ran

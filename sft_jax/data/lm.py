@@ -153,4 +153,74 @@ def make_lm_batch(ds: LmDataset, indices: np.ndarray, batch_size: int, buckets: 
         batch["loss_mask"][row, :n] = mask[1:]
         batch["segment_ids"][row, :n] = 1
         batch["positions"][row, :n] = np.arange(n)
+    _check_targets(batch, [ds.where[i] for i in indices])
+    return batch
+
+
+def _check_targets(batch: dict, where: list[str]) -> None:
+    # The loss would be 0/0; a batch that teaches nothing means the data or the masks are wrong.
+    if len(where) and not batch["loss_mask"].any():
+        raise DataError(f"a batch has no target tokens (examples from {', '.join(sorted(set(where)))})")
+
+
+@dataclasses.dataclass
+class PackedDataset:
+    """Rows of several sequences of `base` each (indices into it), to fill fixed-length rows with fewer pads."""
+
+    base: LmDataset
+    rows: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        base = self.base.lengths
+        return np.array([int(base[r].sum()) for r in self.rows])
+
+    @property
+    def where(self) -> list[str]:
+        return [self.base.where[r[0]] for r in self.rows]
+
+
+def pack(ds: LmDataset, max_length: int) -> PackedDataset:
+    """First-fit decreasing: sequences, longest first, go into the first row with room (deterministic)."""
+    lengths = ds.lengths
+    if lengths.max() > max_length:
+        raise ValueError(f"a sequence of {lengths.max()} tokens does not fit a packed row of {max_length}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        for r, free in enumerate(room):
+            if free >= n:
+                rows[r].append(int(i))
+                room[r] -= n
+                break
+        else:
+            rows.append([int(i)])
+            room.append(max_length - n)
+    return PackedDataset(ds, [sorted(r) for r in rows])
+
+
+def make_packed_batch(ds: PackedDataset, indices: np.ndarray, batch_size: int, buckets: Sequence[int],
+                      pad_id: int) -> dict[str, np.ndarray]:
+    """Like `make_lm_batch`, each row holding several sequences: segment ids 1, 2, ... (attention stays
+    within a segment) and positions restarting at 0 for each sequence."""
+    seq_len = bucket_length(max(int(ds.lengths[i]) for i in indices), buckets)
+    batch = make_lm_batch(ds.base, np.array([ds.rows[indices[0]][0]]), batch_size, (seq_len,), pad_id)
+    for key in batch:
+        batch[key][:] = pad_id if key in ("input_ids", "targets") else 0
+    for row, i in enumerate(indices):
+        col = 0
+        for segment, j in enumerate(ds.rows[i], start=1):
+            seq, mask = ds.base.tokens[j], ds.base.loss_mask[j]
+            n = len(seq) - 1
+            batch["input_ids"][row, col: col + n] = seq[:-1]
+            batch["targets"][row, col: col + n] = seq[1:]
+            batch["loss_mask"][row, col: col + n] = mask[1:]
+            batch["segment_ids"][row, col: col + n] = segment
+            batch["positions"][row, col: col + n] = np.arange(n)
+            col += n
+    _check_targets(batch, [ds.base.where[j] for i in indices for j in ds.rows[i]])
     return batch

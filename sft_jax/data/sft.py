@@ -1,0 +1,274 @@
+"""Supervised fine-tuning data: input-output pairs, instructions and chats -> tokens + a target mask.
+
+Record formats (field names mapped by the config, e.g. GSM8K question/answer, XSum document/summary):
+    pair          {"input": ..., "output": ...}
+    instruction   {"instruction": ..., "input": ... (optional), "output": ...}
+    self-instruct {"instruction": ..., "instances": [{"input": ..., "output": ...}, ...]}  (one example each)
+    chat          {"messages": [{"role": "user" | "assistant" | "system", "content": ...}, ...]}
+and `parallel:SRC_FILE,TGT_FILE` for line-aligned translation text (plain or .gz).
+
+The loss mask is 1 exactly on the tokens the model must produce: the output and the EOS after it, or each
+assistant turn of a chat (including its end-of-turn token). Chat masks are found by rendering the chat
+template on growing prefixes of the conversation, so they are right for templates with no generation markers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from sft_jax.data.lm import LmDataset
+from sft_jax.data.sources import DataError, iter_jsonl
+
+PAIR, INSTRUCTION, CHAT = "pair", "instruction", "chat"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fields:
+    """Names of the record fields; anything a data set calls differently is mapped here."""
+
+    input: str = "input"
+    output: str = "output"
+    instruction: str = "instruction"
+    messages: str = "messages"
+
+
+DEFAULT_FIELDS = Fields()
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a record becomes a prompt. Templates use {input} and {instruction}; `chat=True` sends the rendered
+    prompt as a user turn (and the output as the assistant turn) through the tokenizer's chat template."""
+
+    template: str = "{input}\n"
+    instruction_template: str = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    instruction_only_template: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    chat: bool = False
+    system: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    kind: str  # PAIR | INSTRUCTION | CHAT
+    where: str
+    input: str = ""
+    output: str = ""
+    instruction: str = ""
+    messages: tuple = ()
+
+
+def _text(record: dict, field: str, where: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    value = record.get(field)
+    if value is None:
+        if required:
+            raise DataError(f"{where}: missing field {field!r} (record has {sorted(record)})")
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(f"{where}: field {field!r} is empty")
+    return value
+
+
+def parse_record(record: dict, where: str, fields: Fields = DEFAULT_FIELDS) -> list[Record]:
+    """One raw JSON record -> the examples it holds (several for a self-instruct task)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if fields.messages in record:
+        messages = record[fields.messages]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: field {fields.messages!r} must be a non-empty list of messages")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: message {i} must be {{'role': one of {ROLES}, 'content': str}}, got {m!r}")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" for m in out):
+            raise DataError(f"{where}: the chat has no assistant message, so nothing to learn")
+        return [Record(CHAT, where, messages=tuple(out))]
+    if "instances" in record and fields.instruction in record:
+        instruction = _text(record, fields.instruction, where)
+        instances = record["instances"]
+        if not isinstance(instances, list) or not instances:
+            raise DataError(f"{where}: field 'instances' must be a non-empty list")
+        return [Record(INSTRUCTION, f"{where}#{i}", instruction=instruction,
+                       input=_text(inst, fields.input, f"{where}#{i}", required=False, allow_empty=True),
+                       output=_text(inst, fields.output, f"{where}#{i}"))
+                for i, inst in enumerate(instances)]
+    if fields.instruction in record:
+        return [Record(INSTRUCTION, where, instruction=_text(record, fields.instruction, where),
+                       input=_text(record, fields.input, where, required=False, allow_empty=True),
+                       output=_text(record, fields.output, where))]
+    return [Record(PAIR, where, input=_text(record, fields.input, where), output=_text(record, fields.output, where))]
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_sft(spec: str, fields: Fields = DEFAULT_FIELDS, max_examples: int = 0) -> list[Record]:
+    """Reads a .jsonl file or `parallel:SRC,TGT` into records. `max_examples` > 0 keeps the first N."""
+    records: list[Record] = []
+    if spec.startswith("parallel:"):
+        src, _, tgt = spec.removeprefix("parallel:").partition(",")
+        for path in (src, tgt):
+            if not os.path.isfile(path):
+                raise DataError(f"{spec}: no such file {path}")
+        with _open_text(src) as fs, _open_text(tgt) as ft:
+            src_lines, tgt_lines = fs.read().splitlines(), ft.read().splitlines()
+        if len(src_lines) != len(tgt_lines):
+            raise DataError(f"{spec}: {len(src_lines)} source lines but {len(tgt_lines)} target lines")
+        for i, (s, t) in enumerate(zip(src_lines, tgt_lines), start=1):
+            if not s.strip() or not t.strip():
+                raise DataError(f"{src if not s.strip() else tgt}:{i}: empty line in parallel text")
+            records.append(Record(PAIR, f"{src}:{i}", input=s, output=t))
+            if max_examples and len(records) >= max_examples:
+                break
+        return records
+    if not os.path.isfile(spec):
+        raise DataError(f"{spec}: no such file")
+    if not spec.endswith(".jsonl"):
+        raise DataError(f"{spec}: SFT data must be .jsonl or parallel:SRC,TGT")
+    for where, raw in iter_jsonl(spec):
+        records.extend(parse_record(raw, where, fields))
+        if max_examples and len(records) >= max_examples:
+            return records[:max_examples]
+    if not records:
+        raise DataError(f"{spec}: no records")
+    return records
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _prompt_parts(record: Record, fmt: PromptFormat) -> tuple[str, str, str]:
+    """(text before the input, the input, text after it): the input is what truncation shortens."""
+    if record.kind == PAIR:
+        template = fmt.template
+    elif record.input.strip():
+        template = fmt.instruction_template
+    else:
+        template = fmt.instruction_only_template
+    template = template.replace("{instruction}", record.instruction)
+    if "{input}" not in template:
+        return template, "", ""
+    pre, post = template.split("{input}", 1)
+    return pre, record.input, post
+
+
+def as_chat(record: Record, fmt: PromptFormat, with_output: bool = True) -> list[dict]:
+    """The record as chat messages (a chat record as is; others: the rendered prompt as the user turn)."""
+    if record.kind == CHAT:
+        return list(record.messages)
+    messages = [{"role": "system", "content": fmt.system}] if fmt.system else []
+    pre, inp, post = _prompt_parts(record, fmt)
+    messages.append({"role": "user", "content": (pre + inp + post).strip()})
+    if with_output:
+        messages.append({"role": "assistant", "content": record.output})
+    return messages
+
+
+def _encode_chat(messages: Sequence[dict], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """Tokens of the rendered chat and a mask that is 1 on assistant turns (content + end-of-turn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: the model's tokenizer has no chat template; use a prompt template instead")
+    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
+                            "cannot locate the assistant turns")
+        # The turn ends where its rendering ends, minus the whitespace the template puts between turns.
+        spans.append((len(before), len(upto.rstrip())))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    # Overlap, not containment: BPE merges the space a template leaves after "Assistant:" into the first
+    # answer token (" blue"), which must still be learned.
+    mask = [int(any(start < hi and end > lo for lo, hi in spans)) for start, end in enc["offset_mapping"]]
+    return list(enc["input_ids"]), mask
+
+
+def encode_record(record: Record, tokenizer, fmt: PromptFormat, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(tokens, target mask, truncated). At most max_length + 1 tokens (model input + last target).
+
+    Too long: the input field is shortened first (its end is cut); if the output still does not fit,
+    its end is cut too (and the EOS dropped). A prompt that leaves no room for any output is an error.
+    """
+    budget = max_length + 1
+    if record.kind == CHAT or fmt.chat:
+        ids, mask = _encode_chat(as_chat(record, fmt), tokenizer, record.where)
+        truncated = len(ids) > budget
+        ids, mask = ids[:budget], mask[:budget]
+    else:
+        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        pre, inp, post = _prompt_parts(record, fmt)
+        pre_ids, inp_ids, post_ids = bos + _ids(tokenizer, pre), _ids(tokenizer, inp), _ids(tokenizer, post)
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        out_ids = _ids(tokenizer, record.output) + eos
+        over = len(pre_ids) + len(inp_ids) + len(post_ids) + len(out_ids) - budget
+        truncated = over > 0
+        if over > 0:
+            cut = min(over, len(inp_ids))
+            inp_ids = inp_ids[: len(inp_ids) - cut]
+            over -= cut
+        if over > 0:
+            out_ids = out_ids[: max(len(out_ids) - over, 0)]
+        prompt = pre_ids + inp_ids + post_ids
+        ids, mask = prompt + out_ids, [0] * len(prompt) + [1] * len(out_ids)
+    if sum(mask[1:]) == 0:
+        raise DataError(f"{record.where}: no output tokens fit in max_length={max_length} after the prompt")
+    return ids, mask, truncated
+
+
+def encode_prompt(record: Record, tokenizer, fmt: PromptFormat, max_prompt_length: int) -> list[int]:
+    """The prompt tokens a model generates from: the same tokens as training's prompt part."""
+    if record.kind == CHAT or fmt.chat:
+        messages = as_chat(record, fmt, with_output=False)
+        if record.kind == CHAT:  # prompt = everything before the last assistant turn
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            messages = messages[:last]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return _ids(tokenizer, text)[-max_prompt_length:]  # tokenized as in training: the whole rendering
+    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    pre, inp, post = _prompt_parts(record, fmt)
+    pre_ids, inp_ids, post_ids = bos + _ids(tokenizer, pre), _ids(tokenizer, inp), _ids(tokenizer, post)
+    room = max(max_prompt_length - len(pre_ids) - len(post_ids), 0)
+    return pre_ids + inp_ids[:room] + post_ids
+
+
+def reference_output(record: Record) -> str:
+    """What a generated answer is scored against: the output, or a chat's last assistant turn."""
+    if record.kind == CHAT:
+        return [m for m in record.messages if m["role"] == "assistant"][-1]["content"]
+    return record.output
+
+
+def encode_sft(records: Sequence[Record], tokenizer, fmt: PromptFormat, max_length: int) -> LmDataset:
+    tokens, masks, where = [], [], []
+    truncated = 0
+    for record in records:
+        ids, mask, cut = encode_record(record, tokenizer, fmt, max_length)
+        truncated += cut
+        tokens.append(np.asarray(ids, np.int32))
+        masks.append(np.asarray(mask, np.int32))
+        where.append(record.where)
+    if truncated:
+        logging.warning("%d of %d examples longer than max_length=%d tokens were truncated (first file: %s)",
+                        truncated, len(records), max_length, records[0].where.rsplit(":", 1)[0])
+    return LmDataset(tokens, masks, where)
