@@ -17,6 +17,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
     c.pooling = "mean"  # cls | mean
     c.head_dropout = 0.1
+    # strategy=lora: low-rank adapters on the projections whose parameter path matches `targets`.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 8
+    c.lora.alpha = 16.0
+    c.lora.dropout = 0.0
+    c.lora.targets = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
     c.dtype = "float32"  # compute dtype; parameters stay float32
 
     c.data = ml_collections.ConfigDict()
