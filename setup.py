@@ -20,6 +20,8 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "tensorflow-datasets==4.9.10",
     "gguf==0.19.0",
+    "rouge-score==0.1.2",
+    "sacrebleu==2.6.0",
     "matplotlib>=3.8,<4",
 ]
 

@@ -70,13 +70,22 @@ def defaults() -> ml_collections.ConfigDict:
     c.early_stopping.mode = "max"  # max | min
     c.early_stopping.patience = 0  # evaluations without improvement before stopping; 0 = never stop
 
+    # sft: generate from the first eval prompts at each evaluation and score the outputs.
+    c.eval_generation = ml_collections.ConfigDict()
+    c.eval_generation.metrics = ()  # any of rouge (rouge1/2/L), bleu, exact_match (final number, GSM8K)
+    c.eval_generation.num_examples = 32
+    c.eval_generation.max_new_tokens = 64
+    c.eval_generation.batch_size = 16
+    c.eval_generation.stop = ()  # stop strings, e.g. ("\n\n",)
+    c.eval_generation.log_examples = 3  # printed and appended to WORKDIR/generations.jsonl
+
     c.forgetting = ml_collections.ConfigDict()
     c.forgetting.stsb = ""  # STS-B dev TSV (or its folder); empty: no probe
     # Decoders: WikiText-2 raw test perplexity before/after (folder or file; empty: no probe).
     c.forgetting.wikitext2 = ""
     c.forgetting.wikitext2_max_tokens = 0  # 0: the whole test set; else its first N tokens (a faster probe)
     c.forgetting.wikitext2_max_length = 512  # window length
-    c.forgetting.wikitext2_stride = 512  # window step; < max_length gives each token more context
+    c.forgetting.wikitext2_stride = 511  # window step, < max_length; max_length - 1: disjoint windows (cheapest)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     c.sharding_rules = ()  # ((regex, partition-spec tuple), ...); unmatched parameters are replicated
@@ -103,6 +112,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"batch_size={config.batch_size}")
     if config.frozen_layers < 0:
         raise ValueError(f"config.frozen_layers: must be >= 0, got {config.frozen_layers}")
+    from sft_jax.evaluate.text_metrics import METRICS
+
+    unknown = [m for m in config.eval_generation.metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"config.eval_generation.metrics: unknown {unknown}; expected some of {METRICS}")
+    if config.eval_generation.metrics and config.task != "sft":
+        raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
     if config.early_stopping.mode not in ("max", "min"):
         raise ValueError(f"config.early_stopping.mode: {config.early_stopping.mode!r} is not max or min")
     if not config.data.train:

@@ -126,7 +126,7 @@ class ClassificationRun:
                         "num_labels": len(self.vocab)}
         self._embed = embed_fn(self.model_def)
 
-    def evaluate(self, eval_fn, params) -> dict[str, float]:
+    def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
         return evaluate(eval_fn, params, self.eval_ds, self.config, self.pad_id, len(self.vocab))
 
     @staticmethod
@@ -154,10 +154,12 @@ class LanguageModelRun:
     """A decoder LM fine-tuned on next-token prediction: plain text (task=language_modeling, every token a
     target) or prompt -> output records (task=sft, only output tokens are targets); WikiText-2 probe."""
 
-    metrics = ("eval/loss", "eval/perplexity", "eval/accuracy")
-
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        self.config = config
+        self.config, self.workdir = config, workdir
+        gen = config.eval_generation
+        names = {"rouge": ("rouge1", "rouge2", "rougeL"), "bleu": ("bleu",), "exact_match": ("exact_match",)}
+        self.metrics = ("eval/loss", "eval/perplexity", "eval/accuracy") + tuple(
+            f"eval/{k}" for m in gen.metrics for k in names[m])
         self.tokenizer = load_lm_tokenizer(config.model)
         if config.task == "sft":
             fields, fmt = sft_fields(config), prompt_format(config)
@@ -175,6 +177,7 @@ class LanguageModelRun:
             self.train_ds = lm_data.encode_documents(read(config.data.train, config.data.text_field),
                                                      self.tokenizer, config.max_length)
         model, model_config = build_lm(config.model, config.strategy, config.dtype)
+        self.eos_ids = set(model_config.eos_ids) | {self.tokenizer.eos_token_id} - {None}
         self.model_def, self.params = ModelDef.split(model)
         self.layout = decoder_layout(model_config.num_layers)
         self.loss_fn = lm_loss
@@ -192,7 +195,7 @@ class LanguageModelRun:
                         "eval_target_tokens": self.eval_ds.num_targets}
         self._perplexity = None
 
-    def evaluate(self, eval_fn, params) -> dict[str, float]:
+    def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
         loss_sum = correct = count = 0.0
         for _, batch in batching.eval_batches(self.eval_ds, self.config.eval_batch_size, self.config.buckets,
                                               self.pad_id, collate=lm_data.make_lm_batch):
@@ -201,7 +204,49 @@ class LanguageModelRun:
             correct += float(aux["correct"])
             count += float(aux["count"])
         loss = loss_sum / count
-        return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/accuracy": correct / count}
+        out = {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/accuracy": correct / count}
+        if self.config.eval_generation.metrics:
+            out.update(self.generation_metrics(params, step))
+        return out
+
+    def generate_eval(self, params, records) -> list[str]:
+        """Greedy completions of the eval prompts, encoded exactly as in training."""
+        from sft_jax.generate import generate_ids
+
+        gen = self.config.eval_generation
+        fmt = prompt_format(self.config)
+        prompts = [sft_data.encode_prompt(r, self.tokenizer, fmt, self.config.max_length) for r in records]
+        eos = sorted(set(self.eos_ids))
+        outputs = []
+        for start in range(0, len(prompts), gen.batch_size):
+            chunk = prompts[start: start + gen.batch_size]
+            # A fixed batch size keeps one compiled decode loop; the filler rows are dropped.
+            padded = chunk + [chunk[-1]] * (gen.batch_size - len(chunk))
+            stop_fn = None
+            if gen.stop:
+                def stop_fn(i, new):
+                    return any(s in self.tokenizer.decode(new, skip_special_tokens=True) for s in gen.stop)
+            tokens, lengths = generate_ids(self.model_def, params, padded, max_new_tokens=gen.max_new_tokens,
+                                           eos_ids=eos, pad_id=self.pad_id, stop_fn=stop_fn)
+            for i in range(len(chunk)):
+                text = self.tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True)
+                cut = min((text.find(s) for s in gen.stop if s in text), default=len(text))
+                outputs.append(text[:cut].strip())
+        return outputs
+
+    def generation_metrics(self, params, step: int | None) -> dict[str, float]:
+        from sft_jax.evaluate import text_metrics
+
+        gen = self.config.eval_generation
+        records = self.eval_records[: gen.num_examples]
+        predictions = self.generate_eval(params, records)
+        references = [sft_data.reference_output(r) for r in records]
+        scores = text_metrics.compute(gen.metrics, predictions, references)
+        with open(os.path.join(self.workdir, "generations.jsonl"), "a") as f:
+            for r, pred, ref in list(zip(records, predictions, references))[: gen.log_examples]:
+                f.write(json.dumps({"step": step, "where": r.where, "prediction": pred, "reference": ref}) + "\n")
+                tqdm.tqdm.write(f"  [{r.where}] prediction: {pred[:200]!r}\n  reference: {ref[:200]!r}")
+        return {f"eval/{k}": v for k, v in scores.items()}
 
     @staticmethod
     def train_metrics(m: dict) -> dict[str, float]:
@@ -218,7 +263,7 @@ class LanguageModelRun:
         return {"wikitext2_ppl": r["token_perplexity"], "wikitext2_word_ppl": r["word_perplexity"]}
 
 
-RUNS = {"text_classification": ClassificationRun, "language_modeling": LanguageModelRun}
+RUNS = {"text_classification": ClassificationRun, "language_modeling": LanguageModelRun, "sft": LanguageModelRun}
 # How forgetting is summarised: (name of the summary, sign of (after - before) that means "forgot").
 _FORGETTING = {"stsb_spearman": ("drop", -1.0), "wikitext2_ppl": ("rise", 1.0), "wikitext2_word_ppl": ("rise", 1.0)}
 
@@ -323,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.update(1)
         if step % config.eval_every == 0 or step == config.max_steps:
             t_eval = time.time()
-            ev = run.evaluate(eval_fn, state.params)
+            ev = run.evaluate(eval_fn, state.params, step)
             writer.write(step, ev)
             value = ev[config.early_stopping.metric]
             if _improved(value, meta["best_metric"], mode):
@@ -346,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Final metrics are those of the best checkpoint (early stopping keeps it).
     best_params, _ = ckpt.restore_params(state.params, "best")
-    results.update(run.evaluate(eval_fn, best_params))
+    results.update(run.evaluate(eval_fn, best_params, meta["best_step"]))
     for name, after in run.probes(best_params).items():
         results[f"forgetting/{name}/after"] = after
         summary, sign = _FORGETTING.get(name, ("change", 1.0))

@@ -150,3 +150,34 @@ def test_early_stopping_metric_must_belong_to_the_task(tiny_llama_dir, tmp_path)
     c.early_stopping.metric = "eval/f1"
     with pytest.raises(ValueError, match="eval/f1"):
         train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_sft_run_end_to_end_with_generation_metrics(tiny_llama_dir, tmp_path):
+    """task=sft on instruction + pair + chat records, packed, with accumulation and generation metrics."""
+    from sft_jax.train import train_and_evaluate
+
+    records = []
+    for i in range(24):
+        records.append({"input": f"{i} plus 1?", "output": f"It is {i + 1}. #### {i + 1}"})
+        records.append({"instruction": "Repeat the word.", "input": f"w{i}", "output": f"w{i}"})
+        records.append({"messages": [{"role": "user", "content": f"say {i}"},
+                                     {"role": "assistant", "content": f"{i}"}]})
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in records))
+    c = _lm_config(tiny_llama_dir, tmp_path, "full")
+    c.task = "sft"
+    c.data.train, c.data.eval = str(train), str(train)
+    c.max_length, c.buckets = 96, (96,)
+    c.packing, c.grad_accum_steps = True, 2
+    c.prompt.template = "Q: {input}\nA: "
+    c.eval_generation.metrics = ("rouge", "exact_match")
+    c.eval_generation.num_examples, c.eval_generation.batch_size, c.eval_generation.max_new_tokens = 6, 4, 8
+    c.early_stopping.metric, c.early_stopping.mode = "eval/rougeL", "max"
+    workdir = tmp_path / "run"
+    results = train_and_evaluate(c, str(workdir))
+    assert results["train_rows"] < results["train_examples"]  # packing put several examples in a row
+    for key in ("eval/loss", "eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/exact_match"):
+        assert key in results and np.isfinite(results[key])
+    logged = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
+    assert logged and {"step", "where", "prediction", "reference"} <= set(logged[0])
+    assert logged[0]["reference"] == "It is 1. #### 1"

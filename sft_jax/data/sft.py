@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from sft_jax.data.lm import LmDataset
+from sft_jax.data.lm import LmDataset, _slice
 from sft_jax.data.sources import DataError, iter_jsonl
 
 PAIR, INSTRUCTION, CHAT = "pair", "instruction", "chat"
@@ -114,7 +114,20 @@ def _open_text(path: str):
 
 
 def read_sft(spec: str, fields: Fields = DEFAULT_FIELDS, max_examples: int = 0) -> list[Record]:
-    """Reads a .jsonl file or `parallel:SRC,TGT` into records. `max_examples` > 0 keeps the first N."""
+    """Reads a .jsonl file or `parallel:SRC,TGT` into records. `max_examples` > 0 keeps the first N.
+
+    A percent slice (`xsum.jsonl[:90%]`, by example) takes part of the file, as for TFDS splits."""
+    spec, lo, hi = _slice(spec)
+    records = _read_sft(spec, fields, 0 if (lo, hi) != (0.0, 1.0) else max_examples)
+    if (lo, hi) != (0.0, 1.0):
+        a, b = round(lo * len(records)), round(hi * len(records))
+        if a == b:
+            raise DataError(f"{spec}[{lo:.0%}:{hi:.0%}]: the slice is empty")
+        records = records[a:b]
+    return records[:max_examples] if max_examples else records
+
+
+def _read_sft(spec: str, fields: Fields, max_examples: int) -> list[Record]:
     records: list[Record] = []
     if spec.startswith("parallel:"):
         src, _, tgt = spec.removeprefix("parallel:").partition(",")
@@ -204,6 +217,23 @@ def _encode_chat(messages: Sequence[dict], tokenizer, where: str) -> tuple[list[
     return list(enc["input_ids"]), mask
 
 
+def _fit_input(record: Record, tokenizer, budget: int, length) -> tuple[Record, bool]:
+    """Shortens a templated record's input (cutting its end) until `length(record) <= budget`; used when the
+    prompt goes through a chat template, whose rendering can't be cut token by token like a plain template."""
+    if record.kind == CHAT or not record.input:
+        return record, False
+    over = length(record) - budget
+    if over <= 0:
+        return record, False
+    inp = _ids(tokenizer, record.input)
+    for slack in (0, 2, 8, 32):  # decode/re-encode may merge tokens differently at the cut
+        keep = max(len(inp) - over - slack, 0)
+        shorter = dataclasses.replace(record, input=tokenizer.decode(inp[:keep]))
+        if length(shorter) <= budget or keep == 0:
+            return shorter, True
+    return shorter, True
+
+
 def encode_record(record: Record, tokenizer, fmt: PromptFormat, max_length: int) -> tuple[list[int], list[int], bool]:
     """(tokens, target mask, truncated). At most max_length + 1 tokens (model input + last target).
 
@@ -212,8 +242,10 @@ def encode_record(record: Record, tokenizer, fmt: PromptFormat, max_length: int)
     """
     budget = max_length + 1
     if record.kind == CHAT or fmt.chat:
+        record, truncated = _fit_input(record, tokenizer, budget,
+                                       lambda r: len(_encode_chat(as_chat(r, fmt), tokenizer, r.where)[0]))
         ids, mask = _encode_chat(as_chat(record, fmt), tokenizer, record.where)
-        truncated = len(ids) > budget
+        truncated |= len(ids) > budget
         ids, mask = ids[:budget], mask[:budget]
     else:
         bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
@@ -239,6 +271,12 @@ def encode_record(record: Record, tokenizer, fmt: PromptFormat, max_length: int)
 def encode_prompt(record: Record, tokenizer, fmt: PromptFormat, max_prompt_length: int) -> list[int]:
     """The prompt tokens a model generates from: the same tokens as training's prompt part."""
     if record.kind == CHAT or fmt.chat:
+        def length(r):
+            text = tokenizer.apply_chat_template(as_chat(r, fmt, with_output=False), tokenize=False,
+                                                 add_generation_prompt=True)
+            return len(_ids(tokenizer, text))
+
+        record, _ = _fit_input(record, tokenizer, max_prompt_length, length)
         messages = as_chat(record, fmt, with_output=False)
         if record.kind == CHAT:  # prompt = everything before the last assistant turn
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
