@@ -60,6 +60,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.weight_decay = 0.01
     c.clip_norm = 1.0
     c.max_steps = 1000
+    c.max_train_seconds = 0.0  # > 0: stop after this much training time (equal-compute comparisons); 0: off
     c.seed = 0
 
     c.log_every = 20

@@ -352,12 +352,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = int(state.step)
     t0, examples, eval_time = time.time(), 0, 0.0
     bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    while step < config.max_steps and not meta["stopped_early"]:
+    prior_seconds = meta.get("train_seconds", 0.0)  # training time of earlier processes (resumes)
+    while step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time"):
         batch = sharding.put_batch(batches.batch(step), b_shard)
         state, m = train_fn(state, batch)
         step += 1
         examples += config.batch_size
-        if step % config.log_every == 0 or step == config.max_steps:
+        meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
+        if config.max_train_seconds and meta["train_seconds"] >= config.max_train_seconds:
+            meta["out_of_time"] = True  # an equal-compute budget: stop here, as if max_steps were reached
+        last = step == config.max_steps or bool(meta.get("out_of_time"))
+        if step % config.log_every == 0 or last:
             m = {k: float(v) for k, v in jax.device_get(m).items()}
             rate = examples / max(time.time() - t0 - eval_time, 1e-9)
             logged = {"train/loss": m["loss"], **run.train_metrics(m),
@@ -366,7 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             writer.write(step, logged)
             bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
         bar.update(1)
-        if step % config.eval_every == 0 or step == config.max_steps:
+        if step % config.eval_every == 0 or last:
             t_eval = time.time()
             ev = run.evaluate(eval_fn, state.params, step)
             writer.write(step, ev)
@@ -382,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                               f"{meta['best_metric']:.4f} at step {meta['best_step']}")
             bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
             eval_time += time.time() - t_eval
-        if step % config.checkpoint_every == 0 or step == config.max_steps or meta["stopped_early"]:
+        if step % config.checkpoint_every == 0 or last or meta["stopped_early"]:
             ckpt.save_latest(state, meta)
     bar.close()
     ckpt.wait()
@@ -397,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary, sign = _FORGETTING.get(name, ("change", 1.0))
         results[f"forgetting/{name}/{summary}"] = sign * (after - results[f"forgetting/{name}/before"])
     results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
+                    "stopped_out_of_time": bool(meta.get("out_of_time")),
                     "params_fingerprint": params_fingerprint(state.params),
                     "best_params_fingerprint": params_fingerprint(best_params)})
     if examples:

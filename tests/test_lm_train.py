@@ -181,3 +181,12 @@ def test_sft_run_end_to_end_with_generation_metrics(tiny_llama_dir, tmp_path):
     logged = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
     assert logged and {"step", "where", "prediction", "reference"} <= set(logged[0])
     assert logged[0]["reference"] == "It is 1. #### 1"
+
+
+def test_time_budget_stops_training(tiny_llama_dir, tmp_path):
+    from sft_jax.train import train_and_evaluate
+
+    c = _lm_config(tiny_llama_dir, tmp_path, "full")
+    c.max_steps, c.max_train_seconds = 50, 1e-3
+    results = train_and_evaluate(c, str(tmp_path / "run"))
+    assert results["stopped_out_of_time"] and results["step"] == 1 and results["best_step"] == 1
