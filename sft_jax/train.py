@@ -350,12 +350,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricWriter(workdir)
     mode, patience = config.early_stopping.mode, config.early_stopping.patience
     step = int(state.step)
-    t0, examples, eval_time = time.time(), 0, 0.0
+    t0, examples, tokens, eval_time = time.time(), 0, 0, 0.0
     bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    last_eval = None
     prior_seconds = meta.get("train_seconds", 0.0)  # training time of earlier processes (resumes)
     while step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time"):
-        batch = sharding.put_batch(batches.batch(step), b_shard)
-        state, m = train_fn(state, batch)
+        host_batch = batches.batch(step)
+        tokens += int(np.count_nonzero(host_batch.get("segment_ids", host_batch.get("attention_mask"))))
+        state, m = train_fn(state, sharding.put_batch(host_batch, b_shard))
         step += 1
         examples += config.batch_size
         meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
@@ -373,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         bar.update(1)
         if step % config.eval_every == 0 or last:
             t_eval = time.time()
-            ev = run.evaluate(eval_fn, state.params, step)
+            ev = last_eval = run.evaluate(eval_fn, state.params, step)
             writer.write(step, ev)
             value = ev[config.early_stopping.metric]
             if _improved(value, meta["best_metric"], mode):
@@ -396,7 +398,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Final metrics are those of the best checkpoint (early stopping keeps it).
     best_params, _ = ckpt.restore_params(state.params, "best")
-    results.update(run.evaluate(eval_fn, best_params, meta["best_step"]))
+    if last_eval is not None and meta["best_step"] == step:
+        results.update(last_eval)  # the last evaluation was of these very parameters
+    else:
+        results.update(run.evaluate(eval_fn, best_params, meta["best_step"]))
     for name, after in run.probes(best_params).items():
         results[f"forgetting/{name}/after"] = after
         summary, sign = _FORGETTING.get(name, ("change", 1.0))
@@ -406,7 +411,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "params_fingerprint": params_fingerprint(state.params),
                     "best_params_fingerprint": params_fingerprint(best_params)})
     if examples:
-        results.update({"train/examples_per_s": examples / train_seconds, "train/wall_time_s": elapsed})
+        results.update({"train/examples_per_s": examples / train_seconds, "train/tokens_per_s": tokens / train_seconds,
+                        "train/wall_time_s": elapsed})
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     writer.close()

@@ -1,0 +1,32 @@
+"""Shared by the experiment scripts: run one CLI training run, read back what it wrote, draw tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(config: str, workdir: str, overrides: dict | None = None) -> dict:
+    """`python -m sft_jax.main --config=CONFIG --workdir=WORKDIR --config.K=V ...`; returns its results.json
+    plus `command` and `process_wall_s`. A finished workdir is reused (the run resumes and stops at once)."""
+    cmd = [sys.executable, "-m", "sft_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    cmd += [f"--config.{k}={v}" for k, v in (overrides or {}).items()]
+    print("$", " ".join(cmd[1:]), flush=True)
+    start = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    with open(os.path.join(workdir, "results.json")) as f:
+        results = json.load(f)
+    results.update(command="python " + " ".join(cmd[1:]).replace(ROOT + "/", ""),
+                   process_wall_s=time.time() - start)
+    return results
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
