@@ -13,7 +13,7 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "minilm-l6"  # short name, local Hugging Face directory, .gguf file, or hub id
     c.task = "text_classification"  # text_classification | language_modeling | sft
-    c.strategy = "full"  # head | partial | full
+    c.strategy = "full"  # head | partial | full | lora (decoders)
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
     c.pooling = "mean"  # cls | mean
     c.head_dropout = 0.1
@@ -100,6 +100,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if config.strategy not in STRATEGIES:
         raise ValueError(f"config.strategy: unknown strategy {config.strategy!r}; expected one of {STRATEGIES}")
+    if config.strategy == "lora" and config.task == "text_classification":
+        raise ValueError("config.strategy: lora is implemented for decoder tasks (language_modeling, sft); "
+                         "use head, partial or full for text_classification")
     if config.task not in TASKS:
         raise ValueError(f"config.task: unknown task {config.task!r}; expected one of {TASKS}")
     if config.dtype not in DTYPES:

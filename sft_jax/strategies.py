@@ -14,7 +14,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import optax
 
 TRAINABLE, FROZEN = "trainable", "frozen"
-STRATEGIES = ("head", "partial", "full")
+STRATEGIES = ("head", "partial", "full", "lora")
+# strategy=lora: only the low-rank adapters learn (`sft_jax.models.lora` names them .../lora_a, .../lora_b).
+LORA_PARAMS = r"/lora_(a|b)$"
 
 Rules = Sequence[tuple[str, str]]
 
@@ -33,10 +35,13 @@ def strategy_rules(strategy: str, layout: ParamLayout, frozen_layers: int = 0) -
     """The rules of a named strategy.
 
     head: only the added layers learn. partial: embeddings and blocks 0..K-1 are frozen, the rest learns.
-    full: everything learns.
+    full: everything learns. lora: only the LoRA adapters learn (the model must have them, see
+    `sft_jax.models.lora.apply_lora`); the pre-trained weights are all frozen.
     """
     if strategy == "full":
         return [(".*", TRAINABLE)]
+    if strategy == "lora":
+        return [(LORA_PARAMS, TRAINABLE), (".*", FROZEN)]
     if strategy == "head":
         return [("^" + layout.head, TRAINABLE), (".*", FROZEN)]
     if strategy == "partial":

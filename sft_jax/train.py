@@ -33,7 +33,7 @@ from sft_jax.train_step import make_eval_step, make_train_step
 
 LABELS_FILE = "labels.json"
 # Changing these between runs on one workdir would resume a different experiment.
-INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size")
+INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora")
 
 
 class Task:
@@ -176,7 +176,7 @@ class LanguageModelRun:
                                                     config.max_length)
             self.train_ds = lm_data.encode_documents(read(config.data.train, config.data.text_field),
                                                      self.tokenizer, config.max_length)
-        model, model_config = build_lm(config.model, config.strategy, config.dtype)
+        model, model_config = build_lm(config.model, config.strategy, config.dtype, lora=config.lora, seed=config.seed)
         self.eos_ids = set(model_config.eos_ids) | {self.tokenizer.eos_token_id} - {None}
         self.model_def, self.params = ModelDef.split(model)
         self.layout = decoder_layout(model_config.num_layers)

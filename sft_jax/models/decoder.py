@@ -14,6 +14,7 @@ Parameter paths (what strategy and sharding rules match on)::
     layers/{i}/mlp/{gate,up,down}/kernel
     final_norm/scale
     lm_head/kernel                                    [hidden, vocab]; only when embeddings are untied
+    layers/{i}/{attn,mlp}/*/lora_{a,b}                LoRA adapters, once `models.lora.apply_lora` added them
 
 Masks: a token attends to earlier tokens of its own segment (`segment_ids`, 0 = padding), within the
 sliding window on local layers. Padding and packed examples are both expressed through segment ids.
@@ -216,6 +217,13 @@ def _linear(n_in: int, n_out: int, config: DecoderConfig, rngs: nnx.Rngs) -> nnx
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
 
 
+def _project(linear: nnx.Module, x: jax.Array, rng: jax.Array | None, index: int) -> jax.Array:
+    """linear(x). Only LoRA layers use randomness (adapter dropout); each gets its own key from `rng`."""
+    if rng is None or isinstance(linear, nnx.Linear):
+        return linear(x)
+    return linear(x, jax.random.fold_in(rng, index))
+
+
 def attention_mask(q_segments, q_index, k_segments, k_index, window: int | None) -> jax.Array:
     """[B, T, S] bool: same non-zero segment, causal (k_index <= q_index), and within `window` if set.
 
@@ -248,12 +256,12 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, positions, segments, index, cache=None):
+    def __call__(self, x, positions, segments, index, cache=None, rng=None):
         b, t, _ = x.shape
         dtype = x.dtype
-        q = self.q(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = _project(self.q, x, rng, 0).reshape(b, t, self.num_heads, self.head_dim)
+        k = _project(self.k, x, rng, 1).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = _project(self.v, x, rng, 2).reshape(b, t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q).astype(q.dtype), self.k_norm(k).astype(k.dtype)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
@@ -275,7 +283,7 @@ class Attention(nnx.Module):
         logits = jnp.where(mask[:, None, None], logits * self.scale, _NEG)
         probs = jax.nn.softmax(logits, axis=-1)
         ctx = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v_all.astype(dtype))
-        return self.o(ctx.reshape(b, t, -1)), new_cache
+        return _project(self.o, ctx.reshape(b, t, -1), rng, 3), new_cache
 
 
 class Mlp(nnx.Module):
@@ -287,8 +295,9 @@ class Mlp(nnx.Module):
         self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs)
         self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs)
 
-    def __call__(self, x):
-        return self.down(self.activation(self.gate(x)) * self.up(x))
+    def __call__(self, x, rng=None):
+        h = self.activation(_project(self.gate, x, rng, 0)) * _project(self.up, x, rng, 1)
+        return _project(self.down, h, rng, 2)
 
 
 class Block(nnx.Module):
@@ -304,13 +313,14 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(**norm) if config.gemma else None
         self.post_mlp_norm = RMSNorm(**norm) if config.gemma else None
 
-    def __call__(self, x, positions, segments, index, cache=None):
+    def __call__(self, x, positions, segments, index, cache=None, rng=None):
+        attn_rng, mlp_rng = (None, None) if rng is None else jax.random.split(rng)
         # The residual stream x stays float32; only sub-block inputs are cast to the compute dtype.
-        h, cache = self.attn(self.attn_norm(x).astype(self.dtype), positions, segments, index, cache)
+        h, cache = self.attn(self.attn_norm(x).astype(self.dtype), positions, segments, index, cache, attn_rng)
         if self.post_attn_norm is not None:
             h = self.post_attn_norm(h)
         x = x + h.astype(jnp.float32)
-        h = self.mlp(self.mlp_norm(x).astype(self.dtype))
+        h = self.mlp(self.mlp_norm(x).astype(self.dtype), mlp_rng)
         if self.post_mlp_norm is not None:
             h = self.post_mlp_norm(h)
         return x + h.astype(jnp.float32), cache
@@ -329,7 +339,7 @@ class DecoderLM(nnx.Module):
 
     def hidden(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
-               cache: dict | None = None) -> tuple[jax.Array, dict | None]:
+               cache: dict | None = None, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict | None]:
         """Final-norm hidden states float32 [B, T, H] and the updated cache (None without one).
 
         Args:
@@ -339,6 +349,7 @@ class DecoderLM(nnx.Module):
           segment_ids: int [B, T]; tokens attend only within their segment; 0 marks padding. Default:
             `attention_mask` (1 = token), or all ones.
           cache: from `init_cache`; the T new tokens are written after the cache's `end`.
+          dropout_rng: key for dropout in LoRA adapters (folded in per layer); None: no dropout.
         """
         if segment_ids is None:
             segment_ids = (jnp.ones_like(input_ids) if attention_mask is None
@@ -357,7 +368,8 @@ class DecoderLM(nnx.Module):
             if cache is not None:
                 layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segments": cache["segments"],
                                "end": cache["end"]}
-            x, layer_cache = layer(x, positions, segment_ids, index, layer_cache)
+            rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+            x, layer_cache = layer(x, positions, segment_ids, index, layer_cache, rng)
             new_layers.append(layer_cache)
         new_cache = None
         if cache is not None:
@@ -377,10 +389,10 @@ class DecoderLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                  dropout_rng: jax.Array | None = None) -> jax.Array:
-        """float32 logits [B, T, vocab]. `dropout_rng` is accepted for a uniform API; these models
-        were pre-trained without dropout and use none."""
-        del dropout_rng
-        h, _ = self.hidden(input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask)
+        """float32 logits [B, T, vocab]. The pre-trained layers use no dropout (they were trained without);
+        `dropout_rng` only reaches LoRA adapters with `dropout` > 0 (see `sft_jax.models.lora`)."""
+        h, _ = self.hidden(input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask,
+                           dropout_rng=dropout_rng)
         return self.logits(h)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict:

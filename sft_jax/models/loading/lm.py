@@ -20,7 +20,9 @@ from flax import nnx
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.loading.gguf import load_gguf_tokenizer, read_gguf
 from sft_jax.models.loading.hf import read_weights
+from sft_jax.models.lora import has_lora, merge_lora
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
+from sft_jax.state import ModelDef
 
 # (our module path regex, HF module template, family or None for both). re.fullmatch on the module path.
 _MODULE_RULES = (
@@ -112,9 +114,19 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
       model: the module (its config gives the architecture).
       params: flat {our path: array} to export instead of the module's own values (e.g. a
         fine-tuned train state's params).
+
+    LoRA adapters (in the module or in `params`) are merged into their kernels first: the export is a
+    plain model of the base architecture. `sft_jax.models.lora.save_adapters` writes the adapters alone.
     """
     from safetensors.numpy import save_file
 
+    if params is not None and has_lora(params):
+        if not has_lora(model):
+            raise ValueError("export_hf: params hold LoRA adapters but the model has none; pass the LoRA model")
+        # The scale (alpha / r) of each adapter lives in its module: merge through the module.
+        model, params = ModelDef.split(model)[0].merge(params), None
+    if has_lora(model):
+        model = merge_lora(model)
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
