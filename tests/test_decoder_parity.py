@@ -200,3 +200,18 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_gemma3_dir):
     # bf16 keeps 8 mantissa bits (relative error ~4e-3 per rounding); on these O(1) logits that is ~1e-2.
     assert float(jnp.abs(logits32 - logits16).max()) < 5e-2
     assert float(jnp.abs(logits32 - logits16).max()) > 0  # bf16 really ran
+
+
+def test_cache_continues_positions_by_default(tiny_gemma3_dir):
+    """Prefill then one token at a time through the cache, no explicit positions: same logits as one pass."""
+    model, _ = load_decoder(str(tiny_gemma3_dir))
+    ids = jnp.asarray(np.random.default_rng(5).integers(3, 5000, (2, 9)))
+    full = model(ids)
+    cache = model.init_cache(2, 16)
+    h, cache = model.hidden(ids[:, :6], cache=cache)
+    steps = [model.logits(h)]
+    for t in range(6, 9):
+        h, cache = model.hidden(ids[:, t:t + 1], cache=cache)
+        steps.append(model.logits(h))
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
+    assert int(cache["end"]) == 9

@@ -269,13 +269,17 @@ class Attention(nnx.Module):
             k_all, v_all, k_segments, k_index = k, v, segments, index
             new_cache = None
         else:
-            # Write the new keys/values at slots [start, start + t) of the preallocated cache.
-            start = cache["end"]
-            k_all = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, start, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, start, 0, 0))
-            k_segments = jax.lax.dynamic_update_slice(cache["segments"], segments, (0, start))
+            # Write the new keys/values at slots [end, end + t) of this layer's slice of the stacked
+            # [layers, B, S, ...] buffers: updating the stack in place (no per-layer slice + re-stack) lets
+            # XLA keep one buffer across decode steps instead of copying the whole cache every token.
+            layer, start = cache["layer"], cache["end"]
+            new_cache = dict(cache)
+            for name, new in (("k", k), ("v", v)):
+                new_cache[name] = jax.lax.dynamic_update_slice(
+                    cache[name], new.astype(cache[name].dtype)[None], (layer, 0, start, 0, 0))
+            k_all, v_all = new_cache["k"][layer], new_cache["v"][layer]
+            k_segments = cache["segments"]  # already holds the new tokens' segments (written by DecoderLM)
             k_index = jnp.broadcast_to(jnp.arange(k_all.shape[1]), k_segments.shape)
-            new_cache = {"k": k_all, "v": v_all, "segments": k_segments, "end": start + t}
         mask = attention_mask(segments, index, k_segments, k_index, self.window)
         g = self.num_heads // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
@@ -348,33 +352,35 @@ class DecoderLM(nnx.Module):
             padding shifts nothing.
           segment_ids: int [B, T]; tokens attend only within their segment; 0 marks padding. Default:
             `attention_mask` (1 = token), or all ones.
-          cache: from `init_cache`; the T new tokens are written after the cache's `end`.
+          cache: from `init_cache`; the T new tokens are written at slots [end, end + T). The caller keeps
+            end + T <= the cache length (beyond it, writes would be clamped onto the last slots).
           dropout_rng: key for dropout in LoRA adapters (folded in per layer); None: no dropout.
         """
         if segment_ids is None:
             segment_ids = (jnp.ones_like(input_ids) if attention_mask is None
                            else attention_mask.astype(jnp.int32))
-        if positions is None:
-            positions = jnp.maximum(jnp.cumsum(segment_ids != 0, axis=1) - 1, 0)
         b, t = input_ids.shape
+        if positions is None:
+            positions = jnp.cumsum(segment_ids != 0, axis=1) - 1
+            if cache is not None:  # continue after the real tokens already in the cache
+                positions = positions + jnp.sum(cache["segments"] != 0, axis=1, keepdims=True)
+            positions = jnp.maximum(positions, 0)
         offset = 0 if cache is None else cache["end"]
         index = jnp.broadcast_to(offset + jnp.arange(t), (b, t))
+        if cache is not None:
+            # Writing past the end would be clamped by dynamic_update_slice (silently overwriting the last
+            # slots); callers size the cache for prompt + new tokens (see `init_cache`).
+            cache = dict(cache, segments=jax.lax.dynamic_update_slice(cache["segments"], segment_ids, (0, offset)))
         x = self.embed(input_ids).astype(jnp.float32)
         if self.config.gemma:
             x = x * jnp.float32(self.config.hidden_size**0.5)
-        new_layers = []
         for i, layer in enumerate(self.layers):
-            layer_cache = None
-            if cache is not None:
-                layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segments": cache["segments"],
-                               "end": cache["end"]}
+            layer_cache = None if cache is None else dict(cache, layer=i)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             x, layer_cache = layer(x, positions, segment_ids, index, layer_cache, rng)
-            new_layers.append(layer_cache)
-        new_cache = None
-        if cache is not None:
-            new_cache = {"k": jnp.stack([c["k"] for c in new_layers]), "v": jnp.stack([c["v"] for c in new_layers]),
-                         "segments": new_layers[0]["segments"], "end": new_layers[0]["end"]}
+            if cache is not None:
+                cache = {k: v for k, v in layer_cache.items() if k != "layer"}
+        new_cache = None if cache is None else dict(cache, end=offset + t)
         return self.final_norm(x), new_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
