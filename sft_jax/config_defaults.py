@@ -60,6 +60,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.weight_decay = 0.01
     c.clip_norm = 1.0
     c.max_steps = 1000
+    c.nan_policy = "stop"  # a step with a non-finite loss/gradient is never applied; then: stop | skip
     c.max_train_seconds = 0.0  # > 0: stop after this much training time (equal-compute comparisons); 0: off
     c.seed = 0
 
@@ -123,6 +124,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.eval_generation.metrics: unknown {unknown}; expected some of {METRICS}")
     if config.eval_generation.metrics and config.task != "sft":
         raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
+    if config.nan_policy not in ("stop", "skip"):
+        raise ValueError(f"config.nan_policy: {config.nan_policy!r} is not stop or skip")
     if config.early_stopping.mode not in ("max", "min"):
         raise ValueError(f"config.early_stopping.mode: {config.early_stopping.mode!r} is not max or min")
     if not config.data.train:

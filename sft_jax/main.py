@@ -27,14 +27,18 @@ def main(argv):
     except (DataError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    if results.get("preempted"):  # SIGTERM: the checkpoint is saved; the same command resumes
+        print(f"stopped by SIGTERM at step {results['step']}; checkpoint saved, rerun to resume")
+        return
     print(summary(results, FLAGS.workdir))
 
 
 def summary(results: dict, workdir: str) -> str:
     """The figures a researcher looks at first; everything is in WORKDIR/results.json."""
-    keys = ["eval/accuracy", "eval/f1", "eval/loss", "forgetting/stsb_spearman/before",
-            "forgetting/stsb_spearman/after", "trainable_params", "total_params", "best_step",
-            "train/examples_per_s"]
+    keys = ["eval/accuracy", "eval/f1", "eval/loss", "eval/perplexity", "eval/rouge1", "eval/rougeL", "eval/bleu",
+            "eval/exact_match", "forgetting/stsb_spearman/before", "forgetting/stsb_spearman/after",
+            "forgetting/wikitext2_ppl/before", "forgetting/wikitext2_ppl/after", "trainable_params", "total_params",
+            "best_step", "train/examples_per_s", "train/tokens_per_s"]
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {results[k]:.4f}" if isinstance(results[k], float) else f"{k:<{width}}  {results[k]}"
              for k in keys if results.get(k) is not None]

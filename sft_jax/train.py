@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import jax
@@ -268,6 +269,50 @@ RUNS = {"text_classification": ClassificationRun, "language_modeling": LanguageM
 _FORGETTING = {"stsb_spearman": ("drop", -1.0), "wikitext2_ppl": ("rise", 1.0), "wikitext2_word_ppl": ("rise", 1.0)}
 
 
+class _Preemption:
+    """SIGTERM (a scheduler's preemption notice) asks the loop to checkpoint and return; the command resumes."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. called from a worker thread): no handler
+            pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        tqdm.tqdm.write("SIGTERM: saving a checkpoint and stopping")
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss or gradient with nan_policy=stop."""
+
+
+def _check_finite(pending: list, policy: str, meta: dict, ckpt) -> None:
+    """Acts on the non-finite flags of the steps since the last check (one host transfer for all of them)."""
+    if not pending:
+        return
+    flags = jax.device_get([flag for _, flag in pending])
+    bad = [step for (step, _), flag in zip(pending, flags) if int(flag)]
+    if not bad:
+        return
+    if policy == "skip":
+        meta["skipped_steps"] = meta.get("skipped_steps", 0) + len(bad)
+        tqdm.tqdm.write(f"skipped {len(bad)} step(s) with a non-finite loss or gradient: {bad[:10]}")
+        return
+    ckpt.wait()
+    last = ckpt.latest.latest_step()
+    raise TrainingDiverged(f"non-finite loss or gradient at step {bad[0]} (steps {bad[:10]}); those updates were "
+                           f"not applied and no such state was saved (latest checkpoint: step {last}). Lower the "
+                           "learning rate, check the data, or set --config.nan_policy=skip to skip such steps")
+
+
 class MetricWriter:
     """metrics.jsonl (one line per logged step) and TensorBoard events in the workdir."""
 
@@ -354,45 +399,60 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     last_eval = None
     prior_seconds = meta.get("train_seconds", 0.0)  # training time of earlier processes (resumes)
-    while step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time"):
-        host_batch = batches.batch(step)
-        tokens += int(np.count_nonzero(host_batch.get("segment_ids", host_batch.get("attention_mask"))))
-        state, m = train_fn(state, sharding.put_batch(host_batch, b_shard))
-        step += 1
-        examples += config.batch_size
-        meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
-        if config.max_train_seconds and meta["train_seconds"] >= config.max_train_seconds:
-            meta["out_of_time"] = True  # an equal-compute budget: stop here, as if max_steps were reached
-        last = step == config.max_steps or bool(meta.get("out_of_time"))
-        if step % config.log_every == 0 or last:
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            rate = examples / max(time.time() - t0 - eval_time, 1e-9)
-            logged = {"train/loss": m["loss"], **run.train_metrics(m),
-                      "train/grad_norm": m["grad_norm"], "train/learning_rate": float(schedule(step - 1)),
-                      "train/examples_per_s": rate}
-            writer.write(step, logged)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
-        bar.update(1)
-        if step % config.eval_every == 0 or last:
-            t_eval = time.time()
-            ev = last_eval = run.evaluate(eval_fn, state.params, step)
-            writer.write(step, ev)
-            value = ev[config.early_stopping.metric]
-            if _improved(value, meta["best_metric"], mode):
-                meta.update(best_metric=value, best_step=step, bad_evals=0)
-                ckpt.save_best(state, meta)
-            else:
-                meta["bad_evals"] += 1
-                if patience and meta["bad_evals"] >= patience:
-                    meta["stopped_early"] = True
-                    bar.write(f"early stopping at step {step}: best {config.early_stopping.metric}="
-                              f"{meta['best_metric']:.4f} at step {meta['best_step']}")
-            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
-            eval_time += time.time() - t_eval
-        if step % config.checkpoint_every == 0 or last or meta["stopped_early"]:
-            ckpt.save_latest(state, meta)
+    nonfinite: list[tuple[int, jax.Array]] = []  # (step, flag) of steps not yet checked on the host
+    preempt = _Preemption()
+    last = False
+    try:
+        while (step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time")
+               and not preempt.requested):
+            host_batch = batches.batch(step)
+            tokens += int(np.count_nonzero(host_batch.get("segment_ids", host_batch.get("attention_mask"))))
+            state, m = train_fn(state, sharding.put_batch(host_batch, b_shard))
+            step += 1
+            examples += config.batch_size
+            meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
+            if config.max_train_seconds and meta["train_seconds"] >= config.max_train_seconds:
+                meta["out_of_time"] = True  # an equal-compute budget: stop here, as if max_steps were reached
+            last = step == config.max_steps or bool(meta.get("out_of_time"))
+            nonfinite.append((step, m["nonfinite"]))
+            if step % config.log_every == 0 or last or step % config.eval_every == 0 or preempt.requested:
+                _check_finite(nonfinite, config.nan_policy, meta, ckpt)
+                nonfinite.clear()
+            if step % config.log_every == 0 or last:
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                rate = examples / max(time.time() - t0 - eval_time, 1e-9)
+                logged = {"train/loss": m["loss"], **run.train_metrics(m),
+                          "train/grad_norm": m["grad_norm"], "train/learning_rate": float(schedule(step - 1)),
+                          "train/examples_per_s": rate, "train/skipped_steps": meta.get("skipped_steps", 0)}
+                writer.write(step, logged)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
+            bar.update(1)
+            if step % config.eval_every == 0 or last:
+                t_eval = time.time()
+                ev = last_eval = run.evaluate(eval_fn, state.params, step)
+                writer.write(step, ev)
+                value = ev[config.early_stopping.metric]
+                if _improved(value, meta["best_metric"], mode):
+                    meta.update(best_metric=value, best_step=step, bad_evals=0)
+                    ckpt.save_best(state, meta)
+                else:
+                    meta["bad_evals"] += 1
+                    if patience and meta["bad_evals"] >= patience:
+                        meta["stopped_early"] = True
+                        bar.write(f"early stopping at step {step}: best {config.early_stopping.metric}="
+                                  f"{meta['best_metric']:.4f} at step {meta['best_step']}")
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+                eval_time += time.time() - t_eval
+            if step % config.checkpoint_every == 0 or last or meta["stopped_early"] or preempt.requested:
+                ckpt.save_latest(state, meta)
+    finally:
+        preempt.restore()
     bar.close()
     ckpt.wait()
+    if preempt.requested and step < config.max_steps and not last:
+        writer.close()
+        ckpt.close()
+        return {"preempted": True, "step": step}
     elapsed = time.time() - t0
     train_seconds = elapsed - eval_time  # includes compilation and checkpoint saves
 
@@ -407,6 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary, sign = _FORGETTING.get(name, ("change", 1.0))
         results[f"forgetting/{name}/{summary}"] = sign * (after - results[f"forgetting/{name}/before"])
     results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
+                    "skipped_steps": meta.get("skipped_steps", 0),
                     "stopped_out_of_time": bool(meta.get("out_of_time")),
                     "params_fingerprint": params_fingerprint(state.params),
                     "best_params_fingerprint": params_fingerprint(best_params)})
