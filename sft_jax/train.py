@@ -178,6 +178,9 @@ class LanguageModelRun:
             self.train_ds = lm_data.encode_documents(read(config.data.train, config.data.text_field),
                                                      self.tokenizer, config.max_length)
         model, model_config = build_lm(config.model, config.strategy, config.dtype, lora=config.lora, seed=config.seed)
+        if max(config.max_length, max(config.buckets)) > model_config.max_position_embeddings:
+            raise ValueError(f"config.max_length={max(config.max_length, max(config.buckets))} exceeds the model's "
+                             f"{model_config.max_position_embeddings} positions ({config.model})")
         self.eos_ids = set(model_config.eos_ids) | {self.tokenizer.eos_token_id} - {None}
         self.model_def, self.params = ModelDef.split(model)
         self.layout = decoder_layout(model_config.num_layers)

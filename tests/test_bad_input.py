@@ -187,3 +187,47 @@ def test_cli_malformed_data(tiny_bert_dir, tmp_path):
     assert proc.returncode == 1
     assert _error_line(proc).startswith(f"error: {bad}:3: malformed JSON")
     assert _saved_steps(tmp_path / "run") == []
+
+
+# Decoder tasks: each bad file stops an sft / language_modeling run before any model is loaded.
+LM_BAD_FILES = [
+    ("sft_malformed.jsonl", "sft", r"sft_malformed.jsonl:2: malformed JSON"),
+    ("sft_wrong_type.jsonl", "sft", r"sft_wrong_type.jsonl:2: field 'output' must be a string, got list"),
+    ("sft_missing_output.jsonl", "sft", r"sft_missing_output.jsonl:2: missing field 'output'"),
+    ("sft_empty_output.jsonl", "sft", r"sft_empty_output.jsonl:2: field 'output' is empty"),
+    ("sft_bad_role.jsonl", "sft", r"sft_bad_role.jsonl:1: message 1 must be"),
+    ("sft_bad_instances.jsonl", "sft", r"sft_bad_instances.jsonl:1: field 'instances' must be a non-empty list"),
+    ("sft_not_utf8.jsonl", "sft", r"sft_not_utf8.jsonl:2: not valid UTF-8"),
+    ("lm_not_utf8.txt", "language_modeling", r"lm_not_utf8.txt: not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name, task, expected", LM_BAD_FILES, ids=[n for n, _, _ in LM_BAD_FILES])
+def test_bad_lm_file_stops_run_before_training(tiny_llama_dir, tmp_path, monkeypatch, name, task, expected):
+    from sft_jax import train
+    from sft_jax.config_defaults import defaults
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(train, "build_lm", no_model)
+    c = defaults()
+    c.model, c.task = str(tiny_llama_dir), task
+    c.data.train = c.data.eval = str(BAD / name)
+    c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
+    with pytest.raises(DataError, match=expected):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_decoder_max_length_beyond_the_model_is_an_error(tiny_llama_dir, tmp_path):
+    from sft_jax import train
+    from sft_jax.config_defaults import defaults
+
+    c = defaults()
+    c.model, c.task = str(tiny_llama_dir), "language_modeling"
+    c.data.train = c.data.eval = str(BAD / "train_ok.jsonl")
+    c.max_length, c.buckets = 512, (512,)  # the tiny model has 256 positions
+    c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
+    with pytest.raises(ValueError, match="max_length=512 exceeds the model's 256 positions"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))
