@@ -90,7 +90,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.forgetting.wikitext2_stride = 511  # window step, < max_length; max_length - 1: disjoint windows (cheapest)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    c.sharding_rules = ()  # ((regex, partition-spec tuple), ...); unmatched parameters are replicated
+    # ((regex, partition-spec tuple), ...): the first match gives a parameter's sharding. Empty: the preset.
+    c.sharding_rules = ()
+    # "auto": the model family's FSDP / tensor layout (sharding.DECODER_RULES, BERT_RULES; plain replication on
+    # a data-only mesh); "none": every parameter replicated.
+    c.sharding_preset = "auto"
     return c
 
 
@@ -124,6 +128,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.eval_generation.metrics: unknown {unknown}; expected some of {METRICS}")
     if config.eval_generation.metrics and config.task != "sft":
         raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
+    if config.sharding_preset not in ("auto", "none"):
+        raise ValueError(f"config.sharding_preset: {config.sharding_preset!r} is not auto or none")
     if config.nan_policy not in ("stop", "skip"):
         raise ValueError(f"config.nan_policy: {config.nan_policy!r} is not stop or skip")
     if config.early_stopping.mode not in ("max", "min"):

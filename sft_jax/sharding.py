@@ -18,6 +18,33 @@ from jax.sharding import PartitionSpec as P
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
+# Megatron-style layouts. FSDP shards every matrix along one dimension (gathered for the matmul, its gradient
+# reduce-scattered); tensor parallelism splits attention heads and the MLP hidden units: q/k/v and gate/up by
+# output column, o and down by input row, so each block needs one reduction. Norms and biases of the residual
+# stream stay replicated. Adapters follow the dimension they share with their base kernel.
+DECODER_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"^embed/embedding$", ("tensor", "fsdp")),
+    (r"^lm_head/kernel$", ("fsdp", "tensor")),
+    (r"attn/(q|k|v)/kernel$", ("fsdp", "tensor")),
+    (r"attn/o/kernel$", ("tensor", "fsdp")),
+    (r"mlp/(gate|up)/kernel$", ("fsdp", "tensor")),
+    (r"mlp/down/kernel$", ("tensor", "fsdp")),
+    (r"(attn/(q|k|v)|mlp/(gate|up))/lora_a$", ("fsdp", None)),
+    (r"(attn/(q|k|v)|mlp/(gate|up))/lora_b$", (None, "tensor")),
+    (r"(attn/o|mlp/down)/lora_a$", ("tensor", None)),
+    (r"(attn/o|mlp/down)/lora_b$", (None, "fsdp")),
+)
+BERT_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"embeddings/word_embeddings/embedding$", ("tensor", "fsdp")),
+    (r"attention/(query|key|value)/kernel$", ("fsdp", "tensor")),
+    (r"attention/(query|key|value)/bias$", ("tensor",)),
+    (r"attention/out/kernel$", ("tensor", "fsdp")),
+    (r"mlp/up/kernel$", ("fsdp", "tensor")),
+    (r"mlp/up/bias$", ("tensor",)),
+    (r"mlp/down/kernel$", ("tensor", "fsdp")),
+    (r"^head/kernel$", ("fsdp", None)),
+)
+
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     """A mesh with axis sizes from `shape`; one axis may be -1 (all remaining devices).
@@ -47,13 +74,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def param_shardings(names: Sequence[str], mesh: Mesh, rules: Sequence[tuple[str, tuple]] = ()) -> dict:
+def param_shardings(names: Sequence[str], mesh: Mesh, rules: Sequence[tuple[str, tuple]] = (),
+                    shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict:
+    """NamedSharding per parameter from the first matching `(regex, spec)` rule (replicated when none does).
+
+    With `shapes`, a dimension whose size the named mesh axes do not divide is left unsharded rather than
+    failing (e.g. SmolLM2's 3 KV heads x 64 = 192 columns split 8 ways is fine, 9 heads over 4 is not)."""
     compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
     out = {}
     for name in names:
-        spec = next((s for pattern, s in compiled if pattern.search(name)), ())
+        spec = tuple(next((s for pattern, s in compiled if pattern.search(name)), ()))
+        if shapes is not None:
+            shape = shapes[name]
+            spec = tuple(axes if i < len(shape) and _divides(mesh, axes, shape[i]) else None
+                         for i, axes in enumerate(spec))
         out[name] = NamedSharding(mesh, P(*spec))
     return out
+
+
+def _divides(mesh: Mesh, axes, size: int) -> bool:
+    if axes is None:
+        return True
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    return size % int(np.prod([mesh.shape[a] for a in names])) == 0
 
 
 def tree_shardings(tree, params_sharding: Mapping[str, NamedSharding], mesh: Mesh):

@@ -364,7 +364,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                   clip_norm=config.clip_norm))
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    p_shard = sharding.param_shardings(run.model_def.names, mesh, config.sharding_rules)
+    rules = tuple(config.sharding_rules)
+    if not rules and config.sharding_preset == "auto":  # the model family's FSDP / tensor-parallel layout
+        rules = sharding.BERT_RULES if config.task == "text_classification" else sharding.DECODER_RULES
+    p_shard = sharding.param_shardings(run.model_def.names, mesh, rules,
+                                       shapes={k: v.shape for k, v in run.params.items()})
     b_shard = sharding.batch_sharding(mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = {k: jax.device_put(v, p_shard[k]) for k, v in run.params.items()}

@@ -2,6 +2,7 @@
 
     .venv/bin/python experiments/perplexity/run.py [--models=smollm2-135m-instruct,gemma3-270m]
         [--max_length=1024] [--stride=1023] [--max_tokens=N] [--reference_windows=4] [--batch_size=1]
+        [--report_only]
 
 For each model: `sft_jax.evaluate.perplexity.wikitext2_perplexity` on the test text (all of it unless
 `--max_tokens`), then transformers' PyTorch model (float32, the same GGUF weights dequantized by
@@ -126,6 +127,10 @@ def write_report(rows: list[dict], command: str) -> None:
         "token is not scored. Token-level perplexity = exp(total NLL / scored tokens); word-level = "
         "exp(total NLL / whitespace-separated words of the covered text), comparable across tokenizers.",
         "",
+        "Models: the packaged GGUF files (SmolLM2-135M-Instruct Q4_1, gemma-3-270m Q4_K_M), dequantized to "
+        "float32 by our loader and by transformers alike: these are the perplexities of the 4-bit files, not of "
+        "the bf16 originals.",
+        "",
         "| model | text tokens (scored) | words | windows (max_length / stride) | token ppl | word ppl "
         "| NLL/token | wall time (s) | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -136,6 +141,18 @@ def write_report(rows: list[dict], command: str) -> None:
             f"| {r['model']} | {r['num_tokens']:,}{cover} ({r['scored_tokens']:,}) | {r['num_words']:,} | "
             f"{r['num_windows']} ({r['max_length']} / {r['stride']}) | {r['token_perplexity']:.4f} | "
             f"{r['word_perplexity']:.4f} | {r['nll_per_token']:.5f} | {r['wall_s']:.0f} | {r['tokens_per_s']:.0f} |")
+    partial = [r for r in rows if r["num_tokens"] < r["full_text_tokens"]]
+    if partial:
+        estimates = ", ".join(
+            f"{r['model']} {math.ceil(r['full_text_tokens'] / r['stride'])} windows x {r['s_per_window']:.1f} s "
+            f"= ~{math.ceil(r['full_text_tokens'] / r['stride']) * r['s_per_window'] / 60:.0f} min" for r in partial)
+        lines += [
+            "",
+            "Rows marked \"of N\" cover only the first tokens of the text (`--max_tokens`), to keep the run short "
+            "on 2 shared cores: they are not full-test figures, and the two models' prefixes end at slightly "
+            "different words. A full pass (the command without `--max_tokens`) would take, at this run's rate: "
+            f"{estimates} (an estimate, not a measurement).",
+        ]
     lines += [
         "",
         "## Against transformers on the same windows",
@@ -177,6 +194,7 @@ def main() -> None:
     parser.add_argument("--max_tokens", type=int, default=None, help="only the first N tokens (default: all)")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--reference_windows", type=int, default=4)
+    parser.add_argument("--report_only", action="store_true", help="rewrite RESULTS.md from results.json")
     args = parser.parse_args()
 
     path = os.path.join(HERE, "results.json")
@@ -184,6 +202,10 @@ def main() -> None:
     if os.path.exists(path):
         with open(path) as f:
             previous = {r["model"]: r for r in json.load(f)}
+    if args.report_only:
+        rows = list(previous.values())
+        write_report(rows, "; ".join(dict.fromkeys(r["command"] for r in rows)))
+        return
     for name in args.models.split(","):
         row = run_model(name, args)
         row["command"] = " ".join([".venv/bin/python experiments/perplexity/run.py", *sys.argv[1:]])
