@@ -41,7 +41,7 @@ experiment-xsum: install
 	$(BIN)/python experiments/xsum_summarization/run.py --budget=360
 
 experiment-gsm8k: install
-	$(BIN)/python experiments/gsm8k/run.py --budget=300
+	$(BIN)/python experiments/gsm8k/run.py --budget=300 --strategies=lora
 
 experiment-sft-vs-ift: install
 	$(BIN)/python experiments/sft_vs_ift/run.py --budget=240

@@ -25,7 +25,7 @@ COMMON = {"data.max_eval_examples": 64, "eval_generation.num_examples": 64, "sch
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=420.0, help="training seconds per strategy")
-    parser.add_argument("--strategies", default="lora,full")
+    parser.add_argument("--strategies", default="lora")
     args = parser.parse_args()
     rows = [dict(run_cli("configs/gsm8k_smollm2.py:full", os.path.join(HERE, "workdirs", "base"),
                          {**COMMON, "learning_rate": 0.0, "max_steps": 1, "warmup_steps": 0}), strategy="base")]
