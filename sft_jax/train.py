@@ -344,9 +344,14 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    if not os.access(workdir, os.W_OK):
-        raise PermissionError(f"{workdir}: workdir is not writable")
+    try:  # fail now, not at the first checkpoint an hour later
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"{workdir}: cannot write the workdir ({e.strerror or e})") from None
     _check_resume(workdir, config)
 
     run = RUNS[config.task](config, workdir)

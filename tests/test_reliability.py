@@ -204,3 +204,25 @@ def test_train_step_never_applies_a_nonfinite_update(tiny_trainer):
     for k, v in state.params.items():
         np.testing.assert_array_equal(np.asarray(v), before[k])
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.opt_state), opt_before)
+
+
+def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):
+    from sft_jax.train import train_and_evaluate
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="cannot write the workdir"):
+        train_and_evaluate(tiny_config, str(blocker / "run"))
+
+
+def test_resume_allows_compatible_and_refuses_incompatible_changes(tiny_config, tmp_path):
+    from sft_jax.train import train_and_evaluate
+
+    workdir = str(tmp_path / "run")
+    tiny_config.max_steps, tiny_config.eval_every, tiny_config.checkpoint_every = 2, 2, 2
+    assert train_and_evaluate(tiny_config, workdir)["step"] == 2
+    tiny_config.max_steps, tiny_config.eval_every = 4, 1  # more steps, other eval frequency: fine
+    assert train_and_evaluate(tiny_config, workdir)["step"] == 4
+    tiny_config.strategy = "head"
+    with pytest.raises(ValueError, match=r"config changed incompatibly \(strategy: 'full' -> 'head'\)"):
+        train_and_evaluate(tiny_config, workdir)
