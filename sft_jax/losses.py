@@ -32,11 +32,19 @@ def lm_loss(model, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]
     prompt masks need nothing here. A batch without target tokens is an error upstream, not a NaN here:
     the count is clamped to 1 so such a batch contributes zero loss and zero gradient.
     """
-    logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                   dropout_rng=rng)
-    weights = batch["loss_mask"]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    if "target_index" not in batch:  # a hand-made batch: score every position
+        logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                       dropout_rng=rng)
+        targets, weights = batch["targets"], batch["loss_mask"]
+    else:  # vocabulary logits only at the target positions (see data.lm.add_target_index)
+        hidden, _ = model.hidden(batch["input_ids"], segment_ids=batch["segment_ids"],
+                                 positions=batch["positions"], dropout_rng=rng)
+        index = batch["target_index"]
+        hidden = jnp.take_along_axis(hidden, index[..., None], axis=1)
+        logits = model.logits(hidden)
+        targets, weights = jnp.take_along_axis(batch["targets"], index, axis=1), batch["target_weight"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     count = jnp.sum(weights)
     loss_sum = jnp.sum(ce * weights)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == batch["targets"]) * weights)
+    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}

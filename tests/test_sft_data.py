@@ -207,3 +207,22 @@ def test_gradient_accumulation_equals_one_large_batch(tok, tiny_llama_dir):
     for name in params:
         np.testing.assert_allclose(four.params[name], one.params[name], atol=2e-6, err_msg=name)
     assert not np.allclose(one.params["layers/0/mlp/up/kernel"], params["layers/0/mlp/up/kernel"])
+
+
+def test_loss_at_target_positions_equals_full_loss(tok, tiny_llama_dir):
+    """The loss computes logits only at target positions; it must equal scoring every position."""
+    from sft_jax.losses import lm_loss
+
+    ds = _dataset(tok)
+    batch = lm_data.make_lm_batch(ds, np.arange(len(ds)), len(ds), (64,), tok.pad_token_id)
+    k = batch["target_index"].shape[1]
+    assert k < 64 and k >= max(int(m.sum()) for m in ds.loss_mask)  # fewer logits than positions
+    full = {key: v for key, v in batch.items() if not key.startswith("target_")}
+    full["targets"] = batch["targets"]
+    model, _ = load_decoder(str(tiny_llama_dir))
+    with jax.default_matmul_precision("highest"):
+        fast, fast_aux = lm_loss(model, jax.tree.map(jnp.asarray, batch), None)
+        slow, slow_aux = lm_loss(model, jax.tree.map(jnp.asarray, full), None)
+    assert abs(float(fast) - float(slow)) < 1e-6
+    assert float(fast_aux["count"]) == float(slow_aux["count"]) and float(fast_aux["correct"]) == float(
+        slow_aux["correct"])
