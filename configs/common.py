@@ -15,3 +15,28 @@ def shared_data(*parts: str) -> str:
 def get_config(arg=None):
     del arg
     return defaults()
+
+
+# Learning rates per strategy for SmolLM2-135M: adapters tolerate (and need) a much larger step.
+SMOLLM2_LEARNING_RATES = {"lora": 5e-4, "partial": 5e-5, "full": 3e-5, "head": 1e-4}
+
+
+def smollm2_sft(strategy: str):
+    """What the SmolLM2-135M-Instruct SFT configs share: the model, the strategy and its learning rate,
+    chat-template prompts, early stopping on eval loss, and the WikiText-2 forgetting probe (first 16k tokens).
+    `partial` freezes the embeddings and the first 20 of the 30 blocks."""
+    c = get_config()
+    c.task = "sft"
+    c.model = "smollm2-135m-instruct"
+    c.strategy = strategy
+    c.frozen_layers = 20 if strategy == "partial" else 0
+    c.learning_rate = SMOLLM2_LEARNING_RATES.get(strategy, 3e-5)
+    c.weight_decay = 0.0
+    c.prompt.chat = True
+    c.batch_size = 8
+    c.eval_generation.batch_size = 16
+    c.early_stopping.metric = "eval/loss"
+    c.early_stopping.mode = "min"
+    c.forgetting.wikitext2 = shared_data("wikitext2_raw")
+    c.forgetting.wikitext2_max_tokens = 16384
+    return c

@@ -8,29 +8,18 @@ is a chat turn (the model is instruction-tuned); only the summary and its end-of
 Forgetting: WikiText-2 perplexity on its first 16k tokens, before and after.
 """
 
-from configs.common import get_config as common_config
-from configs.common import shared_data
-
-LEARNING_RATES = {"lora": 5e-4, "partial": 5e-5, "full": 3e-5}
+from configs.common import shared_data, smollm2_sft
 
 
 def get_config(arg=None):
-    c = common_config()
-    c.task = "sft"
-    c.model = "smollm2-135m-instruct"
-    c.strategy = arg or "lora"
-    c.frozen_layers = 20 if c.strategy == "partial" else 0
+    c = smollm2_sft(arg or "lora")
     xsum = shared_data("xsum", "xsum-1000.jsonl")
     c.data.train, c.data.eval = xsum + "[:90%]", xsum + "[90%:]"
     c.data.input_field, c.data.output_field = "document", "summary"
     c.prompt.template = "Summarize this article in one sentence.\n\n{input}"
-    c.prompt.chat = True
     c.max_length = 512  # longer articles are cut at the end of the article, never in the summary
     c.buckets = (256, 384, 512)
-    c.batch_size = 8
     c.eval_batch_size = 8
-    c.learning_rate = LEARNING_RATES.get(c.strategy, 3e-5)
-    c.weight_decay = 0.0
     c.max_steps = 200
     c.warmup_steps = 20
     c.eval_every = 50
@@ -39,9 +28,4 @@ def get_config(arg=None):
     c.eval_generation.metrics = ("rouge",)
     c.eval_generation.num_examples = 32
     c.eval_generation.max_new_tokens = 48
-    c.eval_generation.batch_size = 16
-    c.early_stopping.metric = "eval/loss"
-    c.early_stopping.mode = "min"
-    c.forgetting.wikitext2 = shared_data("wikitext2_raw")
-    c.forgetting.wikitext2_max_tokens = 16384
     return c

@@ -16,7 +16,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import markdown_table, run_cli  # noqa: E402
+from common import budget_runs, markdown_table  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON = {"data.max_eval_examples": 48, "eval_generation.num_examples": 32, "schedule": "constant",
@@ -28,13 +28,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=420.0, help="training seconds per strategy")
     parser.add_argument("--strategies", default="lora,partial,full")
     args = parser.parse_args()
-    rows = [dict(run_cli("configs/xsum_smollm2.py:full", os.path.join(HERE, "workdirs", "base"),
-                         {**COMMON, "learning_rate": 0.0, "max_steps": 1, "warmup_steps": 0}), strategy="base")]
-    for strategy in args.strategies.split(","):
-        overrides = {**COMMON, "max_train_seconds": args.budget, "max_steps": 100000, "eval_every": 100000,
-                     "checkpoint_every": 50}
-        r = run_cli(f"configs/xsum_smollm2.py:{strategy}", os.path.join(HERE, "workdirs", strategy), overrides)
-        rows.append(dict(r, strategy=strategy))
+    rows = budget_runs("configs/xsum_smollm2.py", HERE, args.strategies.split(","), args.budget, COMMON)
     write_report(rows, " ".join(["python experiments/xsum_summarization/run.py", *sys.argv[1:]]), args.budget)
 
 
