@@ -38,6 +38,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.max_eval_examples = 0  # 0: all
     c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
     c.data.max_train_examples = 0  # 0: all; else the first N after a seeded shuffle
+    # An example longer than max_length: "truncate" (logged, counted in results.json as data/*_truncated) or
+    # "error" (stop, naming its file and line).
+    c.data.too_long = "truncate"
     c.max_length = 128
     c.buckets = (32, 64, 128)
 
@@ -112,6 +115,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.task: unknown task {config.task!r}; expected one of {TASKS}")
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
+    _check_choice(config, "schedule", ("linear", "cosine", "constant"))
+    _check_choice(config, "pooling", ("cls", "mean"))
+    _check_choice(config, "data.too_long", ("truncate", "error"))
+    for key in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm", "head_dropout", "max_train_seconds",
+                "data.max_train_examples", "data.max_eval_examples", "lora.dropout"):
+        if _get(config, key) < 0:
+            raise ValueError(f"config.{key}: must be >= 0, got {_get(config, key)}")
+    for axis, size in config.mesh.items():
+        if not isinstance(size, int) or (size < 1 and size != -1):
+            raise ValueError(f"config.mesh.{axis}: must be a positive int or -1 (the remaining devices), got {size!r}")
     for key in ("batch_size", "eval_batch_size", "max_steps", "log_every", "eval_every", "checkpoint_every",
                 "max_length"):
         if int(config[key]) <= 0:
@@ -150,3 +163,14 @@ def _check_keys(config, reference, prefix: str) -> None:
             raise ValueError(f"unknown config key {name!r}")
         if isinstance(reference[key], ml_collections.ConfigDict) and key != "mesh":
             _check_keys(config[key], reference[key], name + ".")
+
+
+def _get(config, dotted: str):
+    for part in dotted.split("."):
+        config = config[part]
+    return config
+
+
+def _check_choice(config, dotted: str, choices: tuple[str, ...]) -> None:
+    if _get(config, dotted) not in choices:
+        raise ValueError(f"config.{dotted}: {_get(config, dotted)!r} is not one of {choices}")

@@ -26,7 +26,7 @@ from sft_jax.evaluate.stsb import stsb_spearman
 from sft_jax.losses import classification_loss, lm_loss
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
 from sft_jax.models.finetuned import build_lm, decoder_layout
-from sft_jax.models.loading.hf import load_bert, load_tokenizer
+from sft_jax.models.loading.hf import load_bert, load_bert_config, load_tokenizer
 from sft_jax.models.loading.lm import load_lm_tokenizer
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.state import ModelDef, TrainState, count_params, params_fingerprint
@@ -89,8 +89,9 @@ def load_data(config, workdir: str, tokenizer, max_length: int):
         keep = np.random.default_rng(config.seed).permutation(len(train_ex))[: config.data.max_train_examples]
         train_ex = [train_ex[i] for i in sorted(keep)]
     # Encoding the eval set first checks its labels before any time is spent on training.
-    eval_ds = batching.encode_classification(eval_ex, tokenizer, vocab, max_length)
-    train_ds = batching.encode_classification(train_ex, tokenizer, vocab, max_length)
+    too_long = config.data.too_long
+    eval_ds = batching.encode_classification(eval_ex, tokenizer, vocab, max_length, too_long)
+    train_ds = batching.encode_classification(train_ex, tokenizer, vocab, max_length, too_long)
     return vocab, train_ds, eval_ds
 
 
@@ -114,7 +115,12 @@ class ClassificationRun:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         self.config = config
         # Data first: bad input must stop the run before a model is loaded.
-        self.tokenizer = load_tokenizer(resolve_model_dir(config.model))
+        model_dir = resolve_model_dir(config.model)
+        self.tokenizer = load_tokenizer(model_dir)
+        positions = load_bert_config(model_dir).max_position_embeddings
+        if config.max_length > positions:  # past the position table a gather would silently clamp
+            raise ValueError(f"config.max_length={config.max_length} exceeds the model's {positions} positions "
+                             f"({config.model})")
         self.vocab, self.train_ds, self.eval_ds = load_data(config, workdir, self.tokenizer, config.max_length)
         task = Task(config, len(self.vocab))
         self.vocab.save(os.path.join(workdir, LABELS_FILE))
@@ -124,7 +130,8 @@ class ClassificationRun:
         self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
                                              self.pad_id)
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
-                        "num_labels": len(self.vocab)}
+                        "num_labels": len(self.vocab), "data/train_truncated": self.train_ds.truncated,
+                        "data/eval_truncated": self.eval_ds.truncated}
         self._embed = embed_fn(self.model_def)
 
     def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
@@ -169,8 +176,9 @@ class LanguageModelRun:
             if config.data.max_train_examples:
                 keep = np.random.default_rng(config.seed).permutation(len(train_records))
                 train_records = [train_records[i] for i in sorted(keep[: config.data.max_train_examples])]
-            self.eval_ds = sft_data.encode_sft(self.eval_records, self.tokenizer, fmt, config.max_length)
-            self.train_ds = sft_data.encode_sft(train_records, self.tokenizer, fmt, config.max_length)
+            too_long = config.data.too_long
+            self.eval_ds = sft_data.encode_sft(self.eval_records, self.tokenizer, fmt, config.max_length, too_long)
+            self.train_ds = sft_data.encode_sft(train_records, self.tokenizer, fmt, config.max_length, too_long)
         else:
             read = lm_data.read_documents
             self.eval_ds = lm_data.encode_documents(read(config.data.eval, config.data.text_field), self.tokenizer,
@@ -196,7 +204,9 @@ class LanguageModelRun:
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
                         "train_rows": len(self.batches.ds),
                         "train_target_tokens": self.train_ds.num_targets,
-                        "eval_target_tokens": self.eval_ds.num_targets}
+                        "eval_target_tokens": self.eval_ds.num_targets,
+                        "data/train_truncated": self.train_ds.truncated,
+                        "data/eval_truncated": self.eval_ds.truncated}
         self._perplexity = None
 
     def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:

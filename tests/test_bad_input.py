@@ -231,3 +231,86 @@ def test_decoder_max_length_beyond_the_model_is_an_error(tiny_llama_dir, tmp_pat
     c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
     with pytest.raises(ValueError, match="max_length=512 exceeds the model's 256 positions"):
         train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+# Invalid values: each names the key and the value, before any data or model is read.
+INVALID_VALUES = [
+    ("batch_size", 0, "config.batch_size: must be positive"),
+    ("max_steps", -5, "config.max_steps: must be positive"),
+    ("learning_rate", -1e-3, "config.learning_rate: must be >= 0"),
+    ("warmup_steps", -1, "config.warmup_steps: must be >= 0"),
+    ("dtype", "float8", "config.dtype: 'float8' is not one of"),
+    ("schedule", "exponential", "config.schedule: 'exponential' is not one of"),
+    ("pooling", "max", "config.pooling: 'max' is not one of"),
+    ("nan_policy", "ignore", "config.nan_policy: 'ignore' is not stop or skip"),
+    ("grad_accum_steps", 3, "config.grad_accum_steps: 3 must be >= 1 and divide batch_size=8"),
+    ("data.too_long", "drop", "config.data.too_long: 'drop' is not one of"),
+    ("early_stopping.mode", "up", "config.early_stopping.mode: 'up' is not max or min"),
+    ("task", "regression", "config.task: unknown task 'regression'"),
+]
+
+
+@pytest.mark.parametrize("key, value, expected", INVALID_VALUES, ids=[k for k, _, _ in INVALID_VALUES])
+def test_invalid_config_values_are_named(tiny_config, tmp_path, key, value, expected):
+    *parents, leaf = key.split(".")
+    node = tiny_config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    message = _fails_before_training(tiny_config, tmp_path / "run", exc=ValueError)
+    assert message.startswith(expected), message
+
+
+def test_invalid_mesh_size(tiny_config, tmp_path):
+    tiny_config.mesh = {"data": 0, "fsdp": 1, "tensor": 1}
+    message = _fails_before_training(tiny_config, tmp_path / "run", exc=ValueError)
+    assert message.startswith("config.mesh.data: must be a positive int or -1"), message
+
+
+def test_encoder_max_length_beyond_the_model_is_an_error(tiny_config, tmp_path):
+    tiny_config.max_length, tiny_config.buckets = 256, (256,)  # the tiny BERT has 128 positions
+    message = _fails_before_training(tiny_config, tmp_path / "run", exc=ValueError)
+    assert message.startswith("config.max_length=256 exceeds the model's 128 positions"), message
+
+
+def _long_text_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    from conftest import sentiment_records, write_jsonl
+
+    records = sentiment_records(8)
+    records[5]["text"] = " ".join(["long"] * 60)  # > max_length=32 tokens
+    return write_jsonl(tmp_path / "long.jsonl", records)
+
+
+def test_too_long_text_error_names_file_and_line(tiny_config, tmp_path):
+    path = _long_text_file(tmp_path)
+    tiny_config.data.train, tiny_config.data.too_long = str(path), "error"
+    message = _fails_before_training(tiny_config, tmp_path / "run")
+    assert message.startswith(f"{path}:6: 62 tokens, longer than max_length=32"), message
+
+
+def test_too_long_text_truncated_is_counted(tiny_config, tmp_path):
+    from sft_jax.train import train_and_evaluate
+
+    tiny_config.data.train = str(_long_text_file(tmp_path))
+    tiny_config.max_steps = 1
+    results = train_and_evaluate(tiny_config, str(tmp_path / "run"))
+    assert results["data/train_truncated"] == 1 and results["data/eval_truncated"] == 0
+
+
+def test_too_long_sft_record_error_names_file_and_line(tiny_llama_dir, tmp_path, monkeypatch):
+    from conftest import write_jsonl
+
+    from sft_jax import train
+    from sft_jax.config_defaults import defaults
+
+    monkeypatch.setattr(train, "build_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"input": "short", "output": "fine"},
+                                                 {"input": "x " * 200, "output": "too long"}])
+    c = defaults()
+    c.model, c.task = str(tiny_llama_dir), "sft"
+    c.data.train = c.data.eval = str(path)
+    c.data.too_long = "error"
+    c.max_length, c.buckets = 64, (64,)
+    c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
+    with pytest.raises(DataError, match=rf"^{path}:2: longer than max_length=64 tokens"):
+        train.train_and_evaluate(c, str(tmp_path / "run"))

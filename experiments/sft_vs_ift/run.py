@@ -96,10 +96,14 @@ def evaluate(workdir: str | None, paths: dict[str, str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=float, default=300.0, help="training seconds per run")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="> 0: train this many steps per run instead of a time budget (equal compute that "
+                             "does not depend on what else the machine is doing)")
     parser.add_argument("--pairs", type=int, default=2000, help="Multi30k training pairs")
     args = parser.parse_args()
     paths = write_data(args.pairs)
-    common = {"max_train_seconds": args.budget, "max_steps": 100000, "eval_every": 100000, "checkpoint_every": 100,
+    budget = {"max_steps": args.steps} if args.steps else {"max_train_seconds": args.budget, "max_steps": 100000}
+    common = {**budget, "eval_every": 100000, "checkpoint_every": 100,
               "schedule": "constant", "warmup_steps": 10, "data.max_eval_examples": NUM_EVAL, "packing": True,
               "max_length": 256, "buckets": "(256,)", "eval_generation.metrics": "()",
               "forgetting.wikitext2_max_tokens": 8192, "log_every": 5, "prompt.chat": False,
@@ -144,7 +148,8 @@ def write_report(rows: list[dict], command: str, args) -> None:
           f"{r['ppl_before']:.2f} -> {r['ppl_after']:.2f}" if "ppl_after" in r else "-"] for r in rows])
     lines = ["# SFT on plain input-output pairs vs instruction fine-tuning", "",
              f"Produced by `{command}` on this machine (2 CPU cores, float32).", "",
-             f"Both runs: full fine-tuning of SmolLM2-135M-Instruct for {args.budget:.0f} s of training (batch 8, "
+             "Both runs: full fine-tuning of SmolLM2-135M-Instruct for "
+             + (f"{args.steps} steps" if args.steps else f"{args.budget:.0f} s of training") + " (batch 8, "
              "AdamW 3e-5 constant after 10 warmup steps, packed rows of 256 tokens), on the first "
              f"{args.pairs} Multi30k English->French training pairs; `ift` also gets the first 150 Self-Instruct "
              "seed tasks, all behind an Alpaca-style instruction template. Evaluation by greedy generation on the "

@@ -64,6 +64,7 @@ class EncodedDataset:
     input_ids: list[np.ndarray]
     labels: np.ndarray
     where: list[str]
+    truncated: int = 0  # examples cut to max_length (config.data.too_long="truncate")
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -73,13 +74,23 @@ class EncodedDataset:
         return np.array([len(x) for x in self.input_ids])
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], int]:
-    """Token ids (with special tokens) truncated to max_length; returns the ids and how many were cut."""
+TOO_LONG_POLICIES = ("truncate", "error")
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, where: Sequence[str] | None = None,
+             too_long: str = "truncate") -> tuple[list[np.ndarray], int]:
+    """Token ids (with special tokens) truncated to max_length; returns the ids and how many were cut.
+
+    too_long="error" raises a DataError naming `where[i]` of the first text over max_length instead."""
     ids = tokenizer(list(texts), add_special_tokens=True, truncation=False, return_attention_mask=False)["input_ids"]
     cut = 0
     out = []
-    for seq in ids:
+    for i, seq in enumerate(ids):
         if len(seq) > max_length:
+            if too_long == "error":
+                at = where[i] if where is not None else f"text {i}"
+                raise DataError(f"{at}: {len(seq)} tokens, longer than max_length={max_length} "
+                                "(config.data.too_long='error'; 'truncate' cuts such texts)")
             cut += 1
             # Keep the final special token ([SEP]) so the encoder sees a well-formed sequence.
             seq = seq[: max_length - 1] + seq[-1:]
@@ -88,14 +99,15 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[list[np.
 
 
 def encode_classification(
-    examples: Sequence[Example], tokenizer, vocab: LabelVocab, max_length: int
+    examples: Sequence[Example], tokenizer, vocab: LabelVocab, max_length: int, too_long: str = "truncate"
 ) -> EncodedDataset:
     labels = np.array([vocab.encode(e.label, e.where) for e in examples], dtype=np.int32)
-    ids, cut = tokenize(tokenizer, [e.text for e in examples], max_length)
+    where = [e.where for e in examples]
+    ids, cut = tokenize(tokenizer, [e.text for e in examples], max_length, where, too_long)
     if cut:
         logging.warning("%d of %d texts longer than max_length=%d tokens were truncated (first: %s)",
                         cut, len(examples), max_length, examples[0].where.rsplit(":", 1)[0])
-    return EncodedDataset(input_ids=ids, labels=labels, where=[e.where for e in examples])
+    return EncodedDataset(input_ids=ids, labels=labels, where=where, truncated=cut)
 
 
 def bucket_length(length: int, buckets: Sequence[int]) -> int:

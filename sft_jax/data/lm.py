@@ -95,6 +95,7 @@ class LmDataset:
     tokens: list[np.ndarray]
     loss_mask: list[np.ndarray]
     where: list[str]
+    truncated: int = 0  # sft records cut to max_length (config.data.too_long="truncate")
 
     def __len__(self) -> int:
         return len(self.tokens)

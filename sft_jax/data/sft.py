@@ -297,11 +297,17 @@ def reference_output(record: Record) -> str:
     return record.output
 
 
-def encode_sft(records: Sequence[Record], tokenizer, fmt: PromptFormat, max_length: int) -> LmDataset:
+def encode_sft(records: Sequence[Record], tokenizer, fmt: PromptFormat, max_length: int,
+               too_long: str = "truncate") -> LmDataset:
+    """Tokens and target masks of `records`. A record over max_length is truncated (logged and counted) or,
+    with too_long="error", stops with a DataError naming its file and line."""
     tokens, masks, where = [], [], []
     truncated = 0
     for record in records:
         ids, mask, cut = encode_record(record, tokenizer, fmt, max_length)
+        if cut and too_long == "error":
+            raise DataError(f"{record.where}: longer than max_length={max_length} tokens "
+                            "(config.data.too_long='error'; 'truncate' cuts the input, then the output)")
         truncated += cut
         tokens.append(np.asarray(ids, np.int32))
         masks.append(np.asarray(mask, np.int32))
@@ -309,4 +315,4 @@ def encode_sft(records: Sequence[Record], tokenizer, fmt: PromptFormat, max_leng
     if truncated:
         logging.warning("%d of %d examples longer than max_length=%d tokens were truncated (first file: %s)",
                         truncated, len(records), max_length, records[0].where.rsplit(":", 1)[0])
-    return LmDataset(tokens, masks, where)
+    return LmDataset(tokens, masks, where, truncated)

@@ -160,6 +160,14 @@ def bert_state_from_hf(
     return nnx.from_flat_state(filled)
 
 
+def load_bert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> BertConfig:
+    """The `BertConfig` of a Hugging Face BERT checkpoint directory (its config.json)."""
+    config_path = pathlib.Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json")
+    return BertConfig.from_hf(json.loads(config_path.read_text()), dtype=dtype)
+
+
 def load_bert(
     model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
 ) -> tuple[BertEncoder, BertConfig]:
@@ -174,10 +182,7 @@ def load_bert(
       The module holding the checkpoint's weights, and its config.
     """
     model_dir = pathlib.Path(model_dir)
-    config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json")
-    config = BertConfig.from_hf(json.loads(config_path.read_text()), dtype=dtype)
+    config = load_bert_config(model_dir, dtype=dtype)
     weights = read_weights(model_dir)
     # Shapes only: the random init would be thrown away, and for big models it is not free.
     abstract = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0)))
