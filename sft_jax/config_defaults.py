@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import ml_collections
 
-TASKS = ("text_classification", "language_modeling", "sft")
+TASKS = ("text_classification", "language_modeling", "sft", "image_classification")
 DTYPES = ("float32", "bfloat16")
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "minilm-l6"  # short name, local Hugging Face directory, .gguf file, or hub id
-    c.task = "text_classification"  # text_classification | language_modeling | sft
+    c.task = "text_classification"  # text_classification | language_modeling | sft | image_classification
     c.strategy = "full"  # head | partial | full | lora (decoders)
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
     c.pooling = "mean"  # cls | mean
@@ -24,12 +24,32 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0
     c.lora.targets = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
     c.dtype = "float32"  # compute dtype; parameters stay float32
+    # image_classification with model="vit-scratch": the size of the randomly initialised ViT (HF ViTConfig names).
+    c.vit = ml_collections.ConfigDict()
+    c.vit.image_size = 32
+    c.vit.patch_size = 4
+    c.vit.num_channels = 3
+    c.vit.hidden_size = 192
+    c.vit.num_hidden_layers = 6
+    c.vit.num_attention_heads = 3
+    c.vit.intermediate_size = 768
+    c.vit.hidden_dropout_prob = 0.0
+    c.vit.attention_probs_dropout_prob = 0.0
+    # image_classification: normalisation (used when the checkpoint has no preprocessor_config.json) and
+    # training-time augmentation (random crop after padding by `crop_padding` pixels; horizontal flips).
+    c.image = ml_collections.ConfigDict()
+    c.image.mean = (0.5, 0.5, 0.5)
+    c.image.std = (0.5, 0.5, 0.5)
+    c.image.crop_padding = 0
+    c.image.flip = False
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ""
     c.data.eval = ""
     c.data.text_field = "text"
     c.data.label_field = "label"
+    c.data.image_field = "image"  # image manifests: {"image": path relative to the manifest, "label": ...}
+    c.data.classes = ()  # keep only examples of these labels (train, eval); empty: all
     # sft records: {"input","output"}, {"instruction","input","output"}, {"instruction","instances"}, {"messages"}
     c.data.input_field = "input"
     c.data.output_field = "output"
@@ -86,6 +106,9 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.forgetting = ml_collections.ConfigDict()
     c.forgetting.stsb = ""  # STS-B dev TSV (or its folder); empty: no probe
+    # Images: labelled eval data of the model's source task (any image data spec; only the source head's
+    # classes are kept), scored with the model's original head on the backbone before and after.
+    c.forgetting.images = ""
     # Decoders: WikiText-2 raw test perplexity before/after (folder or file; empty: no probe).
     c.forgetting.wikitext2 = ""
     c.forgetting.wikitext2_max_tokens = 0  # 0: the whole test set; else its first N tokens (a faster probe)
@@ -108,9 +131,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if config.strategy not in STRATEGIES:
         raise ValueError(f"config.strategy: unknown strategy {config.strategy!r}; expected one of {STRATEGIES}")
-    if config.strategy == "lora" and config.task == "text_classification":
+    if config.strategy == "lora" and config.task in ("text_classification", "image_classification"):
         raise ValueError("config.strategy: lora is implemented for decoder tasks (language_modeling, sft); "
-                         "use head, partial or full for text_classification")
+                         f"use head, partial or full for {config.task}")
     if config.task not in TASKS:
         raise ValueError(f"config.task: unknown task {config.task!r}; expected one of {TASKS}")
     if config.dtype not in DTYPES:
@@ -147,6 +170,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.nan_policy: {config.nan_policy!r} is not stop or skip")
     if config.early_stopping.mode not in ("max", "min"):
         raise ValueError(f"config.early_stopping.mode: {config.early_stopping.mode!r} is not max or min")
+    _validate_images(config)
     if not config.data.train:
         raise ValueError("config.data.train: no training data given")
     if not config.data.eval:
@@ -154,6 +178,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if max(config.buckets) < config.max_length:
         raise ValueError(f"config.buckets: the largest bucket {max(config.buckets)} is below "
                          f"max_length={config.max_length}")
+
+
+def _validate_images(config: ml_collections.ConfigDict) -> None:
+    image = config.image
+    if len(image.mean) != 3 or len(image.std) != 3 or min(image.std) <= 0:
+        raise ValueError(f"config.image.mean / std: three values each, std > 0; got {tuple(image.mean)}, "
+                         f"{tuple(image.std)}")
+    if image.crop_padding < 0:
+        raise ValueError(f"config.image.crop_padding: must be >= 0, got {image.crop_padding}")
+    if config.forgetting.images and config.task != "image_classification":
+        raise ValueError("config.forgetting.images: the image forgetting probe needs task='image_classification'")
+    if config.task == "image_classification" and config.model == "vit-scratch":
+        from sft_jax.models.vit import ViTConfig
+
+        try:
+            ViTConfig(**config.vit.to_dict())
+        except ValueError as e:
+            raise ValueError(f"config.vit: {e}") from None
+        if min(v for k, v in config.vit.items() if not k.endswith("dropout_prob")) <= 0:
+            raise ValueError(f"config.vit: sizes must be positive, got {config.vit.to_dict()}")
 
 
 def _check_keys(config, reference, prefix: str) -> None:

@@ -8,8 +8,12 @@ import optax
 
 
 def classification_loss(model, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]:
-    """Mean cross-entropy over real examples (batch["weights"] is 0 on padding rows)."""
-    logits = model(batch["input_ids"], batch["attention_mask"], dropout_rng=rng).astype(jnp.float32)
+    """Mean cross-entropy over real examples (batch["weights"] is 0 on padding rows); the batch holds texts
+    (input_ids, attention_mask) or images (pixel_values)."""
+    if "pixel_values" in batch:
+        logits = model(batch["pixel_values"], dropout_rng=rng).astype(jnp.float32)
+    else:
+        logits = model(batch["input_ids"], batch["attention_mask"], dropout_rng=rng).astype(jnp.float32)
     labels, weights = batch["labels"], batch["weights"]
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     count = jnp.sum(weights)

@@ -37,7 +37,8 @@ def summary(results: dict, workdir: str) -> str:
     """The figures a researcher looks at first; everything is in WORKDIR/results.json."""
     keys = ["eval/accuracy", "eval/f1", "eval/loss", "eval/perplexity", "eval/rouge1", "eval/rougeL", "eval/bleu",
             "eval/exact_match", "forgetting/stsb_spearman/before", "forgetting/stsb_spearman/after",
-            "forgetting/wikitext2_ppl/before", "forgetting/wikitext2_ppl/after", "trainable_params", "total_params",
+            "forgetting/wikitext2_ppl/before", "forgetting/wikitext2_ppl/after", "forgetting/source_accuracy/before",
+            "forgetting/source_accuracy/after", "trainable_params", "total_params",
             "best_step", "train/examples_per_s", "train/tokens_per_s"]
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {results[k]:.4f}" if isinstance(results[k], float) else f"{k:<{width}}  {results[k]}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ from flax import nnx
 from sft_jax import optim, sharding, strategies
 from sft_jax.checkpoint import Checkpoints
 from sft_jax.config_defaults import validate
-from sft_jax.data import batching
+from sft_jax.data import batching, images
 from sft_jax.data import lm as lm_data
 from sft_jax.data import sft as sft_data
 from sft_jax.data.sources import DataError, read_classification
@@ -28,13 +29,15 @@ from sft_jax.models.classifier import EncoderClassifier, bert_layout
 from sft_jax.models.finetuned import build_lm, decoder_layout
 from sft_jax.models.loading.hf import load_bert, load_bert_config, load_tokenizer
 from sft_jax.models.loading.lm import load_lm_tokenizer
+from sft_jax.models import vision
 from sft_jax.models.registry import resolve_model_dir
+from sft_jax.models.vit import ImageClassifier, vit_layout
 from sft_jax.state import ModelDef, TrainState, count_params, params_fingerprint
 from sft_jax.train_step import make_eval_step, make_train_step
 
 LABELS_FILE = "labels.json"
 # Changing these between runs on one workdir would resume a different experiment.
-INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora")
+INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora", "vit")
 
 
 class Task:
@@ -70,24 +73,35 @@ def _check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
                          "use a new workdir")
 
 
+def label_vocab(config, workdir: str, train_examples) -> batching.LabelVocab:
+    """The labels found in the training data; on resume they must equal those saved in the workdir."""
+    found = batching.LabelVocab.from_examples(train_examples)
+    labels_path = os.path.join(workdir, LABELS_FILE)
+    if not os.path.exists(labels_path):
+        return found
+    vocab = batching.LabelVocab.load(labels_path)
+    if vocab.labels != found.labels:
+        raise DataError(f"{config.data.train}: labels {found.labels} differ from {vocab.labels} saved in "
+                        f"{labels_path}; use a new workdir")
+    return vocab
+
+
+def subsample(train_examples: list, config) -> list:
+    """The first `data.max_train_examples` after a seeded shuffle (all when 0), in their original order."""
+    if not config.data.max_train_examples:
+        return train_examples
+    keep = np.random.default_rng(config.seed).permutation(len(train_examples))[: config.data.max_train_examples]
+    return [train_examples[i] for i in sorted(keep)]
+
+
 def load_data(config, workdir: str, tokenizer, max_length: int):
     """Reads and tokenizes train and eval data; the label vocabulary comes from train (or the workdir)."""
     train_ex = read_classification(config.data.train, text_field=config.data.text_field,
                                    label_field=config.data.label_field, data_dir=config.data.tfds_data_dir)
     eval_ex = read_classification(config.data.eval, text_field=config.data.text_field,
                                   label_field=config.data.label_field, data_dir=config.data.tfds_data_dir)
-    found = batching.LabelVocab.from_examples(train_ex)
-    labels_path = os.path.join(workdir, LABELS_FILE)
-    if os.path.exists(labels_path):
-        vocab = batching.LabelVocab.load(labels_path)
-        if vocab.labels != found.labels:
-            raise DataError(f"{config.data.train}: labels {found.labels} differ from {vocab.labels} saved in "
-                            f"{labels_path}; use a new workdir")
-    else:
-        vocab = found
-    if config.data.max_train_examples:
-        keep = np.random.default_rng(config.seed).permutation(len(train_ex))[: config.data.max_train_examples]
-        train_ex = [train_ex[i] for i in sorted(keep)]
+    vocab = label_vocab(config, workdir, train_ex)
+    train_ex = subsample(train_ex, config)
     # Encoding the eval set first checks its labels before any time is spent on training.
     too_long = config.data.too_long
     eval_ds = batching.encode_classification(eval_ex, tokenizer, vocab, max_length, too_long)
@@ -95,10 +109,10 @@ def load_data(config, workdir: str, tokenizer, max_length: int):
     return vocab, train_ds, eval_ds
 
 
-def evaluate(eval_fn, params, eval_ds, config, pad_id: int, num_labels: int) -> dict[str, float]:
+def evaluate(eval_fn, params, eval_ds, config, pad_id: int, num_labels: int, collate=None) -> dict[str, float]:
     preds = np.zeros(len(eval_ds), np.int32)
     loss_sum = 0.0
-    for idx, batch in batching.eval_batches(eval_ds, config.eval_batch_size, config.buckets, pad_id):
+    for idx, batch in batching.eval_batches(eval_ds, config.eval_batch_size, config.buckets, pad_id, collate):
         aux = jax.device_get(eval_fn(params, batch))
         preds[idx] = aux["predictions"][: len(idx)]
         loss_sum += float(aux["loss_sum"])
@@ -146,6 +160,71 @@ class ClassificationRun:
             return {}
         return {"stsb_spearman": stsb_spearman(lambda i, m: self._embed(params, i, m), self.tokenizer,
                                                self.config.forgetting.stsb)}
+
+
+class ImageClassificationRun:
+    """Image classification with a ViT (see `sft_jax.models.vision` for what `config.model` may be) and the
+    forgetting probe: source-task accuracy with the model's original head on the current backbone."""
+
+    metrics = ClassificationRun.metrics
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        self.config = config
+        d = config.data
+        read = functools.partial(images.read_image_records, image_field=d.image_field, label_field=d.label_field,
+                                 data_dir=d.tfds_data_dir, classes=tuple(d.classes))
+        train_records, eval_records = read(d.train), read(d.eval)
+        self.vocab = label_vocab(config, workdir, train_records)
+        train_records = subsample(train_records, config)
+        dtype = jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+        spec = vision.resolve_image_model(config.model, config.vit, config.image, dtype)
+        size = spec.vit_config.image_size
+        # Eval first: its labels are checked before any time is spent decoding the training images.
+        self.eval_ds = images.load_images(eval_records, self.vocab, size)
+        self.train_ds = images.load_images(train_records, self.vocab, size)
+        self.collate = images.image_collate(spec.mean, spec.std)
+        vit, source = vision.load_backbone(spec, config.seed)
+        self.source, self.source_ds = source, None
+        if config.forgetting.images:
+            if source is None:
+                raise ValueError(f"config.forgetting.images: {config.model} has no classification head of its "
+                                 "own to probe; give the workdir of an image run or a ViTForImageClassification")
+            records = images.read_image_records(config.forgetting.images, image_field=d.image_field,
+                                                label_field=d.label_field, data_dir=d.tfds_data_dir,
+                                                classes=tuple(source.labels))
+            self.source_ds = images.load_images(records, batching.LabelVocab(source.labels), size)
+            probe = ImageClassifier(vit, len(source.labels), pooling=source.pooling, rngs=nnx.Rngs(0))
+            self._source_def = ModelDef.split(probe)[0]
+            self._source_eval = make_eval_step(self._source_def, classification_loss)
+        module = vision.build_classifier(vit, self.vocab.labels, source, pooling=config.pooling,
+                                         dropout=config.head_dropout, seed=config.seed)
+        self.vocab.save(os.path.join(workdir, LABELS_FILE))
+        self.model_def, self.params = ModelDef.split(module)
+        self.layout = vit_layout(spec.vit_config.num_hidden_layers)
+        self.loss_fn = classification_loss
+        self.pad_id = 0
+        self.batches = images.ImageTrainBatches(self.train_ds, config.batch_size, config.seed, mean=spec.mean,
+                                                std=spec.std, crop_padding=config.image.crop_padding,
+                                                flip=config.image.flip)
+        self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
+                        "num_labels": len(self.vocab), "image_size": size}
+        if self.source_ds is not None:
+            self.summary["source_eval_examples"] = len(self.source_ds)
+
+    def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
+        return evaluate(eval_fn, params, self.eval_ds, self.config, self.pad_id, len(self.vocab), self.collate)
+
+    train_metrics = staticmethod(ClassificationRun.train_metrics)
+
+    def probes(self, params) -> dict[str, float]:
+        if self.source_ds is None:
+            return {}
+        # The fine-tuned backbone under the source head (a fresh head of this run is set aside).
+        probe = {k: v for k, v in params.items() if not k.startswith("head/")}
+        probe.update({"head/kernel": jnp.asarray(self.source.kernel), "head/bias": jnp.asarray(self.source.bias)})
+        ev = evaluate(self._source_eval, probe, self.source_ds, self.config, self.pad_id, len(self.source.labels),
+                      self.collate)
+        return {"source_accuracy": ev["eval/accuracy"]}
 
 
 def sft_fields(config) -> sft_data.Fields:
@@ -277,9 +356,14 @@ class LanguageModelRun:
         return {"wikitext2_ppl": r["token_perplexity"], "wikitext2_word_ppl": r["word_perplexity"]}
 
 
-RUNS = {"text_classification": ClassificationRun, "language_modeling": LanguageModelRun, "sft": LanguageModelRun}
+RUNS = {"text_classification": ClassificationRun, "language_modeling": LanguageModelRun, "sft": LanguageModelRun,
+        "image_classification": ImageClassificationRun}
+# The model family's FSDP / tensor-parallel layout (sharding_preset=auto); the small ViTs stay replicated.
+_SHARDING_PRESETS = {"text_classification": sharding.BERT_RULES, "language_modeling": sharding.DECODER_RULES,
+                     "sft": sharding.DECODER_RULES, "image_classification": ()}
 # How forgetting is summarised: (name of the summary, sign of (after - before) that means "forgot").
-_FORGETTING = {"stsb_spearman": ("drop", -1.0), "wikitext2_ppl": ("rise", 1.0), "wikitext2_word_ppl": ("rise", 1.0)}
+_FORGETTING = {"stsb_spearman": ("drop", -1.0), "wikitext2_ppl": ("rise", 1.0), "wikitext2_word_ppl": ("rise", 1.0),
+               "source_accuracy": ("drop", -1.0)}
 
 
 class _Preemption:
@@ -381,7 +465,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = tuple(config.sharding_rules)
     if not rules and config.sharding_preset == "auto":  # the model family's FSDP / tensor-parallel layout
-        rules = sharding.BERT_RULES if config.task == "text_classification" else sharding.DECODER_RULES
+        rules = _SHARDING_PRESETS[config.task]
     p_shard = sharding.param_shardings(run.model_def.names, mesh, rules,
                                        shapes={k: v.shape for k, v in run.params.items()})
     b_shard = sharding.batch_sharding(mesh)
@@ -494,8 +578,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     "params_fingerprint": params_fingerprint(state.params),
                     "best_params_fingerprint": params_fingerprint(best_params)})
     if examples:
-        results.update({"train/examples_per_s": examples / train_seconds, "train/tokens_per_s": tokens / train_seconds,
-                        "train/wall_time_s": elapsed})
+        results.update({"train/examples_per_s": examples / train_seconds, "train/wall_time_s": elapsed})
+        if tokens:  # texts only
+            results["train/tokens_per_s"] = tokens / train_seconds
     with open(os.path.join(workdir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     writer.close()

@@ -25,7 +25,7 @@ class Example:
     where: str
 
 
-def _label_to_str(value: object, where: str, field: str) -> str:
+def label_to_str(value: object, where: str, field: str) -> str:
     # bool is an int subclass but `true` as a class label is almost certainly a mistake.
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise DataError(f"{where}: field {field!r} must be a string or an int, got {type(value).__name__}")
@@ -46,7 +46,7 @@ def _make_example(record: dict, where: str, text_field: str, label_field: str) -
         raise DataError(f"{where}: field {text_field!r} must be a string, got {type(text).__name__}")
     if not text.strip():
         raise DataError(f"{where}: field {text_field!r} is empty")
-    return Example(text=text, label=_label_to_str(record[label_field], where, label_field), where=where)
+    return Example(text=text, label=label_to_str(record[label_field], where, label_field), where=where)
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
@@ -111,7 +111,8 @@ def _utf8_error(path: str) -> str:
     return f"{path}: not valid UTF-8"
 
 
-def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | None) -> Iterator[Example]:
+def open_tfds(spec: str, data_dir: str | None):
+    """A random-access TFDS source for `tfds:NAME[:SPLIT]` (split "train" by default), never downloading."""
     import tensorflow_datasets as tfds  # imported lazily: slow to import and only needed here
 
     parts = spec.split(":", 2)  # a split may itself hold colons: "train[:10%]"
@@ -119,10 +120,25 @@ def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | Non
         raise DataError(f"{spec}: expected tfds:NAME[:SPLIT]")
     name, split = parts[1], parts[2] if len(parts) == 3 else "train"
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     except Exception as e:  # tfds raises many types; all mean "not available here"
         first_line = (str(e).strip().splitlines() or [""])[0]  # not found: then lists every TFDS dataset
         raise DataError(f"{spec}: cannot open TFDS dataset ({type(e).__name__}: {first_line})") from None
+
+
+def tfds_label(record: dict, label_field: str, names, where: str):
+    """A ClassLabel id -> its name (other labels as they are)."""
+    label = record.get(label_field)
+    if names is not None and label is not None and not isinstance(label, str):
+        label = int(label)
+        if not 0 <= label < len(names):  # e.g. GLUE test splits use -1 for "no label"
+            raise DataError(f"{where}: label {label} outside the dataset's classes {names}")
+        return names[label]
+    return label
+
+
+def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | None) -> Iterator[Example]:
+    source = open_tfds(spec, data_dir)
     features = source.dataset_info.features
     # GLUE-style datasets call the text "sentence"; accept it when "text" is configured.
     if text_field not in features and text_field == "text" and "sentence" in features:
@@ -131,12 +147,7 @@ def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | Non
     names = getattr(label_feature, "names", None)
     for i in range(len(source)):
         record = dict(source[i])
-        label = record.get(label_field)
-        if names is not None and label is not None and not isinstance(label, str):
-            label = int(label)
-            if not 0 <= label < len(names):  # e.g. GLUE test splits use -1 for "no label"
-                raise DataError(f"{spec}:{i}: label {label} outside the dataset's classes {names}")
-            record[label_field] = names[label]
+        record[label_field] = tfds_label(record, label_field, names, f"{spec}:{i}")
         yield _make_example(record, f"{spec}:{i}", text_field, label_field)
 
 

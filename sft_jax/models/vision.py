@@ -1,0 +1,126 @@
+"""What `config.model` means for image classification, and building the classifier it names.
+
+`config.model` is one of:
+  - `vit-scratch`: a randomly initialised ViT sized by `config.vit.*` (to pre-train a base where no weights exist);
+  - a Hugging Face ViT directory (or hub id): its encoder, normalisation from `preprocessor_config.json`,
+    and for `ViTForImageClassification` its head and labels;
+  - the workdir of an earlier sft_jax image run: its best checkpoint, labels and normalisation.
+A head and labels that come with the model form its *source head*: kept when the run's labels are the same,
+and otherwise the original head of the forgetting probe (accuracy on the source classes before and after).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sft_jax.models.vit import ImageClassifier, ViT, ViTConfig
+
+VIT_SCRATCH = "vit-scratch"
+_RUN_FILES = ("config.json", "labels.json", "checkpoints")
+
+
+@dataclasses.dataclass
+class SourceHead:
+    """The classification head a model came with: its labels, pooling and weights."""
+
+    labels: list[str]
+    pooling: str
+    kernel: np.ndarray
+    bias: np.ndarray
+
+
+@dataclasses.dataclass
+class ImageModelSpec:
+    """A resolved `config.model`: architecture and normalisation, without weights."""
+
+    kind: str  # "scratch" | "hf" | "run"
+    path: str
+    vit_config: ViTConfig
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    run_config: dict | None = None  # kind == "run": the earlier run's config.json
+
+
+def is_run_workdir(path: str) -> bool:
+    """An sft_jax workdir (config.json, labels.json, checkpoints/), as opposed to a HF model directory."""
+    return os.path.isdir(path) and all(os.path.exists(os.path.join(path, f)) for f in _RUN_FILES)
+
+
+def resolve_image_model(model: str, vit: Mapping[str, Any], image: Mapping[str, Any],
+                        dtype: Any = jnp.float32) -> ImageModelSpec:
+    """Architecture and normalisation of `model` (see the module doc); `vit` and `image` are the config's
+    `vit.*` and `image.*` (sizes for `vit-scratch`; mean/std when the checkpoint has none)."""
+    default_norm = tuple(image["mean"]), tuple(image["std"])
+    if model == VIT_SCRATCH:
+        return ImageModelSpec("scratch", model, ViTConfig(**dict(vit), dtype=dtype), *default_norm)
+    if is_run_workdir(model):
+        with open(os.path.join(model, "config.json")) as f:
+            run = json.load(f)
+        if run.get("task") != "image_classification":
+            raise ValueError(f"{model}: a workdir of a {run.get('task')!r} run, not of an image_classification run")
+        # The earlier run resolved its own model the same way; its normalisation is the one its weights know.
+        inner = resolve_image_model(run["model"], run["vit"], run["image"], dtype)
+        return ImageModelSpec("run", model, inner.vit_config, inner.mean, inner.std, run_config=run)
+    from sft_jax.models.loading.vit import image_normalisation, read_vit_config
+    from sft_jax.models.registry import resolve_model_dir
+
+    model_dir = str(resolve_model_dir(model))
+    config, _ = read_vit_config(model_dir, dtype=dtype)
+    return ImageModelSpec("hf", model_dir, config, *(image_normalisation(model_dir) or default_norm))
+
+
+def _restore_run(spec: ImageModelSpec, seed: int) -> tuple[ImageClassifier, SourceHead]:
+    from sft_jax.checkpoint import Checkpoints
+    from sft_jax.state import ModelDef
+
+    with open(os.path.join(spec.path, "labels.json")) as f:
+        labels = json.load(f)["labels"]
+    run = spec.run_config
+    module = ImageClassifier(ViT(spec.vit_config, rngs=nnx.Rngs(seed)), len(labels), pooling=run["pooling"],
+                             dropout=run["head_dropout"], rngs=nnx.Rngs(seed))
+    model_def, params = ModelDef.split(module)
+    ckpt = Checkpoints(spec.path)
+    try:
+        try:
+            params, _ = ckpt.restore_params(params, "best")
+        except FileNotFoundError:
+            params, _ = ckpt.restore_params(params, "latest")
+    finally:
+        ckpt.close()
+    head = SourceHead(labels, run["pooling"], np.asarray(params["head/kernel"]), np.asarray(params["head/bias"]))
+    return model_def.merge(params), head
+
+
+def load_backbone(spec: ImageModelSpec, seed: int = 0) -> tuple[ViT, SourceHead | None]:
+    """The ViT of `spec` with its weights (random for `vit-scratch`) and its source head, if any."""
+    if spec.kind == "scratch":
+        return ViT(spec.vit_config, rngs=nnx.Rngs(seed)), None
+    if spec.kind == "run":
+        classifier, head = _restore_run(spec, seed)
+        return classifier.vit, head
+    from sft_jax.models.loading.hf import read_weights
+    from sft_jax.models.loading.vit import load_vit, load_vit_head
+
+    weights = read_weights(spec.path)
+    vit, _ = load_vit(spec.path, dtype=spec.vit_config.dtype, weights=weights)
+    found = load_vit_head(spec.path, weights)
+    head = None if found is None else SourceHead(found[1], "cls", found[0]["kernel"], found[0]["bias"])
+    return vit, head
+
+
+def build_classifier(vit: ViT, labels: list[str], source: SourceHead | None, *, pooling: str, dropout: float,
+                     seed: int) -> ImageClassifier:
+    """`vit` with a head for `labels`: the source head when its labels and pooling are the same, else fresh."""
+    module = ImageClassifier(vit, len(labels), pooling=pooling, dropout=dropout, rngs=nnx.Rngs(seed))
+    if source is not None and source.labels == list(labels) and source.pooling == pooling:
+        module.head.kernel.value = jnp.asarray(source.kernel)
+        module.head.bias.value = jnp.asarray(source.bias)
+    return module
