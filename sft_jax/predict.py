@@ -2,6 +2,7 @@
 
     python -m sft_jax.predict --workdir=DIR --text="a gorgeous film" [--text=...]
     python -m sft_jax.predict --workdir=DIR --input=FILE.jsonl   # records with a "text" field
+    python -m sft_jax.predict --workdir=DIR --image=dog.jpg [--image=...]   # an image_classification run
 
 Prints one JSON line per text: the predicted label, its probability, and every label's probability.
 """
@@ -14,11 +15,12 @@ import sys
 
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) fine-tuning run.")
 flags.DEFINE_multi_string("text", [], "Text to classify (repeatable).")
 flags.DEFINE_string("input", None, "A .jsonl file of records with a 'text' field.")
+flags.DEFINE_multi_string("image", [], "Image file to classify (repeatable; image_classification runs).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to use.")
 flags.mark_flag_as_required("workdir")
 FLAGS = flags.FLAGS
@@ -66,6 +68,33 @@ class Predictor:
         return out
 
 
+class ImagePredictor:
+    """Loads an image run's classifier once; `predict(paths)` returns per-image label probabilities."""
+
+    def __init__(self, workdir: str, checkpoint: str = "best"):
+        import jax
+
+        from sft_jax.models.vision import load_image_run
+
+        self.model, head, self.spec = load_image_run(workdir, checkpoint)
+        self.labels = head.labels
+        self._probs = jax.jit(lambda x: jax.nn.softmax(self.model(x), axis=-1))
+
+    def predict(self, paths: list[str]) -> list[dict]:
+        from sft_jax.data import images
+
+        size = self.spec.vit_config.image_size
+        pixels = images.normalise(np.stack([images.decode_image(p, size, p) for p in paths]), self.spec.mean,
+                                  self.spec.std)
+        probs = np.asarray(self._probs(pixels))
+        out = []
+        for path, p in zip(paths, probs):
+            best = int(np.argmax(p))
+            out.append({"image": path, "label": self.labels[best], "probability": float(p[best]),
+                        "probabilities": {label: float(q) for label, q in zip(self.labels, p)}})
+        return out
+
+
 def _read_texts(path: str) -> list[str]:
     from sft_jax.data.sources import DataError, iter_jsonl
 
@@ -78,8 +107,13 @@ def _read_texts(path: str) -> list[str]:
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     texts = list(FLAGS.text) + [a for a in argv[1:]]
     try:
+        if FLAGS.image:
+            for row in ImagePredictor(FLAGS.workdir, FLAGS.checkpoint).predict(list(FLAGS.image)):
+                print(json.dumps(row))
+            return
         if FLAGS.input:
             if not os.path.exists(FLAGS.input):
                 raise FileNotFoundError(f"{FLAGS.input}: file not found")

@@ -169,6 +169,18 @@ def test_image_run_outputs(base_run):
     assert json.loads((workdir / "config.json").read_text())["task"] == "image_classification"
 
 
+def test_predict_images(base_run, image_data):
+    from sft_jax.predict import ImagePredictor
+
+    workdir, _, _ = base_run
+    folder, _ = image_data
+    paths = [str(folder / "red" / "009.png"), str(folder / "green" / "009.png")]  # not trained on
+    rows = ImagePredictor(str(workdir)).predict(paths)
+    assert [r["label"] for r in rows] == ["red", "green"]
+    assert set(rows[0]["probabilities"]) == {"green", "red"}
+    assert abs(sum(rows[0]["probabilities"].values()) - 1.0) < 1e-5
+
+
 @pytest.mark.parametrize("strategy", ["head", "partial"])
 def test_transfer_from_a_run_workdir_with_forgetting_probe(base_run, image_data, image_config, tmp_path, strategy):
     """Fine-tuning the base on red/blue: its backbone is loaded, and the forgetting probe scores red/green with

@@ -84,3 +84,40 @@ def test_missing_and_misshaped_weights_named(vit_dirs, tmp_path):
     assert message.startswith(f"{tmp_path}: cannot load ViT weights")
     assert "missing keys: encoder.layer.1.output.dense.weight" in message
     assert "layernorm.bias: checkpoint (7,), expected (32,)" in message
+
+
+def test_hf_classifier_as_model_of_a_run(vit_dirs, image_config, tmp_path):
+    """config.model = a ViTForImageClassification directory: normalisation from its preprocessor_config.json,
+    and its own head (labels cat/dog/fox) scores the forgetting data exactly as transformers does."""
+    import torch
+    from PIL import Image
+
+    from sft_jax.train import train_and_evaluate
+
+    out, _, cls = vit_dirs
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.25]
+    (out / "cls" / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    names = ["cat", "dog", "fox", "red", "blue"]
+    labels = [names[i % 3] for i in range(6)] + [names[3 + i % 2] for i in range(6)]
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / f"{i}.png")
+    for name, rows in (("source", range(6)), ("target", range(6, 12))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"image": f"{i}.png", "label": labels[i]}) + "\n" for i in rows))
+    with torch.no_grad():
+        x = (pixels[:6] / 255.0 - np.array(mean)) / np.array(std)
+        logits = cls(pixel_values=torch.from_numpy(x.transpose(0, 3, 1, 2)).float()).logits.numpy()
+    expected = float(np.mean(np.array(["cat", "dog", "fox"])[logits.argmax(-1)] == np.array(labels[:6])))
+
+    config = image_config(str(tmp_path / "target.jsonl"), str(tmp_path / "target.jsonl"))
+    config.model = str(out / "cls")
+    config.strategy, config.pooling = "head", "cls"
+    config.max_steps = config.eval_every = config.checkpoint_every = 2
+    config.forgetting.images = str(tmp_path / "source.jsonl")
+    results = train_and_evaluate(config, str(tmp_path / "run"))
+    assert results["image_size"] == 16 and results["num_labels"] == 2
+    assert results["trainable_params"] == 32 * 2 + 2  # a fresh head for blue/red
+    assert abs(results["forgetting/source_accuracy/before"] - expected) < 1e-9
+    assert results["forgetting/source_accuracy/after"] == results["forgetting/source_accuracy/before"]

@@ -77,26 +77,33 @@ def resolve_image_model(model: str, vit: Mapping[str, Any], image: Mapping[str, 
     return ImageModelSpec("hf", model_dir, config, *(image_normalisation(model_dir) or default_norm))
 
 
-def _restore_run(spec: ImageModelSpec, seed: int) -> tuple[ImageClassifier, SourceHead]:
+def load_image_run(workdir: str, which: str = "best", *, seed: int = 0
+                   ) -> tuple[ImageClassifier, SourceHead, ImageModelSpec]:
+    """The classifier of an image run's workdir with its `which` checkpoint ("best", falling back to
+    "latest" while a run has not evaluated yet), its head and labels, and its resolved spec."""
     from sft_jax.checkpoint import Checkpoints
     from sft_jax.state import ModelDef
 
-    with open(os.path.join(spec.path, "labels.json")) as f:
+    if not is_run_workdir(workdir):
+        raise FileNotFoundError(f"{workdir}: not the workdir of a run (needs {', '.join(_RUN_FILES)})")
+    with open(os.path.join(workdir, "config.json")) as f:
+        run = json.load(f)
+    spec = resolve_image_model(workdir, run["vit"], run["image"])
+    with open(os.path.join(workdir, "labels.json")) as f:
         labels = json.load(f)["labels"]
-    run = spec.run_config
     module = ImageClassifier(ViT(spec.vit_config, rngs=nnx.Rngs(seed)), len(labels), pooling=run["pooling"],
                              dropout=run["head_dropout"], rngs=nnx.Rngs(seed))
     model_def, params = ModelDef.split(module)
-    ckpt = Checkpoints(spec.path)
+    ckpt = Checkpoints(workdir)
     try:
         try:
-            params, _ = ckpt.restore_params(params, "best")
+            params, _ = ckpt.restore_params(params, which)
         except FileNotFoundError:
             params, _ = ckpt.restore_params(params, "latest")
     finally:
         ckpt.close()
     head = SourceHead(labels, run["pooling"], np.asarray(params["head/kernel"]), np.asarray(params["head/bias"]))
-    return model_def.merge(params), head
+    return model_def.merge(params), head, spec
 
 
 def load_backbone(spec: ImageModelSpec, seed: int = 0) -> tuple[ViT, SourceHead | None]:
@@ -104,7 +111,7 @@ def load_backbone(spec: ImageModelSpec, seed: int = 0) -> tuple[ViT, SourceHead 
     if spec.kind == "scratch":
         return ViT(spec.vit_config, rngs=nnx.Rngs(seed)), None
     if spec.kind == "run":
-        classifier, head = _restore_run(spec, seed)
+        classifier, head, _ = load_image_run(spec.path, seed=seed)
         return classifier.vit, head
     from sft_jax.models.loading.hf import read_weights
     from sft_jax.models.loading.vit import load_vit, load_vit_head
