@@ -69,3 +69,17 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def restore_run_params(workdir: str, target_params: dict, which: str = "best") -> dict:
+    """The parameters of a run's `which` checkpoint ("best" falls back to "latest" for a run that has not
+    evaluated yet), in the shapes of `target_params`."""
+    ckpt = Checkpoints(workdir)
+    try:
+        try:
+            params, _ = ckpt.restore_params(target_params, which)
+        except FileNotFoundError:
+            params, _ = ckpt.restore_params(target_params, "latest")
+    finally:
+        ckpt.close()
+    return params

@@ -74,3 +74,39 @@ def test_bad_image_stops_the_run_before_training(image_config, tmp_path):
     assert str(info.value).startswith(f"{BAD}/image_truncated.jsonl:3: {IMAGES}/truncated.jpg: cannot decode image")
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").rglob("*"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"vit.hidden_size": 15}, "config.vit: hidden_size 15 is not a multiple of num_attention_heads 2"),
+    ({"vit.image_size": 10}, "config.vit: image_size 10 is not a multiple of patch_size 4"),
+    ({"vit.num_hidden_layers": 0}, "config.vit: sizes must be positive"),
+    ({"image.std": (0.5, 0.0, 0.5)}, "config.image.mean / std: three values each, std > 0"),
+    ({"image.mean": (0.5, 0.5)}, "config.image.mean / std: three values each, std > 0"),
+    ({"image.crop_padding": -1}, "config.image.crop_padding: must be >= 0, got -1"),
+    ({"strategy": "lora"}, "config.strategy: lora is implemented for decoder tasks"),
+    ({"task": "text_classification", "forgetting.images": "x.jsonl"},
+     "config.forgetting.images: the image forgetting probe needs task='image_classification'"),
+])
+def test_invalid_image_config_values(image_config, overrides, expected):
+    from sft_jax.config_defaults import validate
+
+    config = image_config("train.jsonl", "eval.jsonl")
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    with pytest.raises(ValueError) as info:
+        validate(config)
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_unknown_image_config_key(image_config):
+    from sft_jax.config_defaults import validate
+
+    config = image_config("train.jsonl", "eval.jsonl")
+    config.image.unlock()
+    config.image.flipp = True
+    with pytest.raises(ValueError, match="unknown config key 'image.flipp'"):
+        validate(config)

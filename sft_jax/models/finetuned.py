@@ -39,7 +39,7 @@ def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
     A `strategy=lora` run comes back with its adapters (`.../lora_a`, `.../lora_b`) as trained; with
     `merge=True` they are folded into the kernels, giving a plain `DecoderLM` (faster to generate with).
     """
-    from sft_jax.checkpoint import Checkpoints
+    from sft_jax.checkpoint import restore_run_params
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -49,14 +49,7 @@ def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
     lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
                           seed=run.get("seed", 0))
     model_def, params = ModelDef.split(lm)
-    ckpt = Checkpoints(workdir)
-    try:
-        try:
-            params, _ = ckpt.restore_params(params, which)
-        except FileNotFoundError:
-            params, _ = ckpt.restore_params(params, "latest")
-    finally:
-        ckpt.close()
+    params = restore_run_params(workdir, params, which)
     lm = model_def.merge(params)
     return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"])
 

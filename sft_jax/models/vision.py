@@ -81,7 +81,7 @@ def load_image_run(workdir: str, which: str = "best", *, seed: int = 0
                    ) -> tuple[ImageClassifier, SourceHead, ImageModelSpec]:
     """The classifier of an image run's workdir with its `which` checkpoint ("best", falling back to
     "latest" while a run has not evaluated yet), its head and labels, and its resolved spec."""
-    from sft_jax.checkpoint import Checkpoints
+    from sft_jax.checkpoint import restore_run_params
     from sft_jax.state import ModelDef
 
     if not is_run_workdir(workdir):
@@ -94,14 +94,7 @@ def load_image_run(workdir: str, which: str = "best", *, seed: int = 0
     module = ImageClassifier(ViT(spec.vit_config, rngs=nnx.Rngs(seed)), len(labels), pooling=run["pooling"],
                              dropout=run["head_dropout"], rngs=nnx.Rngs(seed))
     model_def, params = ModelDef.split(module)
-    ckpt = Checkpoints(workdir)
-    try:
-        try:
-            params, _ = ckpt.restore_params(params, which)
-        except FileNotFoundError:
-            params, _ = ckpt.restore_params(params, "latest")
-    finally:
-        ckpt.close()
+    params = restore_run_params(workdir, params, which)
     head = SourceHead(labels, run["pooling"], np.asarray(params["head/kernel"]), np.asarray(params["head/bias"]))
     return model_def.merge(params), head, spec
 
