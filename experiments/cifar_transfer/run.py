@@ -39,6 +39,7 @@ def plot(rows: list[dict], base: dict, path: str) -> None:
         if name != "scratch":
             right.plot(budgets, [100 * r["forgetting/source_accuracy/after"] for r in runs], marker="o", label=name)
     right.axhline(100 * base["eval/accuracy"], color="grey", linestyle=":", label="base (before)")
+    right.axhline(20, color="black", linestyle=":", linewidth=0.8, label="chance (5 classes)")
     budgets = sorted({r["per_class"] for r in rows})
     for ax, title in ((left, "target: 5 new classes"), (right, "source: 5 pre-training classes, original head")):
         ax.set_xscale("log")
@@ -61,9 +62,18 @@ def write_report(rows: list[dict], base: dict, command: str, wall_s: float) -> N
     by = {(r["strategy"], r["per_class"]): r for r in rows}
 
     def pct(x):
-        return f"{100 * x:.1f}"
+        return f"{100 * x + 0.0:.1f}"  # + 0.0: no "-0.0"
 
     target = [[n] + [pct(by[n, b]["eval/accuracy"]) if (n, b) in by else "-" for b in budgets] for n in names]
+    tuned = [n for n in names if n != "scratch"]
+
+    def gain(b):  # best fine-tuned arm minus scratch, in points
+        done = [by[n, b]["eval/accuracy"] for n in tuned if (n, b) in by]
+        if ("scratch", b) not in by or not done:
+            return "-"
+        return f"{100 * (max(done) - by['scratch', b]['eval/accuracy']):+.1f}"
+
+    target.append(["best fine-tuned − scratch"] + [gain(b) for b in budgets])
     forget = []
     for n in names:
         if n == "scratch":
@@ -104,6 +114,18 @@ def write_report(rows: list[dict], base: dict, command: str, wall_s: float) -> N
         "",
         "![target and source accuracy](transfer.png)",
         "",
+        "Reading (of the run recorded here): the base's features carry over: with 10 images per class a linear "
+        "head on the frozen base beats "
+        "training the whole ViT from scratch, and the best fine-tuned arm stays ahead of scratch at every budget (last "
+        "row of the first table), though `full` with 10 images per class does no better than scratch. More "
+        "trainable layers pay off only with more labels (`partial` and `full` overtake "
+        "`head` at 200 per class and trail it at 10). The forgetting probe is strict: it keeps the base's head as "
+        "it was, so `head` cannot forget (its backbone is bit-identical), while `partial` and `full` move the "
+        "features under that head so far that it falls to or below chance (20%) on the source classes, even "
+        "after 60 steps on 50 images: the new-task head is what follows the moved features. The base itself is "
+        "weak (a 0.56M-parameter ViT after about seven minutes of CPU training on 4,000 images), so all absolute "
+        "numbers are low; the comparison between arms is the result.",
+        "",
         "## All runs",
         "",
         *markdown_table(["strategy", "per class", "train images", "steps", "trainable params", "target acc %",
@@ -130,7 +152,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="10,50,200", help="training images per new class")
     parser.add_argument("--strategies", default="head,partial,full")
+    parser.add_argument("--report_only", action="store_true",
+                        help="rewrite RESULTS.md and the plot from results.json (the numbers of the last run)")
     args = parser.parse_args()
+    if args.report_only:
+        with open(os.path.join(HERE, "results.json")) as f:
+            saved = json.load(f)
+        write_report(saved["runs"], saved["base"], saved["command"], saved["wall_s"])
+        return
     start = time.time()
     base_dir = os.path.join(WORKDIRS, "base")
     base = run_cli("configs/cifar_pretrain.py", base_dir)
