@@ -252,9 +252,7 @@ class LanguageModelRun:
             fields, fmt = sft_fields(config), prompt_format(config)
             self.eval_records = sft_data.read_sft(config.data.eval, fields, config.data.max_eval_examples)
             train_records = sft_data.read_sft(config.data.train, fields)
-            if config.data.max_train_examples:
-                keep = np.random.default_rng(config.seed).permutation(len(train_records))
-                train_records = [train_records[i] for i in sorted(keep[: config.data.max_train_examples])]
+            train_records = subsample(train_records, config)
             too_long = config.data.too_long
             self.eval_ds = sft_data.encode_sft(self.eval_records, self.tokenizer, fmt, config.max_length, too_long)
             self.train_ds = sft_data.encode_sft(train_records, self.tokenizer, fmt, config.max_length, too_long)
