@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "rouge-score==0.1.2",
     "sacrebleu==2.6.0",
     "matplotlib>=3.8,<4",
+    "pillow>=10,<14",  # image decoding (image_classification)
 ]
 
 EXTRAS = {
