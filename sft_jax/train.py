@@ -358,6 +358,20 @@ def _improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
+def init_state(params: dict, tx, p_shard: dict, mesh: jax.sharding.Mesh, seed: int
+               ) -> tuple[TrainState, TrainState]:
+    """The initial train state laid out over `mesh` (parameters per `p_shard`, optimizer moments following
+    their parameters) and the matching tree of shardings, for `make_train_step`."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = {k: sharding.put_global(v, p_shard[k]) for k, v in params.items()}
+    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+    state = TrainState(step=sharding.put_global(np.zeros((), np.int32), replicated), params=params,
+                       opt_state=opt_state,
+                       rng=sharding.put_global(jax.random.key_data(jax.random.key(seed)), replicated))
+    return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
     validate(config)
@@ -394,14 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     p_shard = sharding.param_shardings(run.model_def.names, mesh, rules,
                                        shapes={k: v.shape for k, v in run.params.items()})
     b_shard = sharding.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = {k: sharding.put_global(v, p_shard[k]) for k, v in run.params.items()}
-    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
-    state = TrainState(step=sharding.put_global(np.zeros((), np.int32), replicated), params=params,
-                       opt_state=opt_state,
-                       rng=sharding.put_global(jax.random.key_data(jax.random.key(config.seed)), replicated))
-    state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+    state, state_shard = init_state(run.params, tx, p_shard, mesh, config.seed)
 
     ckpt = Checkpoints(workdir)
     meta = {"best_metric": None, "best_step": None, "bad_evals": 0, "stopped_early": False}
