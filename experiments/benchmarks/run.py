@@ -40,8 +40,8 @@ SWEEPS = {  # name: (model, strategy, [(batch, seq_len), ...])
 }
 QUICK_SWEEPS = {
     "seq-minilm": ("minilm", "full", [(8, s) for s in (64, 256, 512)]),
-    "seq-smollm2": ("smollm2", "lora", [(1, s) for s in (64, 256, 1024)]),
-    "batch-minilm": ("minilm", "full", [(b, 128) for b in (4, 16, 64)]),
+    "seq-smollm2": ("smollm2", "lora", [(1, s) for s in (64, 256, 512)]),
+    "batch-minilm": ("minilm", "full", [(b, 128) for b in (4, 8, 16)]),
 }
 
 
@@ -159,6 +159,23 @@ def run_group(model: str, strategy: str, batch: int, seq_len: int, dtypes, args,
     return records
 
 
+def run_unit(unit: str, sweeps: dict, records: list, args, torch_device: str, peaks: dict, save) -> None:
+    """One main group (MODEL-STRATEGY, float32 and bfloat16) or one sweep, appended to `records`."""
+    if unit in sweeps:
+        model, strategy, points = sweeps[unit]
+        for batch, seq_len in points:
+            for rec in run_group(model, strategy, batch, seq_len, ("float32",), args, torch_device, peaks,
+                                 torch_bf16=False):
+                records.append({**rec, "case": f"{unit}:{rec['case']}", "sweep": unit})
+            save()
+        return
+    model, strategy = unit.split("-")
+    batch, seq_len = MAIN[model]
+    records += run_group(model, strategy, batch, seq_len, ("float32", "bfloat16"), args, torch_device,
+                         peaks, torch_bf16=model in args.torch_bf16.split(","))
+    save()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and sweep points (a CPU-budget run)")
@@ -203,8 +220,16 @@ def main(argv=None) -> None:
 
     measure_peaks("start")
 
-    wanted = set(args.cases.split(","))
     sweeps = QUICK_SWEEPS if args.quick else SWEEPS
+    # Units run in the order given (incremental saves: what ran first is kept if the run is cut short).
+    groups = [f"{m}-{s}" for m in MAIN for s in STRATEGIES if SUPPORTED.get((m, s), True)]
+    units = []
+    for name in args.cases.split(","):
+        expanded = groups if name == "main" else list(sweeps) if name == "sweeps" else [name]
+        for unit in expanded:
+            if unit not in groups and unit not in sweeps:
+                p.error(f"--cases: unknown case {unit!r}; expected main, sweeps, {', '.join(groups + list(sweeps))}")
+            units.append(unit)
     records, t0 = [], time.time()
     command = "python experiments/benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
@@ -221,20 +246,16 @@ def main(argv=None) -> None:
 
         write_report(records, meta, args.out)
 
-    for model, (batch, seq_len) in MAIN.items():
-        for strategy in STRATEGIES:
-            if not ({"main", f"{model}-{strategy}"} & wanted) or not SUPPORTED.get((model, strategy), True):
-                continue
-            records += run_group(model, strategy, batch, seq_len, ("float32", "bfloat16"), args, torch_device,
-                                 peaks, torch_bf16=model in args.torch_bf16.split(","))
-            save()
-    for name, (model, strategy, points) in sweeps.items():
-        if not ({"sweeps", name} & wanted):
-            continue
-        for batch, seq_len in points:
-            for rec in run_group(model, strategy, batch, seq_len, ("float32",), args, torch_device, peaks,
-                                 torch_bf16=False):
-                records.append({**rec, "case": f"{name}:{rec['case']}", "sweep": name})
+    errors = {}
+    for unit in units:
+        try:
+            run_unit(unit, sweeps, records, args, torch_device, peaks, save)
+        except Exception as e:  # noqa: BLE001 - one failing case must not lose the others' measurements
+            import traceback
+
+            traceback.print_exc()
+            errors[unit] = f"{type(e).__name__}: {e}"
+            peaks["errors"] = errors
             save()
     measure_peaks("end")
     # MFU against the final (best) peaks
