@@ -171,9 +171,12 @@ def run_unit(unit: str, sweeps: dict, records: list, args, torch_device: str, pe
         return
     model, strategy = unit.split("-")
     batch, seq_len = MAIN[model]
-    records += run_group(model, strategy, batch, seq_len, ("float32", "bfloat16"), args, torch_device,
-                         peaks, torch_bf16=model in args.torch_bf16.split(","))
-    save()
+    # SmolLM2's float32 and bfloat16 states are not held at once (memory): one group per dtype, each with
+    # its own alternating PyTorch float32 measurement.
+    for dtypes in (("float32",), ("bfloat16",)) if model == "smollm2" else (("float32", "bfloat16"),):
+        records.extend(run_group(model, strategy, batch, seq_len, dtypes, args, torch_device, peaks,
+                                 torch_bf16=model in args.torch_bf16.split(",") and "float32" in dtypes))
+        save()
 
 
 def main(argv=None) -> None:
