@@ -193,7 +193,15 @@ def main(argv=None) -> None:
     p.add_argument("--torch_bf16", default="minilm",
                    help="models (comma list, or 'none') that also get the PyTorch bfloat16 autocast reference")
     p.add_argument("--out", default=HERE, help="where results.json, RESULTS.md and plots go")
+    p.add_argument("--report_only", action="store_true",
+                   help="rewrite RESULTS.md from the results.json and meta.json in --out (no measuring)")
     args = p.parse_args(argv)
+    if args.report_only:
+        from report import write_report
+
+        with open(os.path.join(args.out, "results.json")) as f, open(os.path.join(args.out, "meta.json")) as g:
+            write_report(json.load(f), json.load(g), args.out)
+        return
     args.steps = args.steps or (1 if args.quick else 3)
     args.rounds = args.rounds or (2 if args.quick else 5)
     args.warmup = args.warmup or (1 if args.quick else 2)
