@@ -33,9 +33,10 @@ def targets(records) -> list[list]:
         cpu = full["ours_cpu_s_per_step"] / head["ours_cpu_s_per_step"]
         rows.append(["minilm head >= 3x minilm full (float32)", f"{x:.2f}x ({cpu:.2f}x in CPU s)", x >= 3.0])
     if full:
-        rows.append(["minilm full float32 MFU >= 70% of the float32 matmul peak", f"{full['mfu']:.0%}",
-                     full["mfu"] >= 0.7])
-    return [[t, m, "yes" if ok else "**no**"] for t, m, ok in rows]
+        # An MFU above 100% anywhere means the peak (measured under other jobs' load) is understated.
+        ok = "unreliable" if any(r["mfu"] > 1.0 for r in records) else full["mfu"] >= 0.7
+        rows.append(["minilm full float32 MFU >= 70% of the float32 matmul peak", f"{full['mfu']:.0%}", ok])
+    return [[t, m, ok if isinstance(ok, str) else "yes" if ok else "**no**"] for t, m, ok in rows]
 
 
 def _plot(records, out: str) -> list[str]:
@@ -112,9 +113,10 @@ def write_report(records: list[dict], meta: dict, out: str) -> None:
         lines += ["## Targets", ""] + markdown_table(["target", "measured", "met"], targets(records)) + [""]
     sweeps = [r for r in records if "sweep" in r]
     if sweeps:
-        header = ["sweep", "batch", "seq_len", "sft_jax s/step", "PyTorch s/step", "ratio", "MFU"]
+        header = ["sweep", "batch", "seq_len", "sft_jax s/step", "PyTorch s/step", "ratio", "ratio (CPU s)", "MFU"]
         rows = [[r["sweep"], r["batch"], r["seq_len"], f"{r['ours_step_s']:.3f}", f"{r['baseline_step_s']:.3f}",
-                 f"{r['ratio']:.2f}", f"{r['mfu']:.0%}"] for r in sweeps]
+                 f"{r['ratio']:.2f}", f"{r['baseline_cpu_s_per_step'] / r['ours_cpu_s_per_step']:.2f}",
+                 f"{r['mfu']:.0%}"] for r in sweeps]
         lines += ["## Step time against sequence length and batch (float32)", ""] + markdown_table(header, rows)
         lines += [""] + _plot(records, out)
     notes = os.path.join(HERE, "notes.md")
