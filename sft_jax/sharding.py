@@ -116,6 +116,43 @@ def tree_shardings(tree, params_sharding: Mapping[str, NamedSharding], mesh: Mes
     return jax.tree_util.tree_map_with_path(pick, tree)
 
 
+def process_rows(sharding: NamedSharding, global_rows: int) -> slice:
+    """The rows of a global batch that this process's devices hold under `sharding` (contiguous: the mesh
+    lists each process's devices together, as `jax.devices()` orders them)."""
+    spans = {idx[0].indices(global_rows)[:2]
+             for idx in sharding.addressable_devices_indices_map((global_rows,)).values()}
+    spans = sorted(spans)
+    if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ValueError(f"this process's devices hold non-contiguous batch rows {spans}")
+    return slice(spans[0][0], spans[-1][1])
+
+
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-    """Host batch -> global array sharded over the batch axes (single process)."""
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    """Global host batch -> global array sharded over the batch axes.
+
+    With several processes each one transfers only its own rows and the global array is assembled with
+    `jax.make_array_from_process_local_data` (no process ever holds another's device data)."""
+    if jax.process_count() == 1:
+        return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    out = {}
+    for k, v in batch.items():
+        rows = process_rows(sharding, v.shape[0])
+        out[k] = jax.make_array_from_process_local_data(sharding, np.asarray(v[rows]), v.shape)
+    return out
+
+
+def put_global(value, sharding: NamedSharding) -> jax.Array:
+    """A value every process holds in full (e.g. pre-trained weights) -> a global array with `sharding`."""
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(x) -> np.ndarray:
+    """The full value of a global array on every process (gathered across processes when sharded)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -66,8 +66,10 @@ def params_fingerprint(params: dict[str, Any]) -> str:
     """A short hash of all parameter bytes: equal fingerprints mean bit-identical parameters."""
     import hashlib
 
+    from sft_jax.sharding import to_host
+
     h = hashlib.sha256()
     for name in sorted(params):
         h.update(name.encode())
-        h.update(np.asarray(jax.device_get(params[name])).tobytes())
+        h.update(to_host(params[name]).tobytes())
     return h.hexdigest()[:16]

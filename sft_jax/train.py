@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from sft_jax import optim, sharding, strategies
+from sft_jax import distributed, optim, sharding, strategies
 from sft_jax.checkpoint import Checkpoints
 from sft_jax.config_defaults import validate
 from sft_jax.data import batching, images
@@ -137,7 +137,8 @@ class ClassificationRun:
                              f"({config.model})")
         self.vocab, self.train_ds, self.eval_ds = load_data(config, workdir, self.tokenizer, config.max_length)
         task = Task(config, len(self.vocab))
-        self.vocab.save(os.path.join(workdir, LABELS_FILE))
+        if distributed.is_primary():
+            self.vocab.save(os.path.join(workdir, LABELS_FILE))
         self.model_def, self.params, self.layout = task.model_def, task.params, task.layout
         self.loss_fn = classification_loss
         self.pad_id = self.tokenizer.pad_token_id
@@ -198,7 +199,8 @@ class ImageClassificationRun:
             self._source_eval = make_eval_step(self._source_def, classification_loss)
         module = vision.build_classifier(vit, self.vocab.labels, source, pooling=config.pooling,
                                          dropout=config.head_dropout, seed=config.seed)
-        self.vocab.save(os.path.join(workdir, LABELS_FILE))
+        if distributed.is_primary():
+            self.vocab.save(os.path.join(workdir, LABELS_FILE))
         self.model_def, self.params = ModelDef.split(module)
         self.layout = vit_layout(spec.vit_config.num_hidden_layers)
         self.loss_fn = classification_loss
@@ -333,10 +335,11 @@ class LanguageModelRun:
         predictions = self.generate_eval(params, records)
         references = [sft_data.reference_output(r) for r in records]
         scores = text_metrics.compute(gen.metrics, predictions, references)
-        with open(os.path.join(self.workdir, "generations.jsonl"), "a") as f:
-            for r, pred, ref in list(zip(records, predictions, references))[: gen.log_examples]:
-                f.write(json.dumps({"step": step, "where": r.where, "prediction": pred, "reference": ref}) + "\n")
-                tqdm.tqdm.write(f"  [{r.where}] prediction: {pred[:200]!r}\n  reference: {ref[:200]!r}")
+        if distributed.is_primary():
+            with open(os.path.join(self.workdir, "generations.jsonl"), "a") as f:
+                for r, pred, ref in list(zip(records, predictions, references))[: gen.log_examples]:
+                    f.write(json.dumps({"step": step, "where": r.where, "prediction": pred, "reference": ref}) + "\n")
+                    tqdm.tqdm.write(f"  [{r.where}] prediction: {pred[:200]!r}\n  reference: {ref[:200]!r}")
         return {f"eval/{k}": v for k, v in scores.items()}
 
     @staticmethod
@@ -409,15 +412,19 @@ def _check_finite(pending: list, policy: str, meta: dict, ckpt) -> None:
 
 
 class MetricWriter:
-    """metrics.jsonl (one line per logged step) and TensorBoard events in the workdir."""
+    """metrics.jsonl (one line per logged step) and TensorBoard events in the workdir (process 0 only)."""
 
     def __init__(self, workdir: str):
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self.tb = SummaryWriter(workdir)
+        self.active = distributed.is_primary()
+        if self.active:
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(workdir)
 
     def write(self, step: int, values: dict[str, float]) -> None:  # noqa: D102
+        if not self.active:
+            return
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
         for k, v in values.items():
@@ -425,17 +432,33 @@ class MetricWriter:
         self.tb.flush()
 
     def close(self) -> None:
-        self.jsonl.close()
-        self.tb.close()
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()
 
 
 def _improved(value: float, best: float | None, mode: str) -> bool:
     return best is None or (value > best if mode == "max" else value < best)
 
 
+def init_state(params: dict, tx, p_shard: dict, mesh: jax.sharding.Mesh, seed: int
+               ) -> tuple[TrainState, TrainState]:
+    """The initial train state laid out over `mesh` (parameters per `p_shard`, optimizer moments following
+    their parameters) and the matching tree of shardings, for `make_train_step`."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = {k: sharding.put_global(v, p_shard[k]) for k, v in params.items()}
+    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+    state = TrainState(step=sharding.put_global(np.zeros((), np.int32), replicated), params=params,
+                       opt_state=opt_state,
+                       rng=sharding.put_global(jax.random.key_data(jax.random.key(seed)), replicated))
+    return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
     validate(config)
+    distributed.initialize(config)  # before anything touches the devices
     try:  # fail now, not at the first checkpoint an hour later
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test.{os.getpid()}")
@@ -450,8 +473,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.early_stopping.metric not in run.metrics:
         raise ValueError(f"config.early_stopping.metric: {config.early_stopping.metric!r} is not one of "
                          f"{run.metrics} for task {config.task!r}")
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=1, default=str)
+    if distributed.is_primary():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=1, default=str)
 
     rules = strategies.strategy_rules(config.strategy, run.layout, config.frozen_layers)
     labels = strategies.label_params(run.model_def.names, rules)
@@ -467,14 +491,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     p_shard = sharding.param_shardings(run.model_def.names, mesh, rules,
                                        shapes={k: v.shape for k, v in run.params.items()})
     b_shard = sharding.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    params = {k: jax.device_put(v, p_shard[k]) for k, v in run.params.items()}
-    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
-    state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                       opt_state=opt_state,
-                       rng=jax.device_put(jax.random.key_data(jax.random.key(config.seed)), replicated))
-    state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+    state, state_shard = init_state(run.params, tx, p_shard, mesh, config.seed)
 
     ckpt = Checkpoints(workdir)
     meta = {"best_metric": None, "best_step": None, "bad_evals": 0, "stopped_early": False}
@@ -485,7 +502,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     train_fn = make_train_step(run.model_def, tx, run.loss_fn, trainable, state_sharding=state_shard,
                                batch_sharding=b_shard, accum_steps=config.grad_accum_steps)
-    eval_fn = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard)
+    eval_step = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard)
+
+    def eval_fn(params, batch):  # host batches become global arrays (each process puts its own rows)
+        return eval_step(params, sharding.put_batch(batch, b_shard))
+
     batches = run.batches
 
     results = {"trainable_params": count_params(run.params, trainable),
@@ -500,7 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mode, patience = config.early_stopping.mode, config.early_stopping.patience
     step = int(state.step)
     t0, examples, tokens, eval_time = time.time(), 0, 0, 0.0
-    bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not distributed.is_primary())
     last_eval = None
     prior_seconds = meta.get("train_seconds", 0.0)  # training time of earlier processes (resumes)
     nonfinite: list[tuple[int, jax.Array]] = []  # (step, flag) of steps not yet checked on the host
@@ -579,8 +601,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results.update({"train/examples_per_s": examples / train_seconds, "train/wall_time_s": elapsed})
         if tokens:  # texts only
             results["train/tokens_per_s"] = tokens / train_seconds
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    if distributed.is_primary():
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
     writer.close()
     ckpt.close()
     return results

@@ -101,12 +101,14 @@ def make_train_step(model_def: ModelDef, tx, loss_fn: LossFn, trainable: Sequenc
                            accum_steps=accum_steps)
     if state_sharding is None:
         return jax.jit(fn, donate_argnums=(0,) if donate else ())
-    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None),
-                   donate_argnums=(0,) if donate else ())
+    # Metrics come back replicated: every process of a multi-host run can read them.
+    return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, state_sharding.step), donate_argnums=(0,) if donate else ())
 
 
 def make_eval_step(model_def: ModelDef, loss_fn: LossFn, *, params_sharding=None, batch_sharding=None):
     fn = functools.partial(eval_step, model_def=model_def, loss_fn=loss_fn)
     if params_sharding is None:
         return jax.jit(fn)
-    return jax.jit(fn, in_shardings=(params_sharding, batch_sharding))
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(fn, in_shardings=(params_sharding, batch_sharding), out_shardings=replicated)

@@ -247,6 +247,8 @@ INVALID_VALUES = [
     ("data.too_long", "drop", "config.data.too_long: 'drop' is not one of"),
     ("early_stopping.mode", "up", "config.early_stopping.mode: 'up' is not max or min"),
     ("task", "regression", "config.task: unknown task 'regression'"),
+    ("distributed.coordinator_address", "host0", "config.distributed.coordinator_address: 'host0' is not host:port"),
+    ("distributed.process_id", -2, "config.distributed: process_id=-2 must be in [0, num_processes=0)"),
 ]
 
 

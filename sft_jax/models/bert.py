@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sft_jax.models.mixed import linear_kwargs
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -151,6 +153,7 @@ def _linear(
         param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(0.02),
         rngs=rngs,
+        **linear_kwargs(config.dtype),
     )
 
 
@@ -181,7 +184,8 @@ class BertAttention(nnx.Module):
         logits = logits * (self.head_dim**-0.5) + bias
         probs = jax.nn.softmax(logits, axis=-1)
         probs = _dropout(probs, self.dropout_rate, dropout_rng)
-        ctx = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v)
+        ctx = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        ctx = ctx.astype(v.dtype)
         return self.out(ctx.reshape(b, t, -1))
 
 

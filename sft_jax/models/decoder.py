@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sft_jax.models.mixed import linear_dot, linear_kwargs
+
 FAMILIES = ("llama", "gemma3")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -214,7 +216,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def _linear(n_in: int, n_out: int, config: DecoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=config.dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs, **linear_kwargs(config.dtype))
 
 
 def _project(linear: nnx.Module, x: jax.Array, rng: jax.Array | None, index: int) -> jax.Array:
@@ -286,7 +288,8 @@ class Attention(nnx.Module):
         logits = jnp.einsum("btkgd,bskd->bkgts", q, k_all.astype(dtype), preferred_element_type=jnp.float32)
         logits = jnp.where(mask[:, None, None], logits * self.scale, _NEG)
         probs = jax.nn.softmax(logits, axis=-1)
-        ctx = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v_all.astype(dtype))
+        ctx = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v_all.astype(dtype),
+                         preferred_element_type=jnp.float32).astype(dtype)
         return _project(self.o, ctx.reshape(b, t, -1), rng, 3), new_cache
 
 
@@ -388,8 +391,12 @@ class DecoderLM(nnx.Module):
         dtype = self.config.dtype
         if self.lm_head is None:
             w = self.embed.embedding.value.astype(dtype)
+            if dtype == jnp.bfloat16:  # float32 accumulation backward too (see models/mixed.py)
+                return linear_dot(hidden.astype(dtype), w.T, jnp.float32)
             return jnp.einsum("...h,vh->...v", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
         w = self.lm_head.kernel.value.astype(dtype)
+        if dtype == jnp.bfloat16:
+            return linear_dot(hidden.astype(dtype), w, jnp.float32)
         return jnp.einsum("...h,hv->...v", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
@@ -415,7 +422,7 @@ class DecoderLM(nnx.Module):
             return
         c = self.config
         head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=jnp.float32,
-                          rngs=nnx.Rngs(0))
+                          rngs=nnx.Rngs(0), **linear_kwargs(c.dtype))
         head.kernel.value = jnp.asarray(self.embed.embedding.value).T
         self.lm_head = nnx.data(head)  # the attribute was created as static None
         self.config = dataclasses.replace(c, tie_embeddings=False)

@@ -1,0 +1,139 @@
+"""The sft_jax side of the benchmark: the train step `train_and_evaluate` would run, on a synthetic batch,
+and the FLOP count of one step (the MFU numerator)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import optax
+
+from sft_jax import optim, sharding, strategies
+from sft_jax.config_defaults import defaults
+from sft_jax.losses import classification_loss, lm_loss
+from sft_jax.state import ModelDef
+from sft_jax.train import init_state
+from sft_jax.train_step import make_train_step
+
+MODELS = {"minilm": "minilm-l6", "smollm2": "smollm2-135m-instruct"}
+# partial: the lower half of the blocks frozen (with the embeddings), as in the SST-2 experiment.
+FROZEN_LAYERS = {"minilm": 3, "smollm2": 15}
+
+
+def synthetic_batch(model: str, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-length rows of random tokens (no padding, every position a target for the LM)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, 20000, (batch, seq_len), dtype=np.int32)
+    if model == "minilm":
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": rng.integers(0, 2, batch,
+                dtype=np.int32), "weights": np.ones(batch, np.float32)}
+    return {"input_ids": ids, "targets": np.roll(ids, -1, axis=1), "loss_mask": np.ones(ids.shape, np.float32),
+            "segment_ids": np.ones_like(ids), "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
+                                                                          ids.shape).copy()}
+
+
+class OursStep:
+    """sft_jax's jitted, donated train step for (model, strategy, dtype) with AdamW (weight decay 0.01,
+    clipping at 1.0), on a one-device mesh; `step()` runs one step and waits for it."""
+
+    def __init__(self, model: str, strategy: str, dtype: str, batch: int, seq_len: int):
+        c = defaults()
+        c.model, c.strategy, c.dtype = MODELS[model], strategy, dtype
+        c.frozen_layers = FROZEN_LAYERS[model] if strategy == "partial" else 0
+        if model == "minilm":
+            from sft_jax.train import Task
+
+            task = Task(c, num_labels=2)
+            self.model_def, params, layout, loss_fn = task.model_def, task.params, task.layout, classification_loss
+            cfg = self.model_def.merge(params).encoder.config
+            self.attn = dict(layers=cfg.num_hidden_layers, width=cfg.hidden_size, causal=False)
+            self.tied = False
+        else:
+            from sft_jax.models.finetuned import build_lm, decoder_layout
+
+            lm, cfg = build_lm(c.model, strategy, dtype, lora=c.lora, seed=0)
+            self.model_def, params = ModelDef.split(lm)
+            layout, loss_fn = decoder_layout(cfg.num_layers), lm_loss
+            self.attn = dict(layers=cfg.num_layers, width=cfg.num_heads * cfg.head_dim, causal=True)
+            self.tied = cfg.tie_embeddings and "lm_head/kernel" not in params
+        self.model, self.layout = model, layout
+        labels = strategies.label_params(self.model_def.names, strategies.strategy_rules(strategy, layout,
+                                                                                         c.frozen_layers))
+        self.trainable = strategies.trainable_names(labels)
+        self.shapes = {k: v.shape for k, v in params.items()}
+        tx = strategies.partition(labels, optim.adamw(optax.constant_schedule(1e-5), weight_decay=0.01,
+                                                      clip_norm=1.0))
+        mesh = sharding.make_mesh({"data": 1})
+        p_shard = sharding.param_shardings(self.model_def.names, mesh)
+        self.state, state_shard = init_state(params, tx, p_shard, mesh, seed=0)
+        b_shard = sharding.batch_sharding(mesh)
+        self.fn = make_train_step(self.model_def, tx, loss_fn, self.trainable, state_sharding=state_shard,
+                                  batch_sharding=b_shard)
+        self.batch = sharding.put_batch(synthetic_batch(model, batch, seq_len), b_shard)
+        self.tokens = batch * seq_len
+
+    def step(self) -> float:
+        self.state, m = self.fn(self.state, self.batch)
+        return float(m["loss"])
+
+    def flops_per_step(self, seq_len: int) -> float:
+        return step_flops(self.shapes, self.trainable, self.attn, seq_len, self.tokens,
+                          tied_head=self.tied)
+
+
+def _unit(name: str) -> float:
+    """Position of a parameter along the network: -1 embeddings, i for block i, inf for the head."""
+    m = re.search(r"layers/(\d+)/", name)
+    if m:
+        return int(m.group(1))
+    return -1 if re.search(r"embed", name) else float("inf")
+
+
+def step_flops(shapes: dict, trainable, attn: dict, seq_len: int, tokens: int, tied_head: bool = False) -> float:
+    """Model FLOPs of one train step (the MFU convention, stated in RESULTS.md).
+
+    Per token, each matmul weight of N entries costs 2N forward, 2N for the gradient of its input when any
+    trainable parameter lies at or below its block (backprop must pass through it), and 2N for its own
+    gradient when it trains: 6N for `full`, as in the usual 6 * params * tokens. Embedding lookups cost
+    nothing, except a tied embedding that is also the LM head (counted as a matmul there). Attention scores
+    and the weighted sum add 4 * seq_len * width per layer forward (halved when causal: only the lower
+    triangle is needed) and twice that backward in blocks the gradient passes through."""
+    trainable = set(trainable)
+    lowest = min((_unit(n) for n in trainable), default=float("inf"))
+    total = 0.0
+    for name, shape in shapes.items():
+        matmul = len(shape) == 2 and not re.search(r"embed", name)
+        if tied_head and name == "embed/embedding":
+            matmul, unit = True, float("inf")  # the LM head: at the top of the network
+        else:
+            unit = _unit(name)
+        if not matmul:
+            continue
+        n = float(np.prod(shape))
+        total += 2 * n + (2 * n if unit >= lowest else 0) + (2 * n if name in trainable else 0)
+    per_layer = 4.0 * seq_len * attn["width"] * (0.5 if attn["causal"] else 1.0)
+    for layer in range(attn["layers"]):
+        total += per_layer * (3 if layer >= lowest else 1)
+    return total * tokens
+
+
+def matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n x n jitted matmul in `dtype` on the default device (float32 accumulation
+    for bfloat16 inputs, as the models' matmuls do)."""
+    import time
+
+    import jax.numpy as jnp
+
+    dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    key = jax.random.key(0)
+    a = jax.random.normal(key, (n, n), dt)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dt)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best
