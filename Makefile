@@ -52,4 +52,4 @@ experiment-forgetting: install
 	$(BIN)/python experiments/forgetting/run.py --task=sst2 --steps=150
 
 experiment-overfitting: install
-	$(BIN)/python experiments/overfitting/run.py --lrs=1e-5,5e-5,2e-4 --train_examples=640 --epochs=5
+	$(BIN)/python experiments/overfitting/run.py --lrs=1e-5,5e-5,2e-4 --train_examples=640 --epochs=4 --evals_per_epoch=1

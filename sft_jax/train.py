@@ -431,7 +431,8 @@ def wise_ft_sweep(run, eval_fn, pretrained: dict, finetuned: dict, p_shard, resu
         for name, after in run.probes(mixed).items():
             summary, sign = _FORGETTING.get(name, ("change", 1.0))
             out[f"{prefix}forgetting/{name}/after"] = after
-            out[f"{prefix}forgetting/{name}/{summary}"] = sign * (after - results[f"forgetting/{name}/before"])
+            # + 0.0: no "-0.0" where nothing changed
+            out[f"{prefix}forgetting/{name}/{summary}"] = sign * (after - results[f"forgetting/{name}/before"]) + 0.0
         tqdm.tqdm.write(f"WiSE-FT alpha={float(alpha):g}: " + ", ".join(
             f"{k[len(prefix):]}={v:.4f}" for k, v in out.items() if k.startswith(prefix)))
     return out

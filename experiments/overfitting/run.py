@@ -1,12 +1,14 @@
 """Where full fine-tuning starts to overfit and to forget: learning rate x epochs on SST-2 (all-MiniLM-L6-v2).
 
-    python experiments/overfitting/run.py [--lrs=1e-5,5e-5,2e-4] [--train_examples=1000] [--epochs=8]
+    python experiments/overfitting/run.py [--lrs=1e-5,5e-5,2e-4] [--train_examples=640] [--epochs=4] \
+        [--evals_per_epoch=1]
 
 One long run per learning rate on a seeded subsample of SST-2 train (so several epochs fit the budget), a
-constant learning rate after a short warmup, evaluation on the SST-2 dev set and the STS-B probe twice per
-epoch (`forgetting.every_eval`), no early stopping during the run: the curves show the whole trajectory and
-"early stopping" is read off them (the best dev-accuracy evaluation, which is what the run's best checkpoint
-keeps). Workdirs: workdirs/lr<LR>. Writes results.json, RESULTS.md and curves.png next to this file.
+constant learning rate after a short warmup, evaluation on the SST-2 dev set and the STS-B probe
+`--evals_per_epoch` times per epoch (`forgetting.every_eval`), no early stopping during the run: the curves
+show the whole trajectory, and early stopping is read off them (the best dev-accuracy evaluation, which is what
+the run's best checkpoint keeps). Workdirs: workdirs/lr<LR>. Writes results.json, RESULTS.md and curves.png
+next to this file.
 """
 
 from __future__ import annotations
@@ -84,9 +86,9 @@ def plot(runs: list[dict], steps_per_epoch: float, before: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lrs", default="1e-5,5e-5,2e-4")
-    parser.add_argument("--train_examples", type=int, default=1000)
-    parser.add_argument("--epochs", type=float, default=8)
-    parser.add_argument("--evals_per_epoch", type=int, default=2)
+    parser.add_argument("--train_examples", type=int, default=640)
+    parser.add_argument("--epochs", type=float, default=4)
+    parser.add_argument("--evals_per_epoch", type=int, default=1)
     args = parser.parse_args()
     steps_per_epoch = args.train_examples / BATCH
     steps = math.ceil(args.epochs * steps_per_epoch)
@@ -96,7 +98,7 @@ def main() -> None:
         workdir = os.path.join(HERE, "workdirs", f"lr{lr:g}")
         r = run_cli("configs/sst2.py:full", workdir, {
             "learning_rate": lr, "data.max_train_examples": args.train_examples, "max_steps": steps,
-            "schedule": "constant", "warmup_steps": every, "eval_every": every, "checkpoint_every": steps,
+            "schedule": "constant", "warmup_steps": max(steps // 10, 1), "eval_every": every, "checkpoint_every": steps,
             "log_every": max(every // 2, 1), "early_stopping.patience": 0, "forgetting.every_eval": True,
             "batch_size": BATCH})
         before = r["forgetting/stsb_spearman/before"]
@@ -119,7 +121,8 @@ def main() -> None:
     lines = ["# Overfitting and forgetting over training: learning rate x epochs (SST-2, all-MiniLM-L6-v2)", "",
              f"Produced by `{command}` (STS-B Spearman of the pre-trained encoder: {before:.4f}).", "",
              f"Full fine-tuning on {args.train_examples} SST-2 train sentences (seeded subsample), batch {BATCH}, "
-             f"{steps} steps ({args.epochs:g} epochs), constant learning rate after {every} warmup steps, dev "
+             f"{steps} steps ({args.epochs:g} epochs), constant learning rate after {max(steps // 10, 1)} warmup "
+             "steps, dev "
              f"accuracy / loss and the STS-B probe every {every} steps; no early stopping during the run.", "",
              *table, "", "![curves](curves.png)", "", "Commands:", ""]
     lines += [f"    {r['command']}" for r in runs]
