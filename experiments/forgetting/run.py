@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, ROOT)
-from common import markdown_table, run_cli  # noqa: E402
+from common import markdown_table, run_cli_cached  # noqa: E402
 
 from configs.common import shared_data  # noqa: E402
 
@@ -226,7 +226,7 @@ def main() -> None:
         for method in methods:
             strategy, overrides = runs[method]
             workdir = os.path.join(HERE, "workdirs", args.task, f"{method}_s{seed}")
-            r = run_cli(f"{TASKS[args.task]['config']}:{strategy}", workdir,
+            r = run_cli_cached(f"{TASKS[args.task]['config']}:{strategy}", workdir,
                         {**common_overrides(args.task, args.steps, seed), **overrides})
             rows.append(dict(r, method=method, seed=seed))
             if method == "full":

@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-from common import markdown_table, run_cli  # noqa: E402
+from common import markdown_table, run_cli_cached  # noqa: E402
 
 BATCH = 32
 FORGET_THRESHOLD = 0.02  # an STS-B Spearman drop above this counts as forgetting having begun
@@ -96,7 +96,7 @@ def main() -> None:
     runs = []
     for lr in (float(x) for x in args.lrs.split(",")):
         workdir = os.path.join(HERE, "workdirs", f"lr{lr:g}")
-        r = run_cli("configs/sst2.py:full", workdir, {
+        r = run_cli_cached("configs/sst2.py:full", workdir, {
             "learning_rate": lr, "data.max_train_examples": args.train_examples, "max_steps": steps,
             "schedule": "constant", "warmup_steps": max(steps // 10, 1), "eval_every": every, "checkpoint_every": steps,
             "log_every": max(every // 2, 1), "early_stopping.patience": 0, "forgetting.every_eval": True,
