@@ -28,18 +28,20 @@ def run_cli(config: str, workdir: str, overrides: dict | None = None) -> dict:
 
 def run_cli_cached(config: str, workdir: str, overrides: dict | None = None) -> dict:
     """`run_cli`, except that a workdir whose results.json exists is read back instead of re-run (its final
-    evaluation and probes are not repeated), so a report can be rebuilt from finished runs at no cost."""
-    path, wall = os.path.join(workdir, "results.json"), os.path.join(workdir, "process_wall_s.json")
-    if os.path.exists(path) and os.path.exists(wall):
-        with open(path) as f:
-            results = json.load(f)
-        with open(wall) as f:
-            results.update(json.load(f))
+    evaluation and probes are not repeated), so a report can be rebuilt from finished runs at no cost.
+    `process_wall_s` is then the time from config.json (written once data and model are loaded) to
+    results.json, for every run alike: `run_wall_s`."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        run_cli(config, workdir, overrides)
+    else:
         print(f"reusing {path}", flush=True)
-        return results
-    results = run_cli(config, workdir, overrides)
-    with open(wall, "w") as f:
-        json.dump({k: results[k] for k in ("command", "process_wall_s")}, f)
+    with open(path) as f:
+        results = json.load(f)
+    cmd = [sys.executable, "-m", "sft_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    cmd += [f"--config.{k}={v}" for k, v in (overrides or {}).items()]
+    results.update(command="python " + " ".join(cmd[1:]).replace(ROOT + "/", ""),
+                   run_wall_s=os.path.getmtime(path) - os.path.getmtime(os.path.join(workdir, "config.json")))
     return results
 
 

@@ -98,7 +98,7 @@ def summarise(rows: list[dict], task: str) -> list[dict]:
         f = np.array([r[t["forget"]] for r in rs])
         out.append(dict(method=method, seeds=len(rs), metric=float(m.mean()), metric_sd=float(m.std()),
                         forget=float(f.mean()), forget_sd=float(f.std()), trainable=rs[0]["trainable_params"],
-                        total=rs[0]["total_params"], wall=float(np.mean([r.get("process_wall_s", 0) for r in rs])),
+                        total=rs[0]["total_params"], wall=float(np.mean([r.get("run_wall_s", 0) for r in rs])),
                         rate=float(np.mean([r.get("train/examples_per_s", np.nan) for r in rs]))))
     return out
 

@@ -103,7 +103,7 @@ def main() -> None:
             "batch_size": BATCH})
         before = r["forgetting/stsb_spearman/before"]
         curves = read_curves(workdir)
-        runs.append(dict(lr=lr, command=r["command"], before=before, curves=curves, wall_s=r["process_wall_s"],
+        runs.append(dict(lr=lr, command=r["command"], before=before, curves=curves, wall_s=r["run_wall_s"],
                          **analyse(curves, before, steps_per_epoch)))
     with open(os.path.join(HERE, "results.json"), "w") as f:
         json.dump(runs, f, indent=1)
