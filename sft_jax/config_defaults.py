@@ -104,11 +104,34 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval_generation.stop = ()  # stop strings, e.g. ("\n\n",)
     c.eval_generation.log_examples = 3  # printed and appended to WORKDIR/generations.jsonl
 
+    # Fine-tuning that forgets less (README "Forgetting less"). Penalties pull the pre-trained parameters
+    # (never the fresh head) back to their starting values: l2sp: weight/2 * |theta - theta0|^2; ewc: the same
+    # weighted by the diagonal empirical Fisher (normalised to mean 1) of a pre-training-like objective on
+    # `fisher_data` (text: SimCSE for encoders, next-token loss for decoders). At most one of the two.
+    c.regularizer = ml_collections.ConfigDict()
+    c.regularizer.l2sp = 0.0
+    c.regularizer.ewc = 0.0
+    c.regularizer.fisher_data = ""  # .txt or .jsonl (field data.text_field) text
+    c.regularizer.fisher_batches = 32
+    c.regularizer.fisher_batch_size = 16
+    c.llrd = 1.0  # layer-wise learning-rate decay: block i from the top learns at llrd**i x (1 = off)
+    c.gradual_unfreeze = ml_collections.ConfigDict()
+    c.gradual_unfreeze.every = 0  # > 0: head first, then `blocks` more blocks (top-down) every N steps
+    c.gradual_unfreeze.blocks = 1
+    c.lp_ft = ml_collections.ConfigDict()
+    c.lp_ft.head_steps = 0  # > 0: LP-FT, the head alone for N steps, then everything the strategy trains
+    c.lp_ft.head_learning_rate = 0.0  # the head's learning rate during those steps; 0: learning_rate
+    c.wise_ft = ml_collections.ConfigDict()
+    # After training: evaluate (1 - a) * pre-trained + a * fine-tuned (head kept) for each a; results.json
+    # gets wise_ft/<a>/eval/... and wise_ft/<a>/forgetting/...
+    c.wise_ft.alphas = ()
+
     c.forgetting = ml_collections.ConfigDict()
     c.forgetting.stsb = ""  # STS-B dev TSV (or its folder); empty: no probe
     # Images: labelled eval data of the model's source task (any image data spec; only the source head's
     # classes are kept), scored with the model's original head on the backbone before and after.
     c.forgetting.images = ""
+    c.forgetting.every_eval = False  # also run the probes at every evaluation (metrics.jsonl: forgetting/...)
     # Decoders: WikiText-2 raw test perplexity before/after (folder or file; empty: no probe).
     c.forgetting.wikitext2 = ""
     c.forgetting.wikitext2_max_tokens = 0  # 0: the whole test set; else its first N tokens (a faster probe)
@@ -187,6 +210,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.early_stopping.mode not in ("max", "min"):
         raise ValueError(f"config.early_stopping.mode: {config.early_stopping.mode!r} is not max or min")
     _validate_images(config)
+    _validate_forgetting(config)
     if not config.data.train:
         raise ValueError("config.data.train: no training data given")
     if not config.data.eval:
@@ -214,6 +238,33 @@ def _validate_images(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.vit: {e}") from None
         if min(v for k, v in config.vit.items() if not k.endswith("dropout_prob")) <= 0:
             raise ValueError(f"config.vit: sizes must be positive, got {config.vit.to_dict()}")
+def _validate_forgetting(config: ml_collections.ConfigDict) -> None:
+    r = config.regularizer
+    for key in ("l2sp", "ewc"):
+        if not r[key] >= 0:
+            raise ValueError(f"config.regularizer.{key}: must be >= 0, got {r[key]}")
+    if r.l2sp and r.ewc:
+        raise ValueError("config.regularizer: set l2sp or ewc, not both")
+    if r.ewc and not r.fisher_data:
+        raise ValueError("config.regularizer.fisher_data: ewc needs text to estimate the Fisher on")
+    if r.fisher_batches < 1 or r.fisher_batch_size < 2:
+        raise ValueError("config.regularizer: fisher_batches must be >= 1 and fisher_batch_size >= 2")
+    if not 0 < config.llrd <= 1:
+        raise ValueError(f"config.llrd: the decay factor must be in (0, 1], got {config.llrd}")
+    g, lp = config.gradual_unfreeze, config.lp_ft
+    if g.every < 0 or g.blocks < 1:
+        raise ValueError(f"config.gradual_unfreeze: every must be >= 0 and blocks >= 1, got {g.every}, {g.blocks}")
+    if lp.head_steps < 0 or lp.head_learning_rate < 0:
+        raise ValueError("config.lp_ft: head_steps and head_learning_rate must be >= 0")
+    if g.every and lp.head_steps:
+        raise ValueError("config.gradual_unfreeze.every and config.lp_ft.head_steps both set when groups start; "
+                         "use one of them")
+    if (g.every or lp.head_steps) and config.strategy == "head":
+        raise ValueError("config.strategy: head trains only the head; gradual unfreezing and LP-FT need partial, "
+                         "full or lora")
+    bad = [a for a in config.wise_ft.alphas if not 0 <= float(a) <= 1]
+    if bad:
+        raise ValueError(f"config.wise_ft.alphas: {bad} outside [0, 1]")
 
 
 def _check_keys(config, reference, prefix: str) -> None:

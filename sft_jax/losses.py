@@ -52,3 +52,23 @@ def lm_loss(model, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]
     loss_sum = jnp.sum(ce * weights)
     correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * weights)
     return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
+
+
+def simcse_loss(model, batch: dict, rng: jax.Array | None, temperature: float = 0.05) -> tuple[jax.Array, dict]:
+    """Unsupervised SimCSE (Gao et al. 2021): each sentence embedded twice under different dropout is its own
+    positive, the other sentences of the batch are negatives. A sentence encoder's pre-training-like objective
+    on unlabelled text (all-MiniLM-L6-v2 was trained contrastively); `model.embed` is the mean-pooled encoder."""
+    if rng is None:
+        raise ValueError("simcse_loss needs a dropout key: the two views differ only by dropout")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    a = model.embed(ids, mask, dropout_rng=jax.random.fold_in(rng, 0))
+    b = model.embed(ids, mask, dropout_rng=jax.random.fold_in(rng, 1))
+    a = a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    b = b / jnp.linalg.norm(b, axis=-1, keepdims=True)
+    weights = batch["weights"]
+    # Padding rows are neither anchors nor negatives.
+    logits = jnp.where(weights[None, :] > 0, a @ b.T / temperature, -1e9)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.arange(ids.shape[0]))
+    count = jnp.sum(weights)
+    loss_sum = jnp.sum(ce * weights)
+    return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "count": count}

@@ -29,6 +29,7 @@ class ParamLayout:
     layer: str  # with {i}, e.g. r"encoder/layers/{i}/"
     head: str  # the freshly added layers, e.g. r"head/"
     num_layers: int
+    fresh: str = ""  # freshly initialised parameters (no pre-trained value), e.g. r"head/"; "" for none
 
 
 def strategy_rules(strategy: str, layout: ParamLayout, frozen_layers: int = 0) -> list[tuple[str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import time
 
@@ -12,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 from flax import nnx
 
-from sft_jax import distributed, optim, sharding, strategies
+from sft_jax import distributed, groups, optim, regularizers, sharding, strategies
 from sft_jax.checkpoint import Checkpoints
 from sft_jax.config_defaults import validate
 from sft_jax.data import batching, images
@@ -24,7 +26,7 @@ from sft_jax.data import sft as sft_data
 from sft_jax.data.sources import DataError, read_classification
 from sft_jax.evaluate import metrics as metrics_lib
 from sft_jax.evaluate.stsb import stsb_spearman
-from sft_jax.losses import classification_loss, lm_loss
+from sft_jax.losses import classification_loss, lm_loss, simcse_loss
 from sft_jax.models import vision
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
 from sft_jax.models.finetuned import build_lm, decoder_layout
@@ -37,7 +39,8 @@ from sft_jax.train_step import make_eval_step, make_train_step
 
 LABELS_FILE = "labels.json"
 # Changing these between runs on one workdir would resume a different experiment.
-INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora", "vit")
+INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora",
+                     "vit", "regularizer", "llrd", "gradual_unfreeze", "lp_ft")
 
 
 class Task:
@@ -155,6 +158,25 @@ class ClassificationRun:
     @staticmethod
     def train_metrics(m: dict) -> dict[str, float]:
         return {"train/accuracy": m["correct"] / max(m["count"], 1)}
+
+    fisher_loss = staticmethod(simcse_loss)
+
+    def fisher_batches(self) -> list[dict]:
+        """Batches of sentences (lines of at least 5 words) of regularizer.fisher_data, drawn with the seed."""
+        r = self.config.regularizer
+        lines = [line.strip() for doc in lm_data.read_documents(r.fisher_data, self.config.data.text_field)
+                 for line in doc.text.splitlines()]
+        lines = [t for t in lines if len(t.split()) >= 5 and not t.startswith("=")]
+        n = r.fisher_batches * r.fisher_batch_size
+        if len(lines) < n:
+            raise DataError(f"{r.fisher_data}: {len(lines)} sentences of 5+ words, fewer than fisher_batches x "
+                            f"fisher_batch_size = {n}")
+        pick = np.random.default_rng(self.config.seed).permutation(len(lines))[:n]
+        ids, _ = batching.tokenize(self.tokenizer, [lines[i] for i in pick], self.config.max_length)
+        ds = batching.EncodedDataset(ids, np.zeros(n, np.int32), [""] * n)
+        size = r.fisher_batch_size
+        return [batching.make_batch(ds, np.arange(i, i + size), size, self.config.buckets, self.pad_id)
+                for i in range(0, n, size)]
 
     def probes(self, params) -> dict[str, float]:
         if not self.config.forgetting.stsb:
@@ -346,6 +368,21 @@ class LanguageModelRun:
     def train_metrics(m: dict) -> dict[str, float]:
         return {"train/accuracy": m["correct"] / max(m["count"], 1), "train/target_tokens": m["count"]}
 
+    fisher_loss = staticmethod(lm_loss)
+
+    def fisher_batches(self) -> list[dict]:
+        """Next-token batches of regularizer.fisher_data (max_length-token blocks), drawn with the seed."""
+        r = self.config.regularizer
+        ds = lm_data.encode_documents(lm_data.read_documents(r.fisher_data, self.config.data.text_field),
+                                      self.tokenizer, self.config.max_length)
+        order = np.random.default_rng(self.config.seed).permutation(len(ds))
+        size = r.fisher_batch_size
+        count = min(r.fisher_batches, len(ds) // size)
+        if not count:
+            raise DataError(f"{r.fisher_data}: {len(ds)} blocks of text, fewer than fisher_batch_size={size}")
+        return [lm_data.make_lm_batch(ds, order[i * size:(i + 1) * size], size, self.config.buckets, self.pad_id)
+                for i in range(count)]
+
     def probes(self, params) -> dict[str, float]:
         f = self.config.forgetting
         if not f.wikitext2:
@@ -455,6 +492,56 @@ def init_state(params: dict, tx, p_shard: dict, mesh: jax.sharding.Mesh, seed: i
     return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
 
 
+def make_optimizer(config: ml_collections.ConfigDict, labels: dict[str, str], layout: strategies.ParamLayout,
+                   schedule) -> tuple:
+    """(optimizer, phases or None, names of the anchored parameters) for the strategy's `labels`.
+
+    Without LLRD / gradual unfreezing / LP-FT this is the strategy's partition with one AdamW; with them, one
+    delayed AdamW per layer group (`sft_jax.groups`). An L2-SP / EWC penalty comes first in the chain.
+    """
+    lp, unfreeze = config.lp_ft, config.gradual_unfreeze
+    phase_list = None
+    if config.llrd != 1.0 or unfreeze.every or lp.head_steps:
+        plan = groups.plan_groups(layout, llrd=config.llrd, unfreeze_every=unfreeze.every,
+                                  unfreeze_blocks=unfreeze.blocks, lp_steps=lp.head_steps)
+        glabels = groups.group_labels(labels, layout)
+        head_ratio = lp.head_learning_rate / config.learning_rate if lp.head_learning_rate and \
+            config.learning_rate else 1.0
+        tx = groups.grouped_optimizer(glabels, plan, schedule, warmup_steps=config.warmup_steps,
+                                      weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                                      head_ratio=head_ratio, lp_steps=lp.head_steps)
+        phase_list = groups.phases(glabels, plan)
+    else:
+        tx = strategies.partition(labels, optim.adamw(schedule, weight_decay=config.weight_decay,
+                                                      clip_norm=config.clip_norm))
+    fresh = re.compile("^" + layout.fresh) if layout.fresh else None
+    anchored = tuple(n for n in strategies.trainable_names(labels) if not (fresh and fresh.search(n)))
+    weight = config.regularizer.l2sp or config.regularizer.ewc
+    if weight:
+        tx = optax.chain(regularizers.anchor_penalty(weight, anchored, fisher=bool(config.regularizer.ewc)), tx)
+    return tx, phase_list, anchored
+
+
+def wise_ft_sweep(run, eval_fn, pretrained: dict, finetuned: dict, p_shard, results: dict) -> dict[str, float]:
+    """Task metrics and forgetting probes of the WiSE-FT interpolation at each config.wise_ft.alphas."""
+    fresh = re.compile("^" + run.layout.fresh) if run.layout.fresh else None
+    keep = [k for k in finetuned if fresh and fresh.search(k)]
+    out = {}
+    for alpha in run.config.wise_ft.alphas:
+        mixed = regularizers.wise_ft(pretrained, finetuned, float(alpha), keep)
+        mixed = {k: jax.device_put(v, p_shard[k]) for k, v in mixed.items()}
+        prefix = f"wise_ft/{float(alpha):g}/"
+        out.update({prefix + k: v for k, v in run.evaluate(eval_fn, mixed).items()})
+        for name, after in run.probes(mixed).items():
+            summary, sign = _FORGETTING.get(name, ("change", 1.0))
+            out[f"{prefix}forgetting/{name}/after"] = after
+            # + 0.0: no "-0.0" where nothing changed
+            out[f"{prefix}forgetting/{name}/{summary}"] = sign * (after - results[f"forgetting/{name}/before"]) + 0.0
+        tqdm.tqdm.write(f"WiSE-FT alpha={float(alpha):g}: " + ", ".join(
+            f"{k[len(prefix):]}={v:.4f}" for k, v in out.items() if k.startswith(prefix)))
+    return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
     validate(config)
@@ -481,8 +568,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     labels = strategies.label_params(run.model_def.names, rules)
     trainable = strategies.trainable_names(labels)
     schedule = optim.make_schedule(config.learning_rate, config.max_steps, config.warmup_steps, config.schedule)
-    tx = strategies.partition(labels, optim.adamw(schedule, weight_decay=config.weight_decay,
-                                                  clip_norm=config.clip_norm))
+    tx, phase_list, anchored = make_optimizer(config, labels, run.layout, schedule)
+    # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).
+    pretrained = {k: np.asarray(v) for k, v in run.params.items()} if config.wise_ft.alphas else None
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = tuple(config.sharding_rules)
@@ -499,9 +587,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if restored is not None:
         state, meta = restored
         tqdm.tqdm.write(f"resumed from step {int(state.step)} of {workdir}")
+    elif config.regularizer.ewc:  # a resumed state holds its Fisher
+        t_fisher = time.time()
+        fisher = regularizers.empirical_fisher(run.model_def, state.params, anchored, run.fisher_loss,
+                                               run.fisher_batches(), seed=config.seed)
+        state = state.replace(opt_state=regularizers.set_fisher(state.opt_state, fisher))
+        tqdm.tqdm.write(f"EWC: Fisher of {len(anchored)} tensors estimated in {time.time() - t_fisher:.0f}s")
 
-    train_fn = make_train_step(run.model_def, tx, run.loss_fn, trainable, state_sharding=state_shard,
-                               batch_sharding=b_shard, accum_steps=config.grad_accum_steps)
+    # One compiled step per phase (gradual unfreezing, LP-FT), each differentiating only what learns in it.
+    train_fns = groups.PhasedStep(phase_list or [(0, trainable)], lambda names: make_train_step(
+        run.model_def, tx, run.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
+        accum_steps=config.grad_accum_steps))
     eval_step = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard)
 
     def eval_fn(params, batch):  # host batches become global arrays (each process puts its own rows)
@@ -533,7 +629,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                and not preempt.requested):
             host_batch = batches.batch(step)
             tokens += int(np.count_nonzero(host_batch.get("segment_ids", host_batch.get("attention_mask"))))
-            state, m = train_fn(state, sharding.put_batch(host_batch, b_shard))
+            state, m = train_fns(step)(state, sharding.put_batch(host_batch, b_shard))
             step += 1
             examples += config.batch_size
             meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
@@ -556,7 +652,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % config.eval_every == 0 or last:
                 t_eval = time.time()
                 ev = last_eval = run.evaluate(eval_fn, state.params, step)
-                writer.write(step, ev)
+                probed = {f"forgetting/{k}": v for k, v in run.probes(state.params).items()} \
+                    if config.forgetting.every_eval else {}
+                writer.write(step, {**ev, **probed})
                 value = ev[config.early_stopping.metric]
                 if _improved(value, meta["best_metric"], mode):
                     meta.update(best_metric=value, best_step=step, bad_evals=0)
@@ -592,6 +690,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         results[f"forgetting/{name}/after"] = after
         summary, sign = _FORGETTING.get(name, ("change", 1.0))
         results[f"forgetting/{name}/{summary}"] = sign * (after - results[f"forgetting/{name}/before"])
+    if pretrained is not None:
+        results.update(wise_ft_sweep(run, eval_fn, pretrained, best_params, p_shard, results))
     results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
                     "skipped_steps": meta.get("skipped_steps", 0),
                     "stopped_out_of_time": bool(meta.get("out_of_time")),

@@ -97,9 +97,10 @@ def tiny_trainer(tiny_bert_dir):
     """A factory building what `train_and_evaluate` builds for the tiny BERT (labels, optimizer, sharded
     state, jitted train step) without running it, so tests can step it and look inside the state.
 
-    `build(strategy, frozen_layers=0, mesh=None, learning_rate=1e-2)` returns a namespace with model_def,
-    labels, trainable, tx, state, train_fn, batch_sharding, mesh, host_params (a numpy copy of the initial
-    parameters: the state passed to train_fn is donated) and `batch(texts, labels)` (a padded host batch).
+    `build(strategy, frozen_layers=0, mesh=None, learning_rate=1e-2, make_tx=None)` returns a namespace with
+    model_def, labels, layout, trainable, tx, state, state_sharding, train_fn, batch_sharding, mesh, host_params
+    (a numpy copy of the initial parameters: the state passed to train_fn is donated) and
+    `batch(texts, labels)` (a padded host batch). `make_tx(labels, layout)` replaces the default optimizer.
     """
     import types
 
@@ -124,15 +125,15 @@ def tiny_trainer(tiny_bert_dir):
         ds = batching.EncodedDataset(ids, np.asarray(labels, np.int32), [""] * len(ids))
         return batching.make_batch(ds, np.arange(len(ids)), len(ids), buckets, tokenizer.pad_token_id)
 
-    def build(strategy="full", frozen_layers=0, mesh=None, learning_rate=1e-2, seed=0):
+    def build(strategy="full", frozen_layers=0, mesh=None, learning_rate=1e-2, seed=0, make_tx=None):
         encoder, bert_config = load_bert(tiny_bert_dir)
         module = EncoderClassifier(encoder, bert_config.hidden_size, 2, rngs=nnx.Rngs(seed))
         model_def, params = ModelDef.split(module)
-        labels = strategies.label_params(
-            model_def.names,
-            strategies.strategy_rules(strategy, bert_layout(bert_config.num_hidden_layers), frozen_layers))
+        layout = bert_layout(bert_config.num_hidden_layers)
+        labels = strategies.label_params(model_def.names, strategies.strategy_rules(strategy, layout, frozen_layers))
         trainable = strategies.trainable_names(labels)
-        tx = strategies.partition(labels, optim.adamw(optax.constant_schedule(learning_rate)))
+        tx = (make_tx(labels, layout) if make_tx else
+              strategies.partition(labels, optim.adamw(optax.constant_schedule(learning_rate))))
         mesh_ = sharding.make_mesh(mesh or {"data": 1})
         p_shard = sharding.param_shardings(model_def.names, mesh_)
         replicated = jax.sharding.NamedSharding(mesh_, jax.sharding.PartitionSpec())
@@ -146,8 +147,9 @@ def tiny_trainer(tiny_bert_dir):
         b_shard = sharding.batch_sharding(mesh_)
         train_fn = make_train_step(model_def, tx, classification_loss, trainable, state_sharding=state_shard,
                                    batch_sharding=b_shard)
-        return types.SimpleNamespace(model_def=model_def, labels=labels, trainable=trainable, tx=tx, state=state,
-                                     train_fn=train_fn, batch_sharding=b_shard, mesh=mesh_,
+        return types.SimpleNamespace(model_def=model_def, labels=labels, layout=layout, trainable=trainable, tx=tx,
+                                     state=state, state_sharding=state_shard, train_fn=train_fn,
+                                     batch_sharding=b_shard, mesh=mesh_,
                                      host_params=host_params, batch=make_batch)
 
     return build

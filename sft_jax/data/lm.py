@@ -17,6 +17,8 @@ import numpy as np
 from sft_jax.data.batching import bucket_length
 from sft_jax.data.sources import DataError, iter_jsonl
 
+TEXT_SUFFIXES = (".txt", ".raw")  # plain text; .raw: the WikiText raw files
+
 
 @dataclasses.dataclass(frozen=True)
 class Document:
@@ -46,7 +48,7 @@ def read_documents(spec: str, text_field: str = "text") -> list[Document]:
     docs = _read_documents(spec, text_field)
     if (lo, hi) == (0.0, 1.0):
         return docs
-    if len(docs) == 1 and spec.endswith(".txt"):
+    if len(docs) == 1 and spec.endswith(TEXT_SUFFIXES):
         lines = docs[0].text.splitlines(keepends=True)
         a, b = round(lo * len(lines)), round(hi * len(lines))
         text = "".join(lines[a:b])
@@ -62,7 +64,7 @@ def read_documents(spec: str, text_field: str = "text") -> list[Document]:
 def _read_documents(spec: str, text_field: str) -> list[Document]:
     if not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
-    if spec.endswith(".txt"):
+    if spec.endswith(TEXT_SUFFIXES):
         try:
             with open(spec, encoding="utf-8") as f:
                 text = f.read()
@@ -72,7 +74,7 @@ def _read_documents(spec: str, text_field: str) -> list[Document]:
             raise DataError(f"{spec}: the file is empty")
         return [Document(text, f"{spec}:1")]
     if not spec.endswith(".jsonl"):
-        raise DataError(f"{spec}: language-model data must be .txt or .jsonl")
+        raise DataError(f"{spec}: language-model data must be .txt or .jsonl (or a WikiText .raw file)")
     docs = []
     for where, record in iter_jsonl(spec):
         text = record.get(text_field)

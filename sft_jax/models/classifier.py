@@ -37,11 +37,11 @@ class EncoderClassifier(nnx.Module):
             x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
         return self.head(x)
 
-    def embed(self, input_ids, attention_mask) -> jax.Array:
+    def embed(self, input_ids, attention_mask, *, dropout_rng=None) -> jax.Array:
         """Mean-pooled sentence embedding of the encoder (the STS-B probe), whatever the head pools."""
-        return mean_pool(self.encoder(input_ids, attention_mask), attention_mask)
+        return mean_pool(self.encoder(input_ids, attention_mask, dropout_rng=dropout_rng), attention_mask)
 
 
 def bert_layout(num_layers: int) -> ParamLayout:
     return ParamLayout(embeddings=r"encoder/embeddings/", layer=r"encoder/layers/{i}/", head=r"head/",
-                       num_layers=num_layers)
+                       num_layers=num_layers, fresh=r"head/")

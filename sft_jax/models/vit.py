@@ -167,4 +167,4 @@ class ImageClassifier(nnx.Module):
 def vit_layout(num_layers: int) -> ParamLayout:
     """Where strategies find the parts of an `ImageClassifier` (the final norm counts as the last block's)."""
     return ParamLayout(embeddings=r"vit/embeddings/", layer=r"vit/layers/{i}/", head=r"head/",
-                       num_layers=num_layers)
+                       num_layers=num_layers, fresh=r"head/")
