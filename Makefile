@@ -49,7 +49,7 @@ experiment-gsm8k: install
 	$(BIN)/python experiments/gsm8k/run.py --budget=300 --strategies=lora
 
 experiment-sft-vs-ift: install
-	$(BIN)/python experiments/sft_vs_ift/run.py --budget=240
+	$(BIN)/python experiments/sft_vs_ift/run.py --steps=30
 
 # Pre-trains a small ViT on five CIFAR-10 classes, then head / partial / full vs scratch on the other five.
 experiment-cifar: install

@@ -110,7 +110,9 @@ def write_report(records: list[dict], meta: dict, out: str) -> None:
             "", "MiniLM `lora`: not run, sft_jax implements LoRA for decoders only (classification rejects it).",
             "Peak RSS is the whole process's high-water mark while that variant stepped (it includes the other "
             "models of the group held in memory), so compare it within a row, not as an absolute footprint.", ""]
-        lines += ["## Targets", ""] + markdown_table(["target", "measured", "met"], targets(records)) + [""]
+        lines += ["## Targets", "", "`met` reads this run's ratios as measured. On a loaded machine (see the load "
+                  "average above) these favour sft_jax; check them against a one-thread run (Analysis) before "
+                  "trusting a `yes`.", ""] + markdown_table(["target", "measured", "met"], targets(records)) + [""]
     sweeps = [r for r in records if "sweep" in r]
     if sweeps:
         header = ["sweep", "batch", "seq_len", "sft_jax s/step", "PyTorch s/step", "ratio", "ratio (CPU s)", "MFU"]
