@@ -230,3 +230,23 @@ def image_config():
         return c
 
     return make
+
+
+class CrashAfterSave(Exception):
+    """Raised by `crash_after_save` right after the checkpoint of the chosen step is on disk."""
+
+
+def crash_after_save(monkeypatch, step: int) -> None:
+    """Makes train_and_evaluate die (CrashAfterSave) just after saving its latest checkpoint at `step`:
+    a killed run, for resume tests. Use inside `monkeypatch.context()` to undo it before resuming."""
+    from sft_jax import train
+
+    save_latest = train.Checkpoints.save_latest
+
+    def save_then_crash(self, state, meta):
+        save_latest(self, state, meta)
+        self.wait()
+        if int(state.step) == step:
+            raise CrashAfterSave
+
+    monkeypatch.setattr(train.Checkpoints, "save_latest", save_then_crash)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import CrashAfterSave, crash_after_save
 
 from sft_jax.data import lm as lm_data
 from sft_jax.data.sources import DataError
@@ -192,14 +193,10 @@ def test_time_budget_stops_training(tiny_llama_dir, tmp_path):
     assert results["stopped_out_of_time"] and results["step"] == 1 and results["best_step"] == 1
 
 
-class _Crash(Exception):
-    pass
-
 
 def test_sft_lora_resume_after_crash_is_bit_identical(tiny_llama_dir, tmp_path, monkeypatch):
     """Reliability on the decoder task: packed sft rows, LoRA with dropout (so the RNG matters). A run that
     dies right after its step-2 checkpoint, started again, ends bit-identical to the uninterrupted run."""
-    from sft_jax import train
     from sft_jax.train import train_and_evaluate
 
     records = [{"input": f"{i} plus 1?", "output": f"It is {i + 1}."} for i in range(40)]
@@ -213,18 +210,10 @@ def test_sft_lora_resume_after_crash_is_bit_identical(tiny_llama_dir, tmp_path, 
     c.max_steps, c.checkpoint_every, c.eval_every = 4, 2, 4
     expected = train_and_evaluate(c, str(tmp_path / "ref"))
 
-    save_latest = train.Checkpoints.save_latest
-
-    def save_then_crash(self, state, meta):
-        save_latest(self, state, meta)
-        self.wait()
-        if int(state.step) == 2:
-            raise _Crash
-
     workdir = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(train.Checkpoints, "save_latest", save_then_crash)
-        with pytest.raises(_Crash):
+        crash_after_save(m, 2)
+        with pytest.raises(CrashAfterSave):
             train_and_evaluate(c, str(workdir))
     resumed = train_and_evaluate(c, str(workdir))
     timing = ("train/examples_per_s", "train/tokens_per_s", "train/wall_time_s")

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import CrashAfterSave, crash_after_save
 
 from sft_jax import train
 from sft_jax.state import params_fingerprint
@@ -62,26 +63,15 @@ def test_end_to_end_outputs(finished_run):
     assert os.listdir(workdir / "checkpoints" / "best") == [str(saved["best_step"])]
 
 
-class _Crash(Exception):
-    pass
-
 
 def test_resume_after_crash_is_bit_identical(finished_run, tiny_config, tmp_path, monkeypatch):
     """A run killed right after its step-2 checkpoint, started again with the same command, ends where the
     uninterrupted run ends: same parameters (bit for bit on CPU), same metrics, no step logged twice."""
     _, _, expected = finished_run
     workdir = tmp_path / "run"
-    save_latest = train.Checkpoints.save_latest
-
-    def save_then_crash(self, state, meta):
-        save_latest(self, state, meta)
-        self.wait()
-        if int(state.step) == 2:
-            raise _Crash
-
     with monkeypatch.context() as m:
-        m.setattr(train.Checkpoints, "save_latest", save_then_crash)
-        with pytest.raises(_Crash):
+        crash_after_save(m, 2)
+        with pytest.raises(CrashAfterSave):
             train_and_evaluate(tiny_config, str(workdir))
     assert not (workdir / "results.json").exists()
 
