@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sft_jax.models.dropout import dropout
 from sft_jax.models.mixed import linear_kwargs
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -81,14 +82,6 @@ class BertConfig:
         kwargs = {k: hf_config[k] for k in names if k in hf_config}
         kwargs.update(overrides)
         return cls(**kwargs)
-
-
-def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; the identity when there is no key or nothing to drop."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def attention_bias(attention_mask: jax.Array) -> jax.Array:
@@ -183,7 +176,7 @@ class BertAttention(nnx.Module):
         logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
         logits = logits * (self.head_dim**-0.5) + bias
         probs = jax.nn.softmax(logits, axis=-1)
-        probs = _dropout(probs, self.dropout_rate, dropout_rng)
+        probs = dropout(probs, self.dropout_rate, dropout_rng)
         ctx = jnp.einsum("bnts,bsnd->btnd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
         ctx = ctx.astype(v.dtype)
         return self.out(ctx.reshape(b, t, -1))
@@ -230,9 +223,9 @@ class BertLayer(nnx.Module):
             attn_key, attn_out_key, mlp_out_key = jax.random.split(dropout_rng, 3)
         # The residual stream is float32; sub-block outputs in `dtype` are promoted on the add.
         h = self.attention(x, bias, dropout_rng=attn_key)
-        x = self.attention_norm(x + _dropout(h, self.dropout_rate, attn_out_key))
+        x = self.attention_norm(x + dropout(h, self.dropout_rate, attn_out_key))
         h = self.mlp(x)
-        return self.mlp_norm(x + _dropout(h, self.dropout_rate, mlp_out_key))
+        return self.mlp_norm(x + dropout(h, self.dropout_rate, mlp_out_key))
 
 
 class BertEncoder(nnx.Module):
@@ -272,7 +265,7 @@ class BertEncoder(nnx.Module):
         if dropout_rng is not None:
             # Layer i uses fold_in(key, i); embedding dropout takes the index after the last layer.
             emb_key = jax.random.fold_in(dropout_rng, len(self.layers))
-            x = _dropout(x, self.config.hidden_dropout_prob, emb_key)
+            x = dropout(x, self.config.hidden_dropout_prob, emb_key)
         for i, layer in enumerate(self.layers):
             layer_key = (
                 None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)

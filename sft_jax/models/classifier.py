@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.bert import mean_pool
+from sft_jax.models.dropout import dropout
 from sft_jax.strategies import ParamLayout
 
 POOLINGS = ("cls", "mean")
@@ -33,8 +34,7 @@ class EncoderClassifier(nnx.Module):
     def __call__(self, input_ids, attention_mask, *, dropout_rng=None) -> jax.Array:
         x = self.pooled(input_ids, attention_mask, dropout_rng=dropout_rng)
         if dropout_rng is not None and self.dropout > 0:
-            keep = jax.random.bernoulli(jax.random.fold_in(dropout_rng, 1), 1.0 - self.dropout, x.shape)
-            x = jnp.where(keep, x / (1.0 - self.dropout), 0.0)
+            x = dropout(x, self.dropout, jax.random.fold_in(dropout_rng, 1))
         return self.head(x)
 
     def embed(self, input_ids, attention_mask, *, dropout_rng=None) -> jax.Array:

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sft_jax.models.dropout import dropout
+
 DEFAULT_TARGETS = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."
@@ -99,8 +101,7 @@ class LoRALinear(nnx.Module):
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         h = x
         if rng is not None and self.dropout > 0.0:
-            keep = jax.random.bernoulli(rng, 1.0 - self.dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.dropout), 0.0).astype(x.dtype)
+            h = dropout(h, self.dropout, rng)
         a, b = self.lora_a.value.astype(x.dtype), self.lora_b.value.astype(x.dtype)
         delta = jnp.matmul(jnp.matmul(h, a, precision=self.precision), b, precision=self.precision)
         return y + (delta * self.scale).astype(y.dtype)

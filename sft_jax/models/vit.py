@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models.bert import _ACTIVATIONS, BertAttention, BertMlp, _dropout
+from sft_jax.models.bert import _ACTIVATIONS, BertAttention, BertMlp
+from sft_jax.models.dropout import dropout
 from sft_jax.strategies import ParamLayout
 
 POOLINGS = ("cls", "mean")
@@ -119,8 +120,8 @@ class ViTLayer(nnx.Module):
         keys = (None,) * 3 if dropout_rng is None else jax.random.split(dropout_rng, 3)
         no_mask = jnp.zeros((1, 1, 1, 1), jnp.float32)  # every image has all its patches
         h = self.attention(self.attention_norm(x), no_mask, dropout_rng=keys[0])
-        x = x + _dropout(h, self.dropout_rate, keys[1])
-        return x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[2])
+        x = x + dropout(h, self.dropout_rate, keys[1])
+        return x + dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[2])
 
 
 class ViT(nnx.Module):
@@ -135,7 +136,7 @@ class ViT(nnx.Module):
     def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = self.embeddings(pixel_values)
         if dropout_rng is not None:  # layer i uses fold_in(key, i); embedding dropout the index after the last
-            x = _dropout(x, self.config.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
+            x = dropout(x, self.config.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
         for i, layer in enumerate(self.layers):
             x = layer(x, dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
         return self.norm(x).astype(jnp.float32)
@@ -160,7 +161,7 @@ class ImageClassifier(nnx.Module):
     def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = self.pooled(pixel_values, dropout_rng=dropout_rng)
         if dropout_rng is not None:
-            x = _dropout(x, self.dropout, jax.random.fold_in(dropout_rng, 1))
+            x = dropout(x, self.dropout, jax.random.fold_in(dropout_rng, 1))
         return self.head(x)
 
 
