@@ -62,7 +62,7 @@ def method_runs(task: str, steps: int) -> dict[str, tuple[str, dict]]:
     })
     if t.get("full_lr"):  # every method built on `full` at one learning rate (above the config's 3e-5, so that
         # a short run forgets measurably)
-        for method, (strategy, overrides) in runs.items():
+        for strategy, overrides in runs.values():
             if strategy == "full":
                 overrides["learning_rate"] = t["full_lr"]
     return runs
@@ -237,13 +237,24 @@ def main() -> None:
     unknown = [m for m in methods if m not in runs]
     if unknown:
         parser.error(f"--methods: {unknown} not among {list(runs)}")
+    # Rows of an earlier invocation (results_<task>.json) stand in for runs whose workdirs are gone (they are
+    # not kept in git), when they trained for the same number of steps.
+    path = os.path.join(HERE, f"results_{args.task}.json")
+    earlier = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            earlier = {(r["method"], r["seed"]): r for r in json.load(f) if r.get("step") == args.steps}
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in methods:
             strategy, overrides = runs[method]
             workdir = os.path.join(HERE, "workdirs", args.task, f"{method}_s{seed}")
-            r = run_cli_cached(f"{TASKS[args.task]['config']}:{strategy}", workdir,
-                        {**common_overrides(args.task, args.steps, seed), **overrides})
+            if not os.path.exists(os.path.join(workdir, "results.json")) and (method, seed) in earlier:
+                print(f"reusing the {method} seed {seed} row of {path}", flush=True)
+                r = earlier[(method, seed)]
+            else:
+                r = run_cli_cached(f"{TASKS[args.task]['config']}:{strategy}", workdir,
+                                   {**common_overrides(args.task, args.steps, seed), **overrides})
             rows.append(dict(r, method=method, seed=seed))
             if method == "full":
                 rows += wise_rows(rows[-1], args.task)
