@@ -316,3 +316,15 @@ def test_too_long_sft_record_error_names_file_and_line(tiny_llama_dir, tmp_path,
     c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
     with pytest.raises(DataError, match=rf"^{path}:2: longer than max_length=64 tokens"):
         train.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("task", ["text_classification", "sft"])
+def test_missing_model_directory_is_named(tiny_config, tmp_path, task):
+    """A path (an earlier run's workdir, a local checkpoint) that does not exist is named as such, rather than
+    looked up on the hub as an id."""
+    missing = tmp_path / "runs" / "base_run"
+    tiny_config.model, tiny_config.task = str(missing), task
+    if task == "sft":
+        tiny_config.data.input_field, tiny_config.data.output_field = "text", "label"
+    message = _fails_before_training(tiny_config, tmp_path / "run", exc=ValueError)
+    assert message.startswith(f"{missing}: no such model directory"), message

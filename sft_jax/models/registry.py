@@ -110,6 +110,11 @@ def resolve_checkpoint(name_or_path: str) -> Checkpoint:
     return Checkpoint(resolve_model_dir(name_or_path), "hf")
 
 
+def _looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id: absolute, ~ or . prefixed, or more than one `/`."""
+    return name.startswith(("/", "~", ".")) or name.count("/") > 1 or "\\" in name
+
+
 def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     """Returns a local checkpoint directory for a short name, a local directory, or a hub id.
 
@@ -128,6 +133,8 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
         if (path / "config.json").is_file():
             return path
         raise ValueError(f"{path} is a directory but has no config.json")
+    if _looks_like_path(name_or_path):  # not a hub id ("org/name"): say so rather than try the hub
+        raise ValueError(f"{path}: no such model directory (or earlier run's workdir)")
     try:
         return pathlib.Path(
             huggingface_hub.snapshot_download(
