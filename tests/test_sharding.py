@@ -72,7 +72,7 @@ def test_step_compiles_once_per_bucket(tiny_trainer):
     assert t.train_fn._cache_size() == 2
 
 
-# --- decoders: FSDP and tensor parallelism from the preset rules ---------------------------------------------
+# --- decoders: FSDP and tensor parallelism from the default logical axis rules (parameters and activations) ---
 
 DECODER_MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "tensor": 4}, {"fsdp": 2, "tensor": 4}]
 
@@ -95,8 +95,8 @@ def _decoder_losses(model_dir, mesh_shape, steps=3):
     labels = {name: strategies.TRAINABLE for name in model_def.names}
     tx = strategies.partition(labels, optim.adamw(optax.constant_schedule(1e-2)))
     mesh = sharding.make_mesh(mesh_shape)
-    p_shard = sharding.param_shardings(model_def.names, mesh, sharding.DECODER_RULES,
-                                       shapes={k: v.shape for k, v in params.items()})
+    p_shard = sharding.param_shardings(model_def.names, mesh, shapes={k: v.shape for k, v in params.items()},
+                                       axes=model_def.axes)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
     opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
@@ -106,7 +106,7 @@ def _decoder_losses(model_dir, mesh_shape, steps=3):
     state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
     b_shard = sharding.batch_sharding(mesh)
     step_fn = make_train_step(model_def, tx, lm_loss, model_def.names, state_sharding=state_shard,
-                              batch_sharding=b_shard)
+                              batch_sharding=b_shard, logical_rules=sharding.DEFAULT_LOGICAL_RULES)
     docs = [lm_data.Document(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}", f"d:{i}")
             for i in range(8)]
     ds = lm_data.encode_documents(docs, tokenizer, 32)
