@@ -85,6 +85,17 @@ def _mesh_axes(value) -> tuple[str, ...]:
     return () if value is None else (value,) if isinstance(value, str) else tuple(value)
 
 
+def _checked_mesh_axes(value, key: str, what: str) -> tuple[str, ...]:
+    """`value` (a mesh axis, a tuple of them, or None) as a tuple; a ValueError naming `key` otherwise."""
+    if not (value is None or isinstance(value, str)
+            or (isinstance(value, (tuple, list)) and all(isinstance(a, str) for a in value))):
+        raise ValueError(f"config.{key}: {what!r} -> {value!r}; expected a mesh axis, a tuple of them, or None")
+    bad = [a for a in _mesh_axes(value) if a not in AXES]
+    if bad:
+        raise ValueError(f"config.{key}: {what!r} -> unknown mesh axes {bad}; expected some of {AXES}")
+    return _mesh_axes(value)
+
+
 def check_logical_rules(rules: LogicalRules, key: str = "logical_axis_rules") -> dict[str, tuple[str, ...]]:
     """`rules` as {logical name: mesh axes}; a one-line ValueError naming `key` when an entry is malformed,
     names an unknown logical or mesh axis, or repeats a logical name."""
@@ -97,13 +108,7 @@ def check_logical_rules(rules: LogicalRules, key: str = "logical_axis_rules") ->
             raise ValueError(f"config.{key}: unknown logical axis {name!r}; expected one of {sorted(LOGICAL_AXES)}")
         if name in table:
             raise ValueError(f"config.{key}: logical axis {name!r} appears twice")
-        if not (value is None or isinstance(value, str)
-                or (isinstance(value, (tuple, list)) and all(isinstance(a, str) for a in value))):
-            raise ValueError(f"config.{key}: {name!r} -> {value!r}; expected a mesh axis, a tuple of them, or None")
-        bad = [a for a in _mesh_axes(value) if a not in AXES]
-        if bad:
-            raise ValueError(f"config.{key}: {name!r} -> unknown mesh axes {bad}; expected some of {AXES}")
-        table[name] = _mesh_axes(value)
+        table[name] = _checked_mesh_axes(value, key, name)
     return table
 
 
@@ -119,12 +124,7 @@ def check_regex_rules(rules: Sequence[tuple[str, tuple]], key: str = "sharding_r
         except re.error as e:
             raise ValueError(f"config.{key}: bad regex {entry[0]!r}: {e}") from None
         for axes in entry[1]:
-            if not (axes is None or isinstance(axes, str)
-                    or (isinstance(axes, (tuple, list)) and all(isinstance(a, str) for a in axes))):
-                raise ValueError(f"config.{key}: {entry[0]!r} -> {axes!r} is not a mesh axis, tuple of them or None")
-            bad = [a for a in _mesh_axes(axes) if a not in AXES]
-            if bad:
-                raise ValueError(f"config.{key}: {entry[0]!r} -> unknown mesh axes {bad}; expected some of {AXES}")
+            _checked_mesh_axes(axes, key, entry[0])
 
 
 def logical_spec(names: Sequence[str | None], rules: LogicalRules = DEFAULT_LOGICAL_RULES, mesh: Mesh | None = None,

@@ -77,7 +77,7 @@ def _specs(shardings: dict) -> dict:
 def test_default_logical_rules_reproduce_the_regex_layouts(model, tiny_bert_dir, tiny_llama_dir, tiny_gemma3_dir):
     """Every parameter of each family is annotated (one logical name per dimension), and the default logical
     rules give exactly the PartitionSpecs of the former per-family regex layouts, on every mesh (including the
-    fallback to replication where a dimension does not divide, e.g. Gemma's single KV head over tensor=4)."""
+    fallback to replication where a dimension does not divide, e.g. BERT's 30522-word vocabulary over tensor)."""
     family, _, variant = model.partition("-")
     if family == "bert":
         module, legacy = _bert_classifier(tiny_bert_dir), LEGACY_BERT_RULES
@@ -98,6 +98,8 @@ def test_default_logical_rules_reproduce_the_regex_layouts(model, tiny_bert_dir,
         new = _specs(sharding.param_shardings(model_def.names, mesh, shapes=shapes, axes=model_def.axes))
         assert new == old, {k: (new[k], old[k]) for k in new if new[k] != old[k]}
         assert any(spec for spec in new.values())  # not trivially all-replicated
+        if family == "bert" and mesh_shape == {"fsdp": 2, "tensor": 4}:  # 30522 % 4 != 0: vocab stays whole
+            assert new["encoder/embeddings/word_embeddings/embedding"] == (None, "fsdp")
     # Flax's own reading of the same metadata agrees (the names are plain NNX `out_sharding` annotations).
     with nnx.logical_axis_rules(sharding.DEFAULT_LOGICAL_RULES):
         flax_specs = nnx.get_partition_spec(nnx.state(module, nnx.Param))
