@@ -397,6 +397,10 @@ class DecoderLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 [.., vocab] logits of final hidden states (matmul in the compute dtype)."""
+        out = self._logits(hidden)
+        return constrain(out, "batch", "length", "vocab") if out.ndim == 3 else out
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
         dtype = self.config.dtype
         if self.lm_head is None:
             w = self.embed.embedding.value.astype(dtype)
@@ -415,7 +419,7 @@ class DecoderLM(nnx.Module):
         `dropout_rng` only reaches LoRA adapters with `dropout` > 0 (see `sft_jax.models.lora`)."""
         h, _ = self.hidden(input_ids, positions=positions, segment_ids=segment_ids, attention_mask=attention_mask,
                            dropout_rng=dropout_rng)
-        return constrain(self.logits(h), "batch", "length", "vocab")
+        return self.logits(h)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: Any = None) -> dict:
         """An empty KV cache for `max_len` slots: k, v [layers, B, max_len, kv_heads, head_dim]."""
