@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from sft_jax import sharding
+
 TASKS = ("text_classification", "language_modeling", "sft", "image_classification")
 DTYPES = ("float32", "bfloat16")
 
@@ -139,10 +141,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.forgetting.wikitext2_stride = 511  # window step, < max_length; max_length - 1: disjoint windows (cheapest)
 
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    # ((regex, partition-spec tuple), ...): the first match gives a parameter's sharding. Empty: the preset.
+    # ((logical axis, mesh axis | (mesh axes) | None), ...): where each logical axis of parameters and activations
+    # goes (names: sharding.LOGICAL_AXES; unlisted ones are replicated). The default is Megatron-style FSDP x
+    # tensor parallelism: batch over data x fsdp, embed over fsdp, heads / kv_heads / mlp / vocab over tensor.
+    c.logical_axis_rules = sharding.DEFAULT_LOGICAL_RULES
+    # ((regex, partition-spec tuple), ...): the first match on a parameter's path overrides its logical layout.
     c.sharding_rules = ()
-    # "auto": the model family's FSDP / tensor layout (sharding.DECODER_RULES, BERT_RULES; plain replication on
-    # a data-only mesh); "none": every parameter replicated.
+    # "auto": parameters and activations follow logical_axis_rules (on a data-only mesh: replicated parameters);
+    # "none": every parameter replicated (except those sharding_rules name), activations unconstrained.
     c.sharding_preset = "auto"
     # Multi-host (jax.distributed.initialize): every process runs the same command with its own process_id.
     # Empty / 0 / -1: taken from the environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, Cloud TPU).
@@ -197,6 +203,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
     if config.sharding_preset not in ("auto", "none"):
         raise ValueError(f"config.sharding_preset: {config.sharding_preset!r} is not auto or none")
+    sharding.check_logical_rules(config.logical_axis_rules)
+    sharding.check_regex_rules(config.sharding_rules)
     d = config.distributed
     if d.num_processes < 0 or d.process_id < -1 or (d.num_processes and d.process_id >= d.num_processes):
         raise ValueError(f"config.distributed: process_id={d.process_id} must be in [0, num_processes="

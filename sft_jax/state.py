@@ -28,6 +28,8 @@ class ModelDef:
     graphdef: Any
     treedef: Any
     names: tuple[str, ...]
+    # The logical axis names of each parameter's dimensions (`sharding.logical`); absent when unannotated.
+    axes: dict[str, tuple] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def split(cls, module: nnx.Module) -> tuple[ModelDef, dict[str, jax.Array]]:
@@ -36,7 +38,10 @@ class ModelDef:
         names = tuple(_path_name(path) for path, _ in leaves)
         if len(set(names)) != len(names):
             raise ValueError("parameter paths are not unique")
-        return cls(graphdef, treedef, names), dict(zip(names, (leaf for _, leaf in leaves)))
+        variables = jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        axes = {name: tuple(v.get_metadata()["out_sharding"]) for name, v in zip(names, variables)
+                if v.get_metadata().get("out_sharding")}
+        return cls(graphdef, treedef, names, axes), dict(zip(names, (leaf for _, leaf in leaves)))
 
     def merge(self, params: dict[str, jax.Array]) -> nnx.Module:
         state = jax.tree_util.tree_unflatten(self.treedef, [params[name] for name in self.names])

@@ -396,9 +396,6 @@ class LanguageModelRun:
 
 RUNS = {"text_classification": ClassificationRun, "language_modeling": LanguageModelRun, "sft": LanguageModelRun,
         "image_classification": ImageClassificationRun}
-# The model family's FSDP / tensor-parallel layout (sharding_preset=auto); the small ViTs stay replicated.
-_SHARDING_PRESETS = {"text_classification": sharding.BERT_RULES, "language_modeling": sharding.DECODER_RULES,
-                     "sft": sharding.DECODER_RULES, "image_classification": ()}
 # How forgetting is summarised: (name of the summary, sign of (after - before) that means "forgot").
 _FORGETTING = {"stsb_spearman": ("drop", -1.0), "wikitext2_ppl": ("rise", 1.0), "wikitext2_word_ppl": ("rise", 1.0),
                "source_accuracy": ("drop", -1.0)}
@@ -573,11 +570,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pretrained = {k: np.asarray(v) for k, v in run.params.items()} if config.wise_ft.alphas else None
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    rules = tuple(config.sharding_rules)
-    if not rules and config.sharding_preset == "auto":  # the model family's FSDP / tensor-parallel layout
-        rules = _SHARDING_PRESETS[config.task]
-    p_shard = sharding.param_shardings(run.model_def.names, mesh, rules,
-                                       shapes={k: v.shape for k, v in run.params.items()})
+    # Regex rules win; then (preset auto) the parameters' logical axes under the logical rules; else replicated.
+    logical_rules = tuple(config.logical_axis_rules) if config.sharding_preset == "auto" else None
+    p_shard = sharding.param_shardings(run.model_def.names, mesh, tuple(config.sharding_rules),
+                                       shapes={k: v.shape for k, v in run.params.items()},
+                                       axes=run.model_def.axes if logical_rules is not None else None,
+                                       logical_rules=logical_rules or ())
     b_shard = sharding.batch_sharding(mesh)
     state, state_shard = init_state(run.params, tx, p_shard, mesh, config.seed)
 
@@ -597,8 +595,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # One compiled step per phase (gradual unfreezing, LP-FT), each differentiating only what learns in it.
     train_fns = groups.PhasedStep(phase_list or [(0, trainable)], lambda names: make_train_step(
         run.model_def, tx, run.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
-        accum_steps=config.grad_accum_steps))
-    eval_step = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard)
+        accum_steps=config.grad_accum_steps, logical_rules=logical_rules))
+    eval_step = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard,
+                               logical_rules=logical_rules)
 
     def eval_fn(params, batch):  # host batches become global arrays (each process puts its own rows)
         return eval_step(params, sharding.put_batch(batch, b_shard))

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sft_jax import sharding
 from sft_jax.state import ModelDef, TrainState
 
 LossFn = Callable[..., tuple[jax.Array, dict]]
@@ -94,11 +95,30 @@ def eval_step(params: dict, batch: dict, *, model_def: ModelDef, loss_fn: LossFn
     return aux
 
 
+def _constrained(fn, batch_sharding, logical_rules):
+    """`fn` tracing its model under `sharding.activation_sharding` (the context is entered inside the jitted
+    function, so it is active exactly while the step is traced)."""
+    if logical_rules is None or batch_sharding is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.activation_sharding(batch_sharding.mesh, logical_rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def make_train_step(model_def: ModelDef, tx, loss_fn: LossFn, trainable: Sequence[str], *,
-                    state_sharding=None, batch_sharding=None, donate: bool = True, accum_steps: int = 1):
-    """`train_step` jitted with explicit shardings; the state buffer is donated (updated in place)."""
+                    state_sharding=None, batch_sharding=None, donate: bool = True, accum_steps: int = 1,
+                    logical_rules: sharding.LogicalRules | None = None):
+    """`train_step` jitted with explicit shardings; the state buffer is donated (updated in place).
+
+    With `logical_rules` (and shardings), the model's activations are constrained to the layout those rules
+    give on the batch sharding's mesh (`sharding.constrain`)."""
     fn = functools.partial(train_step, model_def=model_def, tx=tx, loss_fn=loss_fn, trainable=tuple(trainable),
                            accum_steps=accum_steps)
+    fn = _constrained(fn, batch_sharding, logical_rules)
     if state_sharding is None:
         return jax.jit(fn, donate_argnums=(0,) if donate else ())
     # Metrics come back replicated: every process of a multi-host run can read them.
@@ -106,8 +126,11 @@ def make_train_step(model_def: ModelDef, tx, loss_fn: LossFn, trainable: Sequenc
                    out_shardings=(state_sharding, state_sharding.step), donate_argnums=(0,) if donate else ())
 
 
-def make_eval_step(model_def: ModelDef, loss_fn: LossFn, *, params_sharding=None, batch_sharding=None):
-    fn = functools.partial(eval_step, model_def=model_def, loss_fn=loss_fn)
+def make_eval_step(model_def: ModelDef, loss_fn: LossFn, *, params_sharding=None, batch_sharding=None,
+                   logical_rules: sharding.LogicalRules | None = None):
+    """`eval_step` jitted with explicit shardings (activations constrained as in `make_train_step`)."""
+    fn = _constrained(functools.partial(eval_step, model_def=model_def, loss_fn=loss_fn), batch_sharding,
+                      logical_rules)
     if params_sharding is None:
         return jax.jit(fn)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())

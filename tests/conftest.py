@@ -97,10 +97,13 @@ def tiny_trainer(tiny_bert_dir):
     """A factory building what `train_and_evaluate` builds for the tiny BERT (labels, optimizer, sharded
     state, jitted train step) without running it, so tests can step it and look inside the state.
 
-    `build(strategy, frozen_layers=0, mesh=None, learning_rate=1e-2, make_tx=None)` returns a namespace with
+    `build(strategy, frozen_layers=0, mesh=None, learning_rate=1e-2, make_tx=None, logical_rules=None)` returns a
+    namespace with
     model_def, labels, layout, trainable, tx, state, state_sharding, train_fn, batch_sharding, mesh, host_params
     (a numpy copy of the initial parameters: the state passed to train_fn is donated) and
     `batch(texts, labels)` (a padded host batch). `make_tx(labels, layout)` replaces the default optimizer.
+    With `logical_rules` parameters and activations are laid out by them (as the trainer does); without, the
+    parameters are replicated and activations unconstrained.
     """
     import types
 
@@ -125,7 +128,8 @@ def tiny_trainer(tiny_bert_dir):
         ds = batching.EncodedDataset(ids, np.asarray(labels, np.int32), [""] * len(ids))
         return batching.make_batch(ds, np.arange(len(ids)), len(ids), buckets, tokenizer.pad_token_id)
 
-    def build(strategy="full", frozen_layers=0, mesh=None, learning_rate=1e-2, seed=0, make_tx=None):
+    def build(strategy="full", frozen_layers=0, mesh=None, learning_rate=1e-2, seed=0, make_tx=None,
+              logical_rules=None):
         encoder, bert_config = load_bert(tiny_bert_dir)
         module = EncoderClassifier(encoder, bert_config.hidden_size, 2, rngs=nnx.Rngs(seed))
         model_def, params = ModelDef.split(module)
@@ -135,7 +139,9 @@ def tiny_trainer(tiny_bert_dir):
         tx = (make_tx(labels, layout) if make_tx else
               strategies.partition(labels, optim.adamw(optax.constant_schedule(learning_rate))))
         mesh_ = sharding.make_mesh(mesh or {"data": 1})
-        p_shard = sharding.param_shardings(model_def.names, mesh_)
+        p_shard = sharding.param_shardings(model_def.names, mesh_, shapes={k: v.shape for k, v in params.items()},
+                                           axes=model_def.axes if logical_rules else None,
+                                           logical_rules=logical_rules or ())
         replicated = jax.sharding.NamedSharding(mesh_, jax.sharding.PartitionSpec())
         host_params = {k: np.array(v) for k, v in params.items()}
         params = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
@@ -146,7 +152,7 @@ def tiny_trainer(tiny_bert_dir):
         state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
         b_shard = sharding.batch_sharding(mesh_)
         train_fn = make_train_step(model_def, tx, classification_loss, trainable, state_sharding=state_shard,
-                                   batch_sharding=b_shard)
+                                   batch_sharding=b_shard, logical_rules=logical_rules)
         return types.SimpleNamespace(model_def=model_def, labels=labels, layout=layout, trainable=trainable, tx=tx,
                                      state=state, state_sharding=state_shard, train_fn=train_fn,
                                      batch_sharding=b_shard, mesh=mesh_,

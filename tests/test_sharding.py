@@ -72,7 +72,7 @@ def test_step_compiles_once_per_bucket(tiny_trainer):
     assert t.train_fn._cache_size() == 2
 
 
-# --- decoders: FSDP and tensor parallelism from the preset rules ---------------------------------------------
+# --- decoders: FSDP and tensor parallelism from the default logical axis rules (parameters and activations) ---
 
 DECODER_MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "tensor": 4}, {"fsdp": 2, "tensor": 4}]
 
@@ -95,8 +95,8 @@ def _decoder_losses(model_dir, mesh_shape, steps=3):
     labels = {name: strategies.TRAINABLE for name in model_def.names}
     tx = strategies.partition(labels, optim.adamw(optax.constant_schedule(1e-2)))
     mesh = sharding.make_mesh(mesh_shape)
-    p_shard = sharding.param_shardings(model_def.names, mesh, sharding.DECODER_RULES,
-                                       shapes={k: v.shape for k, v in params.items()})
+    p_shard = sharding.param_shardings(model_def.names, mesh, shapes={k: v.shape for k, v in params.items()},
+                                       axes=model_def.axes)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
     opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
@@ -106,7 +106,7 @@ def _decoder_losses(model_dir, mesh_shape, steps=3):
     state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
     b_shard = sharding.batch_sharding(mesh)
     step_fn = make_train_step(model_def, tx, lm_loss, model_def.names, state_sharding=state_shard,
-                              batch_sharding=b_shard)
+                              batch_sharding=b_shard, logical_rules=sharding.DEFAULT_LOGICAL_RULES)
     docs = [lm_data.Document(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}", f"d:{i}")
             for i in range(8)]
     ds = lm_data.encode_documents(docs, tokenizer, 32)
@@ -114,6 +114,8 @@ def _decoder_losses(model_dir, mesh_shape, steps=3):
     for s in range(steps):
         batch = lm_data.make_lm_batch(ds, np.roll(np.arange(8), s), 8, (32,), tokenizer.pad_token_id)
         with jax.default_matmul_precision("highest"):
+            if s == 0:  # the traced step, to look for the activation constraints
+                text = step_fn.lower(state, sharding.put_batch(batch, b_shard)).as_text()
             state, m = step_fn(state, sharding.put_batch(batch, b_shard))
         losses.append(float(m["loss"]))
 
@@ -122,7 +124,7 @@ def _decoder_losses(model_dir, mesh_shape, steps=3):
         total = sum(x.nbytes for x in leaves)
         return sum(x.addressable_shards[0].data.nbytes for x in leaves) / total
 
-    return losses, per_device_fraction(state.params), per_device_fraction(state.opt_state)
+    return losses, per_device_fraction(state.params), per_device_fraction(state.opt_state), text
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -131,11 +133,15 @@ def test_decoder_meshes_match_one_device(family, tiny_llama_dir, tiny_gemma3_dir
 
     Tolerance 2e-5 relative: the same float32 sums in a different order (sharded matmuls, all-reduces)."""
     model_dir = tiny_llama_dir if family == "llama" else tiny_gemma3_dir
-    reference, _, _ = _decoder_losses(model_dir, {"data": 1})
+    reference, _, _, _ = _decoder_losses(model_dir, {"data": 1})
     # Every mesh on the LLaMA; the combined FSDP x tensor mesh on Gemma 3 (QK norms, sliding windows).
     for mesh in DECODER_MESHES if family == "llama" else DECODER_MESHES[-1:]:
-        losses, param_frac, opt_frac = _decoder_losses(model_dir, mesh)
+        losses, param_frac, opt_frac, text = _decoder_losses(model_dir, mesh)
         np.testing.assert_allclose(losses, reference, rtol=2e-5, err_msg=str(mesh))
+        if mesh.get("tensor"):  # the vocabulary-parallel logits constraint is in the step (and so are the others)
+            vocab = int(json.loads((model_dir / "config.json").read_text())["vocab_size"])
+            logits = [line for line in text.splitlines() if "sharding_constraint" in line and f"x{vocab}xf32>" in line]
+            assert any('{"tensor"}]> : tensor<' in line for line in logits), (mesh, logits)
         if mesh == {"fsdp": 8}:
             # Each device holds ~1/8 of the parameter and optimizer bytes (norm scales stay replicated).
             assert param_frac < 0.13 and opt_frac < 0.13, (param_frac, opt_frac)

@@ -22,6 +22,7 @@ from flax import nnx
 
 from sft_jax.models.dropout import dropout
 from sft_jax.models.mixed import linear_kwargs
+from sft_jax.sharding import constrain, logical
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
@@ -108,23 +109,21 @@ class BertEmbeddings(nnx.Module):
         init = nnx.initializers.normal(0.02)
         # Kept in float32: the residual stream stays float32 and only matmul inputs are cast.
         self.word_embeddings = nnx.Embed(
-            config.vocab_size, config.hidden_size, embedding_init=init, rngs=rngs
+            config.vocab_size, config.hidden_size, embedding_init=init, rngs=rngs,
+            embedding_metadata=logical("vocab", "embed"),
         )
         self.position_embeddings = nnx.Embed(
             config.max_position_embeddings,
             config.hidden_size,
             embedding_init=init,
             rngs=rngs,
+            embedding_metadata=logical("position", "norm"),
         )
         self.token_type_embeddings = nnx.Embed(
-            config.type_vocab_size, config.hidden_size, embedding_init=init, rngs=rngs
+            config.type_vocab_size, config.hidden_size, embedding_init=init, rngs=rngs,
+            embedding_metadata=logical("token_type", "norm"),
         )
-        self.norm = nnx.LayerNorm(
-            config.hidden_size,
-            epsilon=config.layer_norm_eps,
-            dtype=jnp.float32,
-            rngs=rngs,
-        )
+        self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
         positions = jnp.arange(input_ids.shape[1])[None, :]
@@ -133,12 +132,20 @@ class BertEmbeddings(nnx.Module):
             + self.position_embeddings(positions)
             + self.token_type_embeddings(token_type_ids)
         )
-        return self.norm(x)
+        return constrain(self.norm(x), "batch", "length", "embed")
+
+
+def layer_norm(size: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """A float32 layer norm whose scale and bias are replicated model-width vectors."""
+    return nnx.LayerNorm(size, epsilon=eps, dtype=jnp.float32, rngs=rngs,
+                         scale_metadata=logical("norm"), bias_metadata=logical("norm"))
 
 
 def _linear(
-    in_features: int, out_features: int, config: BertConfig, rngs: nnx.Rngs
+    in_features: int, out_features: int, config: BertConfig, rngs: nnx.Rngs, axes: tuple[str, str]
 ) -> nnx.Linear:
+    # A bias added to the residual stream (output "embed") is a small vector: replicated like the norms.
+    bias_axis = "norm" if axes[1] == "embed" else axes[1]
     return nnx.Linear(
         in_features,
         out_features,
@@ -146,6 +153,8 @@ def _linear(
         param_dtype=jnp.float32,
         kernel_init=nnx.initializers.normal(0.02),
         rngs=rngs,
+        kernel_metadata=logical(*axes),
+        bias_metadata=logical(bias_axis),
         **linear_kwargs(config.dtype),
     )
 
@@ -158,10 +167,10 @@ class BertAttention(nnx.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.dropout_rate = config.attention_probs_dropout_prob
-        self.query = _linear(h, h, config, rngs)
-        self.key = _linear(h, h, config, rngs)
-        self.value = _linear(h, h, config, rngs)
-        self.out = _linear(h, h, config, rngs)
+        self.query = _linear(h, h, config, rngs, ("embed", "heads"))
+        self.key = _linear(h, h, config, rngs, ("embed", "heads"))
+        self.value = _linear(h, h, config, rngs, ("embed", "heads"))
+        self.out = _linear(h, h, config, rngs, ("heads", "embed"))
 
     def __call__(
         self, x: jax.Array, bias: jax.Array, *, dropout_rng: jax.Array | None = None
@@ -169,9 +178,10 @@ class BertAttention(nnx.Module):
         b, t, _ = x.shape
         # A reshape (no transpose) to [B, T, N, D]; the einsums below pick the layout they need.
         split = (b, t, self.num_heads, self.head_dim)
-        q = self.query(x).reshape(split)
-        k = self.key(x).reshape(split)
-        v = self.value(x).reshape(split)
+        heads = ("batch", "length", "heads", "head_dim")
+        q = constrain(self.query(x).reshape(split), *heads)
+        k = constrain(self.key(x).reshape(split), *heads)
+        v = constrain(self.value(x).reshape(split), *heads)
         # Logits and softmax in float32 even for bf16 inputs: the mask bias and exp need the range.
         logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
         logits = logits * (self.head_dim**-0.5) + bias
@@ -187,11 +197,11 @@ class BertMlp(nnx.Module):
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self.activation = _ACTIVATIONS[config.hidden_act]
-        self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs)
-        self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs)
+        self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs, ("embed", "mlp"))
+        self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down(self.activation(self.up(x)))
+        return self.down(constrain(self.activation(self.up(x)), "batch", "length", "mlp"))
 
 
 class BertLayer(nnx.Module):
@@ -200,19 +210,9 @@ class BertLayer(nnx.Module):
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         self.dropout_rate = config.hidden_dropout_prob
         self.attention = BertAttention(config, rngs=rngs)
-        self.attention_norm = nnx.LayerNorm(
-            config.hidden_size,
-            epsilon=config.layer_norm_eps,
-            dtype=jnp.float32,
-            rngs=rngs,
-        )
+        self.attention_norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
         self.mlp = BertMlp(config, rngs=rngs)
-        self.mlp_norm = nnx.LayerNorm(
-            config.hidden_size,
-            epsilon=config.layer_norm_eps,
-            dtype=jnp.float32,
-            rngs=rngs,
-        )
+        self.mlp_norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
 
     def __call__(
         self, x: jax.Array, bias: jax.Array, *, dropout_rng: jax.Array | None = None
@@ -270,5 +270,5 @@ class BertEncoder(nnx.Module):
             layer_key = (
                 None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             )
-            x = layer(x, bias, dropout_rng=layer_key)
+            x = constrain(layer(x, bias, dropout_rng=layer_key), "batch", "length", "embed")
         return x.astype(jnp.float32)

@@ -8,6 +8,7 @@ from flax import nnx
 
 from sft_jax.models.bert import mean_pool
 from sft_jax.models.dropout import dropout
+from sft_jax.sharding import logical
 from sft_jax.strategies import ParamLayout
 
 POOLINGS = ("cls", "mean")
@@ -22,7 +23,8 @@ class EncoderClassifier(nnx.Module):
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
         self.encoder = encoder
         self.pooling, self.dropout = pooling, dropout
-        self.head = nnx.Linear(hidden_size, num_labels, kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.head = nnx.Linear(hidden_size, num_labels, kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+                               kernel_metadata=logical("embed", "classes"), bias_metadata=logical("classes"))
 
     def pooled(self, input_ids, attention_mask, *, dropout_rng=None) -> jax.Array:
         encoder_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.mixed import linear_dot, linear_kwargs
+from sft_jax.sharding import constrain, logical
 
 FAMILIES = ("llama", "gemma3")
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -44,6 +45,7 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 # A finite "minus infinity": a query with nothing to attend to (a padding row) stays finite, not NaN.
 _NEG = float(jnp.finfo(jnp.float32).min)
+_HEADS, _KV_HEADS = ("batch", "length", "heads", "head_dim"), ("batch", "length", "kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,9 +193,10 @@ def _rope_parameters(hf: Mapping[str, Any]) -> dict:
 class RMSNorm(nnx.Module):
     """x / rms(x) * w (LLaMA) or * (1 + w) (Gemma, whose weights are stored as an offset), in float32."""
 
-    def __init__(self, dim: int, eps: float, *, offset: bool):
+    def __init__(self, dim: int, eps: float, *, offset: bool, axis: str = "norm"):
         self.eps, self.offset = eps, offset
-        self.scale = nnx.Param(jnp.zeros((dim,), jnp.float32) if offset else jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.zeros((dim,), jnp.float32) if offset else jnp.ones((dim,), jnp.float32),
+                               **logical(axis))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -214,9 +217,10 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def _linear(n_in: int, n_out: int, config: DecoderConfig, rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, config: DecoderConfig, rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=config.dtype, param_dtype=jnp.float32,
-                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs, **linear_kwargs(config.dtype))
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs, kernel_metadata=logical(*axes),
+                      **linear_kwargs(config.dtype))
 
 
 def _project(linear: nnx.Module, x: jax.Array, rng: jax.Array | None, index: int) -> jax.Array:
@@ -248,22 +252,22 @@ class Attention(nnx.Module):
         self.scale = float(config.query_pre_attn_scalar or d) ** -0.5
         self.window = config.sliding_window if layer_type == SLIDING else None
         self.theta = config.rope_local_theta if layer_type == SLIDING and config.gemma else config.rope_theta
-        self.q = _linear(h, n * d, config, rngs)
-        self.k = _linear(h, k * d, config, rngs)
-        self.v = _linear(h, k * d, config, rngs)
-        self.o = _linear(n * d, h, config, rngs)
+        self.q = _linear(h, n * d, config, rngs, ("embed", "heads"))
+        self.k = _linear(h, k * d, config, rngs, ("embed", "kv_heads"))
+        self.v = _linear(h, k * d, config, rngs, ("embed", "kv_heads"))
+        self.o = _linear(n * d, h, config, rngs, ("heads", "embed"))
         if config.gemma:
-            self.q_norm = RMSNorm(d, config.rms_norm_eps, offset=True)
-            self.k_norm = RMSNorm(d, config.rms_norm_eps, offset=True)
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, offset=True, axis="head_dim")
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, offset=True, axis="head_dim")
         else:
             self.q_norm = self.k_norm = None
 
     def __call__(self, x, positions, segments, index, cache=None, rng=None):
         b, t, _ = x.shape
         dtype = x.dtype
-        q = _project(self.q, x, rng, 0).reshape(b, t, self.num_heads, self.head_dim)
-        k = _project(self.k, x, rng, 1).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = _project(self.v, x, rng, 2).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = constrain(_project(self.q, x, rng, 0).reshape(b, t, self.num_heads, self.head_dim), *_HEADS)
+        k = constrain(_project(self.k, x, rng, 1).reshape(b, t, self.num_kv_heads, self.head_dim), *_KV_HEADS)
+        v = constrain(_project(self.v, x, rng, 2).reshape(b, t, self.num_kv_heads, self.head_dim), *_KV_HEADS)
         if self.q_norm is not None:
             q, k = self.q_norm(q).astype(q.dtype), self.k_norm(k).astype(k.dtype)
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
@@ -298,12 +302,13 @@ class Mlp(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.activation = _ACTIVATIONS[config.hidden_act]
-        self.gate = _linear(config.hidden_size, config.intermediate_size, config, rngs)
-        self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs)
-        self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs)
+        self.gate = _linear(config.hidden_size, config.intermediate_size, config, rngs, ("embed", "mlp"))
+        self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs, ("embed", "mlp"))
+        self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs, ("mlp", "embed"))
 
     def __call__(self, x, rng=None):
-        h = self.activation(_project(self.gate, x, rng, 0)) * _project(self.up, x, rng, 1)
+        h = constrain(self.activation(_project(self.gate, x, rng, 0)) * _project(self.up, x, rng, 1),
+                      "batch", "length", "mlp")
         return _project(self.down, h, rng, 2)
 
 
@@ -339,10 +344,12 @@ class DecoderLM(nnx.Module):
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=jnp.float32,
-                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                               embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+                               embedding_metadata=logical("vocab", "embed"))
         self.layers = nnx.List([Block(config, config.layer_type(i), rngs=rngs) for i in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.gemma)
-        self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs)
+        self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs,
+                                                                  ("embed", "vocab"))
 
     def hidden(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
@@ -377,10 +384,12 @@ class DecoderLM(nnx.Module):
         x = self.embed(input_ids).astype(jnp.float32)
         if self.config.gemma:
             x = x * jnp.float32(self.config.hidden_size**0.5)
+        x = constrain(x, "batch", "length", "embed")
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else dict(cache, layer=i)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             x, layer_cache = layer(x, positions, segment_ids, index, layer_cache, rng)
+            x = constrain(x, "batch", "length", "embed")
             if cache is not None:
                 cache = {k: v for k, v in layer_cache.items() if k != "layer"}
         new_cache = None if cache is None else dict(cache, end=offset + t)
@@ -388,6 +397,10 @@ class DecoderLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 [.., vocab] logits of final hidden states (matmul in the compute dtype)."""
+        out = self._logits(hidden)
+        return constrain(out, "batch", "length", "vocab") if out.ndim == 3 else out
+
+    def _logits(self, hidden: jax.Array) -> jax.Array:
         dtype = self.config.dtype
         if self.lm_head is None:
             w = self.embed.embedding.value.astype(dtype)
@@ -422,7 +435,7 @@ class DecoderLM(nnx.Module):
             return
         c = self.config
         head = nnx.Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=jnp.float32,
-                          rngs=nnx.Rngs(0), **linear_kwargs(c.dtype))
+                          rngs=nnx.Rngs(0), kernel_metadata=logical("embed", "vocab"), **linear_kwargs(c.dtype))
         head.kernel.value = jnp.asarray(self.embed.embedding.value).T
         self.lm_head = nnx.data(head)  # the attribute was created as static None
         self.config = dataclasses.replace(c, tie_embeddings=False)

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.dropout import dropout
+from sft_jax.sharding import logical
 
 DEFAULT_TARGETS = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -81,8 +82,11 @@ class LoRALinear(nnx.Module):
         self.bias = base.bias
         # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in], i.e. U(-1/sqrt(in), 1/sqrt(in)).
         bound = 1.0 / math.sqrt(n_in)
-        self.lora_a = nnx.Param(jax.random.uniform(rngs.params(), (n_in, rank), jnp.float32, -bound, bound))
-        self.lora_b = nnx.Param(jnp.zeros((rank, n_out), jnp.float32))
+        # Each adapter shares one logical axis with the base kernel (and is sharded like it there).
+        axes_in, axes_out = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        self.lora_a = nnx.Param(jax.random.uniform(rngs.params(), (n_in, rank), jnp.float32, -bound, bound),
+                                **logical(axes_in, "lora_rank"))
+        self.lora_b = nnx.Param(jnp.zeros((rank, n_out), jnp.float32), **logical("lora_rank", axes_out))
         self.in_features, self.out_features, self.rank = n_in, n_out, rank
         self.scale = float(alpha) / rank
         self.dropout = float(dropout)

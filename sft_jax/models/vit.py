@@ -21,8 +21,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models.bert import _ACTIVATIONS, BertAttention, BertMlp
+from sft_jax.models.bert import _ACTIVATIONS, BertAttention, BertMlp, layer_norm
 from sft_jax.models.dropout import dropout
+from sft_jax.sharding import constrain, logical
 from sft_jax.strategies import ParamLayout
 
 POOLINGS = ("cls", "mean")
@@ -87,10 +88,11 @@ class ViTEmbeddings(nnx.Module):
         self.config = config
         p, c, h = config.patch_size, config.num_channels, config.hidden_size
         self.patch = nnx.Linear(p * p * c, h, dtype=config.dtype, kernel_init=nnx.initializers.lecun_normal(),
-                                rngs=rngs)
+                                rngs=rngs, kernel_metadata=logical("patch", "embed"), bias_metadata=logical("norm"))
         init = nnx.initializers.truncated_normal(0.02)
-        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, h), jnp.float32))
-        self.position_embeddings = nnx.Param(init(rngs.params(), (1, config.num_patches + 1, h), jnp.float32))
+        self.cls_token = nnx.Param(init(rngs.params(), (1, 1, h), jnp.float32), **logical(None, None, "norm"))
+        self.position_embeddings = nnx.Param(init(rngs.params(), (1, config.num_patches + 1, h), jnp.float32),
+                                             **logical(None, "position", "norm"))
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         b, height, width, c = pixel_values.shape
@@ -110,10 +112,9 @@ class ViTLayer(nnx.Module):
 
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
         self.dropout_rate = config.hidden_dropout_prob
-        norm = dict(epsilon=config.layer_norm_eps, dtype=jnp.float32, rngs=rngs)
-        self.attention_norm = nnx.LayerNorm(config.hidden_size, **norm)
+        self.attention_norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
         self.attention = BertAttention(config, rngs=rngs)
-        self.mlp_norm = nnx.LayerNorm(config.hidden_size, **norm)
+        self.mlp_norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
         self.mlp = BertMlp(config, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -131,14 +132,15 @@ class ViT(nnx.Module):
         self.config = config
         self.embeddings = ViTEmbeddings(config, rngs=rngs)
         self.layers = nnx.List([ViTLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
-        self.norm = nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=jnp.float32, rngs=rngs)
+        self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
 
     def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
-        x = self.embeddings(pixel_values)
+        x = constrain(self.embeddings(pixel_values), "batch", "length", "embed")
         if dropout_rng is not None:  # layer i uses fold_in(key, i); embedding dropout the index after the last
             x = dropout(x, self.config.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
         for i, layer in enumerate(self.layers):
             x = layer(x, dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+            x = constrain(x, "batch", "length", "embed")
         return self.norm(x).astype(jnp.float32)
 
 
@@ -152,7 +154,7 @@ class ImageClassifier(nnx.Module):
         self.vit = vit
         self.pooling, self.dropout = pooling, dropout
         self.head = nnx.Linear(vit.config.hidden_size, num_labels, kernel_init=nnx.initializers.normal(0.02),
-                               rngs=rngs)
+                               rngs=rngs, kernel_metadata=logical("embed", "classes"), bias_metadata=logical("classes"))
 
     def pooled(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         hidden = self.vit(pixel_values, dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, 0))
