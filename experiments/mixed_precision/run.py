@@ -64,7 +64,8 @@ def main() -> None:
         + ", ".join(f"{d:+.2f}" for d in diffs) + f"): {verdict} the 0.5-point target.", "",
         "One dev example is 0.11 points, so the 0.5-point bound is 4-5 examples; seed-to-seed spread of the same "
         "dtype is of that order too, which is why the difference is taken per seed (same data order and "
-        "dropout masks, only the compute dtype differs).", "",
+        "dropout masks, only the compute dtype differs). The examples/s column was measured while other jobs "
+        "shared the 2 CPU cores and compares nothing: speed is measured by experiments/benchmarks/.", "",
         "Commands:", "", *[f"    {r['command']}" for r in rows], ""]
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
         f.write("\n".join(lines))
