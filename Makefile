@@ -56,7 +56,8 @@ experiment-sft-vs-ift: install
 experiment-cifar: install
 	$(BIN)/python experiments/cifar_transfer/run.py
 
-# Equal steps (150 at batch 32) per method on SST-2 / minilm-l6; the XSum half: --task=xsum (slow on CPU).
+# Equal steps (150 at batch 32) per method on SST-2 / minilm-l6; the XSum half (SmolLM2, ~2 CPU-hours):
+# python experiments/forgetting/run.py --task=xsum --steps=30
 experiment-forgetting: install
 	$(BIN)/python experiments/forgetting/run.py --task=sst2 --steps=150
 
