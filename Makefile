@@ -59,7 +59,7 @@ experiment-cifar: install
 # Equal steps (150 at batch 32) per method on SST-2 / minilm-l6; the XSum half (SmolLM2, ~2 CPU-hours):
 # python experiments/forgetting/run.py --task=xsum --steps=30
 experiment-forgetting: install
-	$(BIN)/python experiments/forgetting/run.py --task=sst2 --steps=150
+	$(BIN)/python experiments/forgetting/run.py --task=sst2 --steps=150 --seeds=0,1
 
 experiment-overfitting: install
 	$(BIN)/python experiments/overfitting/run.py --lrs=1e-5,5e-5,2e-4 --train_examples=640 --epochs=4 --evals_per_epoch=1

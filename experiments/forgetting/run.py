@@ -184,9 +184,12 @@ checkpoint has no MLM head). The weight 1.0 was not tuned (no budget for a sweep
 every steps/8 steps, embeddings last. `wise_ft a=...`: the `full` run's final weights interpolated with the
 pre-trained encoder (the trained head kept), evaluated after training: no extra training.
 
-Budget: 150 steps of batch 32 (0.07 epochs of SST-2) per method, one seed. The plan was 400-600 steps; this
-shared 2-core machine ran 5-10x slower than when idle (other jobs), so a 150-step full run took about 8
-minutes and every method plus the probes took well over an hour. At 150 steps full fine-tuning is still
+Budget: 150 steps of batch 32 (0.07 epochs of SST-2) per method, seeds 0 and 1 (`--seeds=0,1`; mean ± standard
+deviation over the two). Seed 0 ran in stop 12 with threefry dropout masks (its row is reused from
+results_sst2.json), seed 1 in stop 13 with the hash-based masks (`sft_jax/models/dropout.py`): same rate,
+different bits, so the two seeds differ in data order, head initialisation and masks alike. The plan was 400-600
+steps; in stop 12 this shared 2-core machine ran 5-10x slower than when idle (other jobs), so a 150-step full
+run took about 8 minutes and every method plus the probes took well over an hour. At 150 steps full fine-tuning is still
 improving, so the table compares methods early in training, where differences in learning speed matter as much
 as differences in forgetting. examples/s and wall times were measured under that varying load (the last three
 methods ran in parallel with each other) and compare nothing; `full`'s wall time includes its WiSE-FT sweep.
