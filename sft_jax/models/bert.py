@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.dropout import dropout
-from sft_jax.models.mixed import linear_kwargs
+from sft_jax.models.mixed import Linear, linear_kwargs
 from sft_jax.sharding import constrain, logical
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -143,10 +143,10 @@ def layer_norm(size: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 def _linear(
     in_features: int, out_features: int, config: BertConfig, rngs: nnx.Rngs, axes: tuple[str, str]
-) -> nnx.Linear:
+) -> Linear:
     # A bias added to the residual stream (output "embed") is a small vector: replicated like the norms.
     bias_axis = "norm" if axes[1] == "embed" else axes[1]
-    return nnx.Linear(
+    return Linear(
         in_features,
         out_features,
         dtype=config.dtype,

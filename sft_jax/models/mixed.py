@@ -13,6 +13,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 _F32 = jnp.float32
@@ -20,6 +21,18 @@ _F32 = jnp.float32
 
 def _linear_dims(ndim: int):
     return (((ndim - 1,), (0,)), ((), ()))
+
+
+def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x [..., K], g [..., N] -> x^T g [K, N] in float32, contracting every leading axis as it stands.
+
+    Not as one [rows, K]^T @ [rows, N] product: XLA:CPU runs that transposed-operand bfloat16 dot by
+    converting both operands to float32 (~150 GFLOP/s on 2 cores), while contracting the batch and length
+    axes in place keeps the native bfloat16 path (300-700 GFLOP/s; `experiments/benchmarks/notes.md`)."""
+    if x.ndim == 2:  # one leading axis: give the dot the same two-axis contraction
+        x, g = x[None], g[None]
+    lead = tuple(range(x.ndim - 1))
+    return lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=_F32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -37,12 +50,50 @@ def _bwd(out_dtype, res, g):
     x, w = res
     g = g.astype(x.dtype)  # the incoming gradient in the compute dtype, as for any bfloat16 activation
     dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
-    x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-    dw = lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
-    return dx.astype(x.dtype), dw.astype(w.dtype)
+    return dx.astype(x.dtype), _weight_grad(x, g).astype(w.dtype)
 
 
 linear_dot.defvjp(_fwd, _bwd)
+
+
+def _bias_grad(g: jax.Array) -> jax.Array:
+    """The bias gradient, summed in float32: a bfloat16 sum over batch x length rows is both less accurate
+    and, on XLA:CPU, several times slower (it becomes a pairwise reduce-window)."""
+    return jnp.sum(g.astype(_F32), axis=tuple(range(g.ndim - 1)))
+
+
+@jax.custom_vjp
+def linear_bias_dot(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """x [..., K] @ w [K, N] + b [N] (b float32), accumulated and biased in float32, returned in x's dtype."""
+    out = lax.dot_general(x, w.astype(x.dtype), _linear_dims(x.ndim), preferred_element_type=_F32)
+    return (out + b.astype(_F32)).astype(x.dtype)
+
+
+def _bias_fwd(x, w, b):
+    return linear_bias_dot(x, w, b), (x, w, b)  # w, b: the parameters themselves (no copy kept)
+
+
+def _bias_bwd(res, g):
+    x, w, b = res
+    g = g.astype(x.dtype)
+    dx = lax.dot_general(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
+    return dx.astype(x.dtype), _weight_grad(x, g).astype(w.dtype), _bias_grad(g).astype(b.dtype)
+
+
+linear_bias_dot.defvjp(_bias_fwd, _bias_bwd)
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` whose bfloat16 layers add their bias in float32 inside the float32-accumulating dot.
+
+    The same parameters and the same float32 computation as `nnx.Linear`; in bfloat16 the output is
+    rounded once, after the bias, and the bias gradient is summed in float32 (see `_bias_grad`)."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if (self.bias is None or out_sharding is not None or self.preferred_element_type is not None
+                or self.dtype is None or jnp.dtype(self.dtype) != jnp.bfloat16):
+            return super().__call__(inputs, out_sharding)
+        return linear_bias_dot(inputs.astype(self.dtype), self.kernel[...], self.bias[...])
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
