@@ -24,9 +24,32 @@ from sft_jax.models.dropout import dropout
 from sft_jax.models.mixed import Linear, linear_kwargs
 from sft_jax.sharding import constrain, logical
 
+@jax.custom_vjp
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """The exact (erf) GELU of HF's "gelu", with a one-pass backward that recomputes Phi(x) + x phi(x)
+    from x in float32 (autodiff of `jax.nn.gelu(approximate=False)` goes through erf's polynomial)."""
+    xf = x.astype(jnp.float32)
+    return (0.5 * xf * (1.0 + jax.lax.erf(xf * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu_exact(x), x
+
+
+def _gelu_bwd(x, g):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * xf * xf) * _INV_SQRT_2PI
+    return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": lambda x: gelu_exact(x),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,
