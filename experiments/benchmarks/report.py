@@ -110,7 +110,8 @@ def write_report(records: list[dict], meta: dict, out: str) -> None:
         rows = [[r["model"], r["strategy"], r["dtype"], f"{r['batch']}x{r['seq_len']}",
                  f"{r['ours_tokens_per_s']:.0f}", f"{r['baseline_tokens_per_s']:.0f}", f"{r['ratio']:.2f}",
                  f"{r['baseline_cpu_s_per_step'] / r['ours_cpu_s_per_step']:.2f}"]
-                + ([f"{r.get('baseline_bf16_autocast_tokens_per_s', float('nan')):.0f}"] if autocast else [])
+                + ([f"{r['baseline_bf16_autocast_tokens_per_s']:.0f}" if "baseline_bf16_autocast_tokens_per_s" in r
+                    else "-"] if autocast else [])
                 + [f"{r['mfu']:.0%}", f"{r['compile_s']:.1f}",
                    f"{r['ours_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f}", f"{r['trainable_params']:,}"]
                 for r in main]
