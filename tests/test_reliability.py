@@ -204,6 +204,13 @@ def test_train_step_never_applies_a_nonfinite_update(tiny_trainer):
     for k, v in state.params.items():
         np.testing.assert_array_equal(np.asarray(v), before[k])
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.opt_state), opt_before)
+    # The guard is one conditional around the optimizer update (only the taken branch runs), not a select
+    # over every parameter and moment; a finite batch after the skipped one is applied.
+    good = t.batch(["good film", "bad film"], [1, 0])
+    assert "stablehlo.case" in t.train_fn.lower(state, good).as_text()
+    state, metrics = t.train_fn(state, good)
+    assert int(metrics["nonfinite"]) == 0 and int(state.step) == 2
+    assert any(not np.array_equal(np.asarray(v), before[k]) for k, v in state.params.items())
 
 
 def test_unwritable_workdir_fails_before_training(tiny_config, tmp_path):
