@@ -24,6 +24,10 @@ from sft_jax.models.dropout import dropout
 from sft_jax.models.mixed import Linear, linear_kwargs
 from sft_jax.sharding import constrain, logical
 
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
 @jax.custom_vjp
 def gelu_exact(x: jax.Array) -> jax.Array:
     """The exact (erf) GELU of HF's "gelu", with a one-pass backward that recomputes Phi(x) + x phi(x)
@@ -44,12 +48,10 @@ def _gelu_bwd(x, g):
 
 
 gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
-_SQRT_HALF = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # HF "gelu" is the exact erf form; jax.nn.gelu defaults to the tanh approximation.
-    "gelu": lambda x: gelu_exact(x),
+    "gelu": gelu_exact,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "relu": jax.nn.relu,

@@ -35,6 +35,13 @@ def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
     return lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=_F32)
 
 
+def _input_and_weight_grads(x: jax.Array, w: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """dx (in x's dtype) and dW (float32) of x @ w for the output gradient g, both dots accumulating in float32."""
+    g = g.astype(x.dtype)  # the incoming gradient in the compute dtype, as for any bfloat16 activation
+    dx = lax.dot_general(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
+    return dx.astype(x.dtype), _weight_grad(x, g)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def linear_dot(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """x [..., K] @ w [K, N], accumulated in float32, returned in `out_dtype` (default: x's dtype)."""
@@ -48,9 +55,8 @@ def _fwd(x, w, out_dtype):
 
 def _bwd(out_dtype, res, g):
     x, w = res
-    g = g.astype(x.dtype)  # the incoming gradient in the compute dtype, as for any bfloat16 activation
-    dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
-    return dx.astype(x.dtype), _weight_grad(x, g).astype(w.dtype)
+    dx, dw = _input_and_weight_grads(x, w, g)
+    return dx, dw.astype(w.dtype)
 
 
 linear_dot.defvjp(_fwd, _bwd)
@@ -75,9 +81,8 @@ def _bias_fwd(x, w, b):
 
 def _bias_bwd(res, g):
     x, w, b = res
-    g = g.astype(x.dtype)
-    dx = lax.dot_general(g, w.astype(x.dtype), (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=_F32)
-    return dx.astype(x.dtype), _weight_grad(x, g).astype(w.dtype), _bias_grad(g).astype(b.dtype)
+    dx, dw = _input_and_weight_grads(x, w, g)
+    return dx, dw.astype(w.dtype), _bias_grad(g).astype(b.dtype)
 
 
 linear_bias_dot.defvjp(_bias_fwd, _bias_bwd)
