@@ -108,3 +108,64 @@ def test_exact_gelu_custom_vjp_matches_autodiff():
     # one rounding of the float32 value (the float32 values may differ in their last bit near zero)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(exact.astype(jnp.bfloat16), np.float32),
                                rtol=8e-3, atol=1e-5)
+
+
+def test_float32_linear_uses_the_custom_vjp_with_autodiff_values():
+    """float32 layers built with `linear_kwargs` go through `linear_dot` too (its backward is what keeps
+    XLA:CPU from fusing a strided transpose into the gradient's producer): the same output as `nnx.Linear`,
+    the same gradients to float32 rounding, and the weight gradient one flattened [rows, K]^T @ [rows, N] dot."""
+    from flax import nnx
+
+    from sft_jax.models.mixed import linear_kwargs
+
+    kwargs = linear_kwargs(jnp.float32)
+    assert kwargs["dot_general"] is dot_general
+    ours = nnx.Linear(48, 24, use_bias=False, rngs=nnx.Rngs(3), **kwargs)
+    plain = nnx.Linear(48, 24, use_bias=False, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.key(4), (3, 10, 48))
+
+    def loss(layer, x):
+        return jnp.sum(jnp.sin(layer(x)))
+
+    np.testing.assert_array_equal(np.asarray(ours(x)), np.asarray(plain(x)))
+    (g_ours, dx_ours), (g_plain, dx_plain) = (nnx.grad(loss, argnums=(0, 1))(m, x) for m in (ours, plain))
+    np.testing.assert_allclose(dx_ours, dx_plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g_ours.kernel.value, g_plain.kernel.value, rtol=1e-5, atol=1e-5)
+    text = str(jax.make_jaxpr(nnx.grad(loss))(ours, x))
+    assert "custom_vjp_call" in text
+    assert "dimension_numbers=(([0], [0]), ([], []))" in text, text
+
+
+def test_attention_backward_matches_autodiff_with_padding_and_packing():
+    """decoder.attend's written-out backward equals autodiff of the masked softmax attention: packed
+    segments, padding rows (no key to attend to: zero gradient), grouped queries, a KV longer than the query
+    (as with a cache); float32 tightly, bfloat16 to its rounding."""
+    from sft_jax.models.decoder import _attention_probs, attend, attention_mask
+
+    b, t, s, k, g, d = 2, 7, 9, 2, 3, 8
+    keys = jax.random.split(jax.random.key(5), 4)
+    q = jax.random.normal(keys[0], (b, t, k, g, d))
+    kk = jax.random.normal(keys[1], (b, s, k, d))
+    v = jax.random.normal(keys[2], (b, s, k, d))
+    do = jax.random.normal(keys[3], q.shape)
+    q_seg = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1] * 7])
+    k_seg = jnp.concatenate([jnp.array([[1, 1]] * 2), q_seg], axis=1)  # two cached slots before the query
+    mask = attention_mask(q_seg, jnp.broadcast_to(jnp.arange(2, 9), (b, t)), k_seg,
+                          jnp.broadcast_to(jnp.arange(s), (b, s)), None)
+
+    def ref(q, kk, v):
+        return jnp.einsum("bkgts,bskd->btkgd", _attention_probs(q, kk, mask, 0.3), v)
+
+    want, want_vjp = jax.vjp(ref, q, kk, v)
+    got, got_vjp = jax.vjp(lambda a, c, e: attend(a, c, e, mask, 0.3), q, kk, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    grads = got_vjp(do)
+    assert not np.any(np.asarray(grads[0][0, 5:]))  # padding queries
+    for a, w in zip(grads, want_vjp(do)):
+        np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
+    bf = [x.astype(jnp.bfloat16) for x in (q, kk, v)]
+    out, vjp = jax.vjp(lambda a, c, e: attend(a, c, e, mask, 0.3), *bf)
+    assert out.dtype == jnp.bfloat16
+    for a, w in zip(vjp(do.astype(jnp.bfloat16)), want_vjp(do)):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), w, rtol=0.1, atol=0.1)

@@ -24,6 +24,7 @@ Positions (for RoPE) are explicit, so left-padded prompts and packed rows get pe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -243,6 +244,48 @@ def attention_mask(q_segments, q_index, k_segments, k_index, window: int | None)
     return mask
 
 
+def _attention_probs(q, k, mask, scale):
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    return jax.nn.softmax(jnp.where(mask[:, None, None], logits * scale, _NEG), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Grouped-query attention: q [B, T, K, G, D] (query head k * G + g reads kv head k), k and v
+    [B, S, K, D], mask [B, T, S] -> [B, T, K, G, D]; logits and softmax in float32.
+
+    Its backward is written out (the FlashAttention form): dS = P * (dP - rowsum(dO * O)), where
+    autodiff of the softmax sums dP * P over the S keys of every [T, S] row; here the row sum runs over the
+    D values of the output instead, and masked entries of dS are zero by the mask rather than by a select
+    on the logits' gradient. SmolLM2 full float32 step -7% (interleaved A/B, experiments/benchmarks/notes.md).
+    """
+    return _attend_fwd(q, k, v, mask, scale)[0]
+
+
+def _attend_fwd(q, k, v, mask, scale):
+    p = _attention_probs(q, k, mask, scale).astype(q.dtype)
+    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    return o, (q, k, v, mask, p, o)
+
+
+def _attend_bwd(scale, res, do):
+    q, k, v, mask, p, o = res
+    f32 = jnp.float32
+    do = do.astype(q.dtype)
+    dv = jnp.einsum("bkgts,btkgd->bskd", p, do, preferred_element_type=f32).astype(v.dtype)
+    dp = jnp.einsum("btkgd,bskd->bkgts", do, v, preferred_element_type=f32)
+    row = jnp.einsum("btkgd,btkgd->bkgt", do.astype(f32), o.astype(f32))  # rowsum(dP * P) = rowsum(dO * O)
+    # Rows with no key to attend to (padding) softmax to uniform weights; their gradient stays zero, as
+    # autodiff through the masked logits gives.
+    ds = jnp.where(mask[:, None, None], p.astype(f32) * (dp - row[..., None]) * scale, 0.0).astype(q.dtype)
+    dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32).astype(q.dtype)
+    dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=f32).astype(k.dtype)
+    return dq, dk, dv, None
+
+
+attend.defvjp(_attend_fwd, _attend_bwd)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE (and Gemma's QK norm)."""
 
@@ -287,13 +330,8 @@ class Attention(nnx.Module):
             k_segments = cache["segments"]  # already holds the new tokens' segments (written by DecoderLM)
             k_index = jnp.broadcast_to(jnp.arange(k_all.shape[1]), k_segments.shape)
         mask = attention_mask(segments, index, k_segments, k_index, self.window)
-        g = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, g, self.head_dim)
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k_all.astype(dtype), preferred_element_type=jnp.float32)
-        logits = jnp.where(mask[:, None, None], logits * self.scale, _NEG)
-        probs = jax.nn.softmax(logits, axis=-1)
-        ctx = jnp.einsum("bkgts,bskd->btkgd", probs.astype(dtype), v_all.astype(dtype),
-                         preferred_element_type=jnp.float32).astype(dtype)
+        q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        ctx = attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, self.scale)
         return _project(self.o, ctx.reshape(b, t, -1), rng, 3), new_cache
 
 
@@ -402,15 +440,10 @@ class DecoderLM(nnx.Module):
 
     def _logits(self, hidden: jax.Array) -> jax.Array:
         dtype = self.config.dtype
+        # linear_dot: float32 accumulation backward too, and the weight gradient as its own dot (models/mixed.py)
         if self.lm_head is None:
-            w = self.embed.embedding.value.astype(dtype)
-            if dtype == jnp.bfloat16:  # float32 accumulation backward too (see models/mixed.py)
-                return linear_dot(hidden.astype(dtype), w.T, jnp.float32)
-            return jnp.einsum("...h,vh->...v", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
-        w = self.lm_head.kernel.value.astype(dtype)
-        if dtype == jnp.bfloat16:
-            return linear_dot(hidden.astype(dtype), w, jnp.float32)
-        return jnp.einsum("...h,hv->...v", hidden.astype(dtype), w, preferred_element_type=jnp.float32)
+            return linear_dot(hidden.astype(dtype), self.embed.embedding.value.astype(dtype).T, jnp.float32)
+        return linear_dot(hidden.astype(dtype), self.lm_head.kernel.value.astype(dtype), jnp.float32)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,

@@ -1,10 +1,17 @@
-"""bfloat16 matmuls that accumulate in float32, forward and backward.
+"""Linear-layer matmuls with a hand-written backward pass: float32 accumulation for bfloat16, and weight
+gradients laid out so that XLA:CPU runs them on its fast paths.
 
 A plain bfloat16 x bfloat16 -> bfloat16 dot (what `nnx.Linear(dtype=bfloat16)` and its autodiff transposes
 emit) runs no faster than float32 on CPU, while the same dot with a float32 result (`preferred_element_type`)
 takes the native bfloat16 path (AMX / AVX512-BF16 on x86, tensor cores on GPU): several times faster in
 experiments/benchmarks, and more accurate. `dot_general` below is that dot for `nnx.Linear`, with a custom
 VJP so that the two backward matmuls take the same path instead of the plain bfloat16 transposes.
+
+float32 layers use the same custom VJP. Under autodiff, XLA fuses the elementwise producer of a layer's
+output gradient (SwiGLU's backward, say) with the transpose its weight-gradient dot wants, and that fused
+loop writes with a stride of one row: 30 ms per SmolLM2 layer for a 6 MB [1536, 1024] result, 0.9 s of a
+7.3 s step. Written as its own dot in the backward pass, the gradient stays in row order and the transpose
+is a plain copy (SmolLM2 `full` float32 step -16%, MiniLM unchanged; notes.md).
 """
 
 from __future__ import annotations
@@ -24,11 +31,15 @@ def _linear_dims(ndim: int):
 
 
 def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
-    """x [..., K], g [..., N] -> x^T g [K, N] in float32, contracting every leading axis as it stands.
+    """x [..., K], g [..., N] -> x^T g [K, N] in float32.
 
-    Not as one [rows, K]^T @ [rows, N] product: XLA:CPU runs that transposed-operand bfloat16 dot by
-    converting both operands to float32 (~150 GFLOP/s on 2 cores), while contracting the batch and length
-    axes in place keeps the native bfloat16 path (300-700 GFLOP/s; `experiments/benchmarks/notes.md`)."""
+    bfloat16: every leading axis contracted as it stands, not one [rows, K]^T @ [rows, N] product: XLA:CPU
+    runs that transposed-operand bfloat16 dot by converting both operands to float32 (~150 GFLOP/s on 2
+    cores), while contracting the batch and length axes in place keeps the native bfloat16 path (300-700
+    GFLOP/s; `experiments/benchmarks/notes.md`). float32: the flattened product, the faster one there."""
+    if x.dtype != jnp.bfloat16:
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        return lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
     if x.ndim == 2:  # one leading axis: give the dot the same two-axis contraction
         x, g = x[None], g[None]
     lead = tuple(range(x.ndim - 1))
@@ -102,9 +113,10 @@ class Linear(nnx.Linear):
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """Drop-in `dot_general` for `nnx.Linear`: the float32-accumulating path for bfloat16 linear layers,
-    `lax.dot_general` for anything else."""
-    if (lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2 and preferred_element_type is None
+    """Drop-in `dot_general` for `nnx.Linear`: `linear_dot` for a bfloat16 or float32 layer's x @ kernel
+    (default precision, no output sharding), `lax.dot_general` for anything else."""
+    if (lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float32) and rhs.ndim == 2
+            and preferred_element_type is None and precision is None and kwargs.get("out_sharding") is None
             and tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,)) and not dimension_numbers[1][0]):
         return linear_dot(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
@@ -112,5 +124,5 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
 
 
 def linear_kwargs(dtype) -> dict:
-    """Extra `nnx.Linear` arguments for a compute dtype: the float32-accumulating dot for bfloat16."""
-    return {"dot_general": dot_general} if jnp.dtype(dtype) == jnp.bfloat16 else {}
+    """Extra `nnx.Linear` arguments for a compute dtype: `dot_general` above for bfloat16 and float32."""
+    return {"dot_general": dot_general} if jnp.dtype(dtype) in (jnp.bfloat16, jnp.float32) else {}
