@@ -1,0 +1,58 @@
+"""In-process A/B of train-step variants, interleaved: how notes.md's "X -> Y s per step" figures were made.
+
+    python experiments/benchmarks/ab/ab.py MODEL STRATEGY DTYPE PATCH VARIANTS [--rounds=N]
+    e.g. python experiments/benchmarks/ab/ab.py smollm2 lora float32 lora_dot old,new
+
+PATCH is a module in this folder with `apply(variant)`, which swaps a piece of sft_jax back to its earlier
+form ("old") or leaves the current one ("new"). Each variant's step is built (and compiled) right after its
+`apply`, then the compiled steps run in rotating rounds, so every variant sees the same machine: on this
+VM, whose speed drifts by up to 1.7x within minutes, separate processes cannot be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", choices=("minilm", "smollm2"))
+    p.add_argument("strategy", choices=("full", "partial", "head", "lora"))
+    p.add_argument("dtype", choices=("float32", "bfloat16"))
+    p.add_argument("patch", help="module in experiments/benchmarks/ab with apply(variant)")
+    p.add_argument("variants", help="comma list, e.g. old,new")
+    p.add_argument("--rounds", type=int, default=6)
+    args = p.parse_args(argv)
+    from ours import OursStep
+
+    patch = importlib.import_module(args.patch)
+    batch, seq_len = (32, 128) if args.model == "minilm" else (4, 256)
+    steps = {}
+    for v in args.variants.split(","):
+        patch.apply(v)
+        steps[v] = OursStep(args.model, args.strategy, args.dtype, batch, seq_len)
+        steps[v].step(), steps[v].step()  # compile with this variant in place, then warm up
+    names = list(steps)
+    wall, cpu, loss = {n: [] for n in names}, {n: [] for n in names}, {}
+    for r in range(args.rounds):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            t, c = time.perf_counter(), time.process_time()
+            loss[n] = steps[n].step()
+            wall[n].append(time.perf_counter() - t)
+            cpu[n].append(time.process_time() - c)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {wall[n][-1]:.3f} s" for n in names), flush=True)
+    for n in names:
+        print(f"{n:8s} wall median {statistics.median(wall[n]):.3f} s (min {min(wall[n]):.3f})  "
+              f"CPU median {statistics.median(cpu[n]):.3f} s  loss {loss[n]:.6f}")
+
+
+if __name__ == "__main__":
+    main()
