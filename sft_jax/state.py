@@ -60,6 +60,10 @@ class TrainState:
     params: dict[str, jax.Array]
     opt_state: Any
     rng: jax.Array  # raw uint32 key data (checkpointable); dropout keys are folded in per step
+    # Frozen parameters the model only ever reads cast to a narrower compute dtype (bfloat16), cast once:
+    # the train step reads these instead of casting the float32 ones every step. Derived, never
+    # checkpointed; `train_step.with_compute_params` builds it. Empty by default (float32, full fine-tuning).
+    compute_params: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 def count_params(params: dict[str, Any], names=None) -> int:

@@ -35,7 +35,7 @@ from sft_jax.models.loading.lm import load_lm_tokenizer
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.models.vit import ImageClassifier, vit_layout
 from sft_jax.state import ModelDef, TrainState, count_params, params_fingerprint
-from sft_jax.train_step import make_eval_step, make_train_step
+from sft_jax.train_step import compute_cast_plan, make_eval_step, make_train_step, with_compute_params
 
 LABELS_FILE = "labels.json"
 # Changing these between runs on one workdir would resume a different experiment.
@@ -593,7 +593,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tqdm.tqdm.write(f"EWC: Fisher of {len(anchored)} tensors estimated in {time.time() - t_fisher:.0f}s")
 
     # One compiled step per phase (gradual unfreezing, LP-FT), each differentiating only what learns in it.
-    train_fns = groups.PhasedStep(phase_list or [(0, trainable)], lambda names: make_train_step(
+    phased = phase_list or [(0, trainable)]
+    # Frozen bfloat16 matmul weights are cast once here, not in every step. Phases only ever unfreeze, so the
+    # parameters frozen in the phase the run starts in stay as they are for as long as they are frozen.
+    start_phase = groups.PhasedStep(phased, make_train_step).phase(int(state.step))
+    cast_plan = compute_cast_plan(run.model_def, run.loss_fn, state.params, run.batches.batch(int(state.step)),
+                                  phased[start_phase][1])
+    state, state_shard = with_compute_params(state, cast_plan, state_shard)
+    train_fns = groups.PhasedStep(phased, lambda names: make_train_step(
         run.model_def, tx, run.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
         accum_steps=config.grad_accum_steps, logical_rules=logical_rules))
     eval_step = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard,

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import optax
+from jax.extend import core as jax_core
 
 from sft_jax import sharding
 from sft_jax.state import ModelDef, TrainState
@@ -63,13 +64,16 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
     trainable = set(trainable)
     train_p = {k: v for k, v in state.params.items() if k in trainable}
     frozen_p = {k: v for k, v in state.params.items() if k not in trainable}
+    # The model reads the cast-once copies of frozen parameters where there are any (`with_compute_params`);
+    # the float32 masters pass through to the new state untouched.
+    frozen_in = {k: state.compute_params.get(k, v) for k, v in frozen_p.items()}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
     def compute_loss(tp):
-        return loss_fn(model_def.merge({**frozen_p, **tp}), batch, rng)
+        return loss_fn(model_def.merge({**frozen_in, **tp}), batch, rng)
 
     if accum_steps > 1:
-        loss, aux, grads = _accumulated_grads(loss_fn, model_def, frozen_p, train_p, batch, rng, accum_steps)
+        loss, aux, grads = _accumulated_grads(loss_fn, model_def, frozen_in, train_p, batch, rng, accum_steps)
     else:
         (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(train_p)
     # The partition expects the full tree; frozen entries go to set_to_zero and are dead code after it.
@@ -92,6 +96,72 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
     scalars = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32), **scalars}
     return new_state, metrics
+
+
+def _cast_dtypes(jaxpr, var) -> set | None:
+    """The dtypes `var` is converted to by its uses in `jaxpr`, following it into nested calls (jit, custom
+    VJP / JVP, remat); None when any use reads it as it is (or it is an output)."""
+    if any(v is var for v in jaxpr.outvars):
+        return None
+    dtypes: set = set()
+    for eqn in jaxpr.eqns:
+        positions = [i for i, v in enumerate(eqn.invars) if v is var]
+        if not positions:
+            continue
+        if eqn.primitive.name == "convert_element_type":
+            dtypes.add(jnp.dtype(eqn.params["new_dtype"]))
+            continue
+        subs = [p for p in eqn.params.values() if isinstance(p, (jax_core.Jaxpr, jax_core.ClosedJaxpr))]
+        sub = subs[0].jaxpr if subs and isinstance(subs[0], jax_core.ClosedJaxpr) else (subs[0] if subs else None)
+        if len(subs) != 1 or len(sub.invars) != len(eqn.invars):  # scan, cond, while, ...: not followed
+            return None
+        for i in positions:
+            inner = _cast_dtypes(sub, sub.invars[i])
+            if inner is None:
+                return None
+            dtypes |= inner
+    return dtypes
+
+
+def compute_cast_plan(model_def: ModelDef, loss_fn: LossFn, params: dict, batch: dict,
+                      trainable: Sequence[str]) -> dict[str, jnp.dtype]:
+    """{name: dtype} of the frozen parameters whose every use in the train step (forward and backward,
+    custom VJPs included) is a cast to one narrower dtype: the bfloat16 matmul weights of a frozen
+    backbone. Read off the jaxpr of the loss and its gradient (traced on shapes only, nothing runs), so a
+    parameter used in float32 anywhere (norm scales, a float32 head, a decoder's embedding lookup) is left
+    out and the step computes exactly what it would with the float32 parameters."""
+    trainable = set(trainable)
+    train_p = {k: v for k, v in params.items() if k in trainable}
+    frozen_p = {k: v for k, v in params.items() if k not in trainable}
+    if not frozen_p:
+        return {}
+
+    def loss_and_grad(tp, fp, b, key):
+        return jax.value_and_grad(lambda t: loss_fn(model_def.merge({**fp, **t}), b, key)[0])(tp)
+
+    spec = functools.partial(jax.tree.map, lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype))
+    closed = jax.make_jaxpr(loss_and_grad)(spec(train_p), spec(frozen_p), spec(batch), jax.random.key(0))
+    n_train = len(jax.tree.leaves(train_p))
+    names = [path[0].key for path, _ in jax.tree_util.tree_flatten_with_path(frozen_p)[0]]
+    plan = {}
+    for name, var in zip(names, closed.jaxpr.invars[n_train:n_train + len(names)]):
+        dtypes = _cast_dtypes(closed.jaxpr, var)
+        if dtypes and len(dtypes) == 1:
+            (dtype,) = dtypes
+            if dtype.itemsize < jnp.dtype(frozen_p[name].dtype).itemsize:
+                plan[name] = dtype
+    return plan
+
+
+def with_compute_params(state: TrainState, plan: dict[str, jnp.dtype], state_sharding: TrainState | None = None):
+    """`state` with its `compute_params` cast once per `plan` (`compute_cast_plan`), and, given the state
+    sharding, the sharding with theirs (each copy laid out as its parameter). Call it again after restoring
+    a checkpoint (the copies are not saved) and whenever the frozen parameters change."""
+    copies = {k: state.params[k].astype(dtype) for k, dtype in plan.items()}
+    state = state.replace(compute_params=copies)
+    if state_sharding is None:
+        return state
+    return state, state_sharding.replace(compute_params={k: state_sharding.params[k] for k in plan})
 
 
 def eval_step(params: dict, batch: dict, *, model_def: ModelDef, loss_fn: LossFn) -> dict:

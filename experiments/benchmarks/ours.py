@@ -14,7 +14,7 @@ from sft_jax.config_defaults import defaults
 from sft_jax.losses import classification_loss, lm_loss
 from sft_jax.state import ModelDef
 from sft_jax.train import init_state
-from sft_jax.train_step import make_train_step
+from sft_jax.train_step import compute_cast_plan, make_train_step, with_compute_params
 
 MODELS = {"minilm": "minilm-l6", "smollm2": "smollm2-135m-instruct"}
 # partial: the lower half of the blocks frozen (with the embeddings), as in the SST-2 experiment.
@@ -68,9 +68,13 @@ class OursStep:
         p_shard = sharding.param_shardings(self.model_def.names, mesh)
         self.state, state_shard = init_state(params, tx, p_shard, mesh, seed=0)
         b_shard = sharding.batch_sharding(mesh)
+        host_batch = synthetic_batch(model, batch, seq_len)
+        # As train_and_evaluate does: frozen bfloat16 matmul weights cast once, not every step.
+        plan = compute_cast_plan(self.model_def, loss_fn, params, host_batch, self.trainable)
+        self.state, state_shard = with_compute_params(self.state, plan, state_shard)
         self.fn = make_train_step(self.model_def, tx, loss_fn, self.trainable, state_sharding=state_shard,
                                   batch_sharding=b_shard)
-        self.batch = sharding.put_batch(synthetic_batch(model, batch, seq_len), b_shard)
+        self.batch = sharding.put_batch(host_batch, b_shard)
         self.tokens = batch * seq_len
 
     def step(self) -> float:
