@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sft_jax.models.mixed import dot_general, linear_dot
 
@@ -169,3 +170,35 @@ def test_attention_backward_matches_autodiff_with_padding_and_packing():
     for a, w in zip(vjp(do.astype(jnp.bfloat16)), want_vjp(do)):
         assert a.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(a, np.float32), w, rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("window", [None, 3, 6])
+def test_causal_attend_in_blocks_matches_one_block(window):
+    """decoder.causal_attend, in query blocks that skip the keys the causal (and sliding-window) mask hides,
+    gives `attend`'s outputs and gradients on every real token, with packed segments and padding, for
+    blocks that divide the length and ones that do not."""
+    from sft_jax.models.decoder import attend, attention_mask, causal_attend
+
+    b, t, k, g, d = 2, 11, 2, 2, 8
+    keys = jax.random.split(jax.random.key(7), 4)
+    q = jax.random.normal(keys[0], (b, t, k, g, d))
+    kk = jax.random.normal(keys[1], (b, t, k, d))
+    v = jax.random.normal(keys[2], (b, t, k, d))
+    do = jax.random.normal(keys[3], q.shape)
+    seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 2, 2, 0, 0], [1] * t])
+    index = jnp.broadcast_to(jnp.arange(t), (b, t))
+    mask = attention_mask(seg, index, seg, index, window)
+    real = np.asarray(seg != 0)
+    do = do * real[:, :, None, None, None]  # the loss reads real tokens only
+    want, want_vjp = jax.vjp(lambda a, c, e: attend(a, c, e, mask, 0.3), q, kk, v)
+    want_grads = want_vjp(do)
+    for block in (2, 4, 5):
+        got, got_vjp = jax.vjp(lambda a, c, e, n=block: causal_attend(a, c, e, mask, 0.3, window, n), q, kk, v)
+        np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-6)
+        for a, w in zip(got_vjp(do), want_grads):
+            np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
+    # The blocks really skip keys: blocks of 4 query rows over 11 tokens read keys [0, 4), [0, 8), [0, 11)
+    # (from start - window + 1 with a window), not all 11 each.
+    jaxpr = jax.make_jaxpr(lambda a, c, e: causal_attend(a, c, e, mask, 0.3, window, 4))(q, kk, v).jaxpr
+    spans = [e.invars[1].aval.shape[1] for e in jaxpr.eqns if e.primitive.name == "custom_vjp_call"]
+    assert spans == [end - (max(0, start - window + 1) if window else 0) for start, end in ((0, 4), (4, 8), (8, 11))]

@@ -2,6 +2,7 @@
 
     python experiments/benchmarks/ab/ab.py MODEL STRATEGY DTYPE PATCH VARIANTS [--rounds=N]
     e.g. python experiments/benchmarks/ab/ab.py smollm2 lora float32 lora_dot old,new
+         python experiments/benchmarks/ab/ab.py smollm2 full float32 attention_blocks old,new --batch=1 --seq_len=1024
 
 PATCH is a module in this folder with `apply(variant)`, which swaps a piece of sft_jax back to its earlier
 form ("old") or leaves the current one ("new"). Each variant's step is built (and compiled) right after its
@@ -30,11 +31,14 @@ def main(argv=None) -> None:
     p.add_argument("patch", help="module in experiments/benchmarks/ab with apply(variant)")
     p.add_argument("variants", help="comma list, e.g. old,new")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--batch", type=int, help="default: the benchmark's main point (32 MiniLM, 4 SmolLM2)")
+    p.add_argument("--seq_len", type=int, help="default: 128 MiniLM, 256 SmolLM2")
     args = p.parse_args(argv)
     from ours import OursStep
 
     patch = importlib.import_module(args.patch)
     batch, seq_len = (32, 128) if args.model == "minilm" else (4, 256)
+    batch, seq_len = args.batch or batch, args.seq_len or seq_len
     steps = {}
     for v in args.variants.split(","):
         patch.apply(v)
