@@ -596,10 +596,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     phased = phase_list or [(0, trainable)]
     # Frozen bfloat16 matmul weights are cast once here, not in every step. Phases only ever unfreeze, so the
     # parameters frozen in the phase the run starts in stay as they are for as long as they are frozen.
-    start_phase = groups.PhasedStep(phased, make_train_step).phase(int(state.step))
-    cast_plan = compute_cast_plan(run.model_def, run.loss_fn, state.params, run.batches.batch(int(state.step)),
-                                  phased[start_phase][1])
-    state, state_shard = with_compute_params(state, cast_plan, state_shard)
+    if config.dtype != "float32":  # in float32 nothing is cast (and the plan would be empty)
+        start_phase = groups.PhasedStep(phased, make_train_step).phase(int(state.step))
+        cast_plan = compute_cast_plan(run.model_def, run.loss_fn, state.params,
+                                      run.batches.batch(int(state.step)), phased[start_phase][1])
+        state, state_shard = with_compute_params(state, cast_plan, state_shard)
     train_fns = groups.PhasedStep(phased, lambda names: make_train_step(
         run.model_def, tx, run.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
         accum_steps=config.grad_accum_steps, logical_rules=logical_rules))

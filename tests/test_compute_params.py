@@ -123,3 +123,40 @@ def test_state_sharding_gets_the_copies_layouts(dirs):
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, rng=jnp.zeros(2, jnp.uint32))
     state, shard = with_compute_params(state, plan, shard)
     assert set(shard.compute_params) == set(plan) == set(state.compute_params)
+
+
+def test_bfloat16_partial_run_uses_copies_and_resumes_bit_identical(tiny_config, tmp_path, monkeypatch):
+    """train_and_evaluate in bfloat16 with a frozen lower half casts those blocks' kernels once (the copies
+    are rebuilt after a restore, never saved) and a run killed after its step-2 checkpoint resumes to the
+    same parameters as an uninterrupted one; the frozen float32 masters end bit-identical."""
+    from conftest import CrashAfterSave, crash_after_save
+
+    from sft_jax import train
+    from sft_jax.train import train_and_evaluate
+
+    tiny_config.dtype, tiny_config.strategy, tiny_config.frozen_layers = "bfloat16", "partial", 1
+    plans = []
+    real = train.with_compute_params
+
+    def record(state, plan, state_sharding=None):
+        plans.append(dict(plan))
+        return real(state, plan, state_sharding)
+
+    monkeypatch.setattr(train, "with_compute_params", record)
+    whole = train_and_evaluate(tiny_config, str(tmp_path / "whole"))
+    assert plans and plans[0] and all("layers/0/" in n and n.endswith("/kernel") for n in plans[0]), plans
+    with monkeypatch.context() as m:
+        crash_after_save(m, 2)
+        with pytest.raises(CrashAfterSave):
+            train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    resumed = train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    assert len(plans) == 3 and plans[2] == plans[0]
+    assert resumed["params_fingerprint"] == whole["params_fingerprint"]
+    # The checkpoint holds the model's parameters only, the frozen ones exactly as loaded.
+    from sft_jax.checkpoint import restore_run_params
+
+    _, pretrained = ModelDef.split(_bert(tiny_config.model, jnp.float32)[0])
+    saved = restore_run_params(str(tmp_path / "whole"), pretrained, "latest")
+    assert set(saved) == set(pretrained)
+    for name in plans[0]:
+        np.testing.assert_array_equal(np.asarray(saved[name]), np.asarray(pretrained[name]))
