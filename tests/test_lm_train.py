@@ -220,3 +220,22 @@ def test_sft_lora_resume_after_crash_is_bit_identical(tiny_llama_dir, tmp_path, 
     assert resumed["params_fingerprint"] == expected["params_fingerprint"]
     assert {k: v for k, v in resumed.items() if k not in timing} == {
         k: v for k, v in expected.items() if k not in timing}
+
+
+def test_lm_loss_token_accuracy_counts_target_at_the_max():
+    """`correct` counts weighted tokens whose target logit is the largest (argmax == target; a target tied
+    for the maximum counts too), and the loss is the masked mean cross-entropy."""
+    import jax.numpy as jnp
+    import optax
+
+    from sft_jax.losses import lm_loss
+
+    logits = jnp.array([[[0.0, 3.0, 1.0], [2.0, 0.0, 2.0], [5.0, 1.0, 0.0], [0.0, 0.0, 9.0]]])
+    targets = jnp.array([[1, 2, 1, 2]])  # right, tied for the max, wrong, right but masked out
+    weights = jnp.array([[1.0, 1.0, 1.0, 0.0]])
+    batch = {"input_ids": jnp.zeros((1, 4), jnp.int32), "segment_ids": jnp.ones((1, 4), jnp.int32),
+             "positions": jnp.arange(4)[None], "targets": targets, "loss_mask": weights}
+    loss, aux = lm_loss(lambda ids, **_: logits, batch, None)
+    assert float(aux["correct"]) == 2.0 and float(aux["count"]) == 3.0
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    np.testing.assert_allclose(float(loss), float(jnp.sum(ce * weights) / 3.0), rtol=1e-6)
