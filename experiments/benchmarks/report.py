@@ -1,4 +1,5 @@
-"""RESULTS.md (tables, targets, plots) from the benchmark's records; notes.md (the analysis) is appended."""
+"""RESULTS.md (tables, targets, plots) from the benchmark's records; the folder's notes.md (the analysis) is
+appended."""
 
 from __future__ import annotations
 
@@ -132,7 +133,7 @@ def write_report(records: list[dict], meta: dict, out: str) -> None:
                  f"{r['mfu']:.0%}"] for r in sweeps]
         lines += ["## Step time against sequence length and batch (float32)", ""] + markdown_table(header, rows)
         lines += [""] + _plot(records, out)
-    notes = os.path.join(HERE, "notes.md")
+    notes = os.path.join(out, "notes.md")  # each results folder's own analysis
     if os.path.exists(notes):
         lines += [open(notes).read()]
     with open(os.path.join(out, "RESULTS.md"), "w") as f:
