@@ -150,6 +150,11 @@ def phases(labels: Mapping[str, str], plan: Mapping[str, Group]) -> list[tuple[i
     return [(s, tuple(sorted(n for n, g in labels.items() if g != FROZEN and plan[g].start <= s))) for s in starts]
 
 
+def phase_at(starts: Sequence[int], step: int) -> int:
+    """Index of the phase that `step` is in, given the phases' first steps (ascending, the first 0)."""
+    return bisect.bisect_right(starts, step) - 1
+
+
 class PhasedStep:
     """The train step of the phase a step is in, compiled once per phase: `step_fn = phased(step)`."""
 
@@ -159,7 +164,7 @@ class PhasedStep:
         self._make, self._fns = make, {}
 
     def phase(self, step: int) -> int:
-        return bisect.bisect_right(self.starts, step) - 1
+        return phase_at(self.starts, step)
 
     def __call__(self, step: int) -> Callable:
         p = self.phase(step)

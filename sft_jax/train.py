@@ -597,7 +597,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Frozen bfloat16 matmul weights are cast once here, not in every step. Phases only ever unfreeze, so the
     # parameters frozen in the phase the run starts in stay as they are for as long as they are frozen.
     if config.dtype != "float32":  # in float32 nothing is cast (and the plan would be empty)
-        start_phase = groups.PhasedStep(phased, make_train_step).phase(int(state.step))
+        start_phase = groups.phase_at([s for s, _ in phased], int(state.step))
         cast_plan = compute_cast_plan(run.model_def, run.loss_fn, state.params,
                                       run.batches.batch(int(state.step)), phased[start_phase][1])
         state, state_shard = with_compute_params(state, cast_plan, state_shard)

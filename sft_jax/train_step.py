@@ -111,10 +111,11 @@ def _cast_dtypes(jaxpr, var) -> set | None:
         if eqn.primitive.name == "convert_element_type":
             dtypes.add(jnp.dtype(eqn.params["new_dtype"]))
             continue
-        subs = [p for p in eqn.params.values() if isinstance(p, (jax_core.Jaxpr, jax_core.ClosedJaxpr))]
-        sub = subs[0].jaxpr if subs and isinstance(subs[0], jax_core.ClosedJaxpr) else (subs[0] if subs else None)
-        if len(subs) != 1 or len(sub.invars) != len(eqn.invars):  # scan, cond, while, ...: not followed
+        subs = [p.jaxpr if isinstance(p, jax_core.ClosedJaxpr) else p for p in eqn.params.values()
+                if isinstance(p, (jax_core.Jaxpr, jax_core.ClosedJaxpr))]
+        if len(subs) != 1 or len(subs[0].invars) != len(eqn.invars):  # scan, cond, while, ...: not followed
             return None
+        sub = subs[0]
         for i in positions:
             inner = _cast_dtypes(sub, sub.invars[i])
             if inner is None:

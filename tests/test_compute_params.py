@@ -160,3 +160,23 @@ def test_bfloat16_partial_run_uses_copies_and_resumes_bit_identical(tiny_config,
     assert set(saved) == set(pretrained)
     for name in plans[0]:
         np.testing.assert_array_equal(np.asarray(saved[name]), np.asarray(pretrained[name]))
+
+
+def test_copies_are_dropped_from_use_when_a_phase_unfreezes(tiny_config, tmp_path, monkeypatch):
+    """LP-FT in bfloat16: the encoder is frozen for the first two steps (its kernels read from the copies),
+    then trains (read from the masters): the run ends bit-identical to one without copies."""
+    from sft_jax import train
+    from sft_jax.train import train_and_evaluate
+
+    tiny_config.dtype, tiny_config.strategy = "bfloat16", "full"
+    tiny_config.lp_ft.head_steps = 2
+    plans = []
+    real = train.compute_cast_plan
+    monkeypatch.setattr(train, "compute_cast_plan", lambda *args, **kwargs: plans.append(real(*args, **kwargs))
+                        or plans[-1])
+    with_copies = train_and_evaluate(tiny_config, str(tmp_path / "copies"))
+    assert plans[0] and all(n.startswith("encoder/layers/") for n in plans[0]), plans
+    monkeypatch.setattr(train, "compute_cast_plan", lambda *args, **kwargs: {})
+    without = train_and_evaluate(tiny_config, str(tmp_path / "none"))
+    assert with_copies["params_fingerprint"] == without["params_fingerprint"]
+    assert with_copies["eval/accuracy"] == without["eval/accuracy"]
