@@ -258,6 +258,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     autodiff of the softmax sums dP * P over the S keys of every [T, S] row; here the row sum runs over the
     D values of the output instead, and masked entries of dS are zero by the mask rather than by a select
     on the logits' gradient. SmolLM2 full float32 step -7% (interleaved A/B, experiments/benchmarks/notes.md).
+    The probabilities stay unnormalised (E = exp(logits - max)): the 1 / row-sum scales the [T, D] output and
+    output gradient instead of every [T, S] entry (SmolLM2 at 1024 tokens -11%).
     """
     return _attend_fwd(q, k, v, mask, scale)[0]
 
@@ -287,21 +289,27 @@ def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
 
 
 def _attend_fwd(q, k, v, mask, scale):
-    p = _attention_probs(q, k, mask, scale).astype(q.dtype)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v, preferred_element_type=jnp.float32).astype(q.dtype)
-    return o, (q, k, v, mask, p, o)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.where(mask[:, None, None], logits * scale, _NEG)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))  # unnormalised probabilities
+    inv = jnp.moveaxis(1.0 / jnp.sum(e, axis=-1), 3, 1)[..., None]  # 1 / row sum, as [B, T, K, G, 1]
+    e = e.astype(q.dtype)
+    o = (jnp.einsum("bkgts,bskd->btkgd", e, v, preferred_element_type=jnp.float32) * inv).astype(q.dtype)
+    return o, (q, k, v, mask, e, inv, o)
 
 
 def _attend_bwd(scale, res, do):
-    q, k, v, mask, p, o = res
+    q, k, v, mask, e, inv, o = res
     f32 = jnp.float32
-    do = do.astype(q.dtype)
-    dv = jnp.einsum("bkgts,btkgd->bskd", p, do, preferred_element_type=f32).astype(v.dtype)
+    # With P = E / rowsum(E): dV = P^T dO = E^T (dO / rowsum) and P * (dP - rowsum(dO * O)) =
+    # E * (dP' - rowsum(dO' * O)) for dO' = dO / rowsum, so the [T, S] probabilities are never normalised.
+    do = (do.astype(f32) * inv).astype(q.dtype)
+    dv = jnp.einsum("bkgts,btkgd->bskd", e, do, preferred_element_type=f32).astype(v.dtype)
     dp = jnp.einsum("btkgd,bskd->bkgts", do, v, preferred_element_type=f32)
-    row = jnp.einsum("btkgd,btkgd->bkgt", do.astype(f32), o.astype(f32))  # rowsum(dP * P) = rowsum(dO * O)
+    row = jnp.einsum("btkgd,btkgd->bkgt", do.astype(f32), o.astype(f32))  # rowsum(dP' * P) = rowsum(dO' * O)
     # Rows with no key to attend to (padding) softmax to uniform weights; their gradient stays zero, as
     # autodiff through the masked logits gives.
-    ds = jnp.where(mask[:, None, None], p.astype(f32) * (dp - row[..., None]) * scale, 0.0).astype(q.dtype)
+    ds = jnp.where(mask[:, None, None], e.astype(f32) * (dp - row[..., None]) * scale, 0.0).astype(q.dtype)
     dq = jnp.einsum("bkgts,bskd->btkgd", ds, k, preferred_element_type=f32).astype(q.dtype)
     dk = jnp.einsum("bkgts,btkgd->bskd", ds, q, preferred_element_type=f32).astype(k.dtype)
     return dq, dk, dv, None
