@@ -35,7 +35,7 @@ from sft_jax.models.loading.lm import load_lm_tokenizer
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.models.vit import ImageClassifier, vit_layout
 from sft_jax.state import ModelDef, TrainState, count_params, params_fingerprint
-from sft_jax.train_step import compute_cast_plan, make_eval_step, make_train_step, with_compute_params
+from sft_jax.train_step import compiler_options, compute_cast_plan, make_eval_step, make_train_step, with_compute_params
 
 LABELS_FILE = "labels.json"
 # Changing these between runs on one workdir would resume a different experiment.
@@ -601,11 +601,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cast_plan = compute_cast_plan(run.model_def, run.loss_fn, state.params,
                                       run.batches.batch(int(state.step)), phased[start_phase][1])
         state, state_shard = with_compute_params(state, cast_plan, state_shard)
+    xla_options = compiler_options(config.cpu_matmuls, b_shard.mesh.devices.flat)
     train_fns = groups.PhasedStep(phased, lambda names: make_train_step(
         run.model_def, tx, run.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
-        accum_steps=config.grad_accum_steps, logical_rules=logical_rules))
+        accum_steps=config.grad_accum_steps, logical_rules=logical_rules, compiler_options=xla_options))
     eval_step = make_eval_step(run.model_def, run.loss_fn, params_sharding=p_shard, batch_sharding=b_shard,
-                               logical_rules=logical_rules)
+                               logical_rules=logical_rules, compiler_options=xla_options)
 
     def eval_fn(params, batch):  # host batches become global arrays (each process puts its own rows)
         return eval_step(params, sharding.put_batch(batch, b_shard))

@@ -185,29 +185,55 @@ def _constrained(fn, batch_sharding, logical_rules):
     return wrapped
 
 
+# XLA:CPU matmul libraries (`config.cpu_matmuls`): "xla" leaves XLA's own choice (YNNPACK dots, Eigen for the
+# rest); "onednn" hands each dot, alone, to oneDNN. oneDNN's fusions of a dot with its neighbours
+# (LIBRARY_FUSION_TYPE_DOT) fail to compile SmolLM2 on this machine ("partition compile failed", SIGILL), so
+# dots go one by one. MiniLM full float32 -9% per step, the batched [128 x 32] attention matmuls about 2x;
+# SmolLM2 within noise (experiments/benchmarks/notes.md).
+CPU_MATMULS = {
+    "xla": {},
+    "onednn": {"xla_cpu_use_onednn": True,
+               "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+}
+
+
+def compiler_options(cpu_matmuls: str = "xla", devices=None) -> dict:
+    """XLA compiler options for `make_train_step` / `make_eval_step`: those of `CPU_MATMULS[cpu_matmuls]`
+    when `devices` (default: jax.devices()) are CPUs, none on GPU or TPU."""
+    if cpu_matmuls not in CPU_MATMULS:
+        raise ValueError(f"cpu_matmuls: {cpu_matmuls!r} is not one of {tuple(CPU_MATMULS)}")
+    devices = jax.devices() if devices is None else devices
+    return dict(CPU_MATMULS[cpu_matmuls]) if all(d.platform == "cpu" for d in devices) else {}
+
+
 def make_train_step(model_def: ModelDef, tx, loss_fn: LossFn, trainable: Sequence[str], *,
                     state_sharding=None, batch_sharding=None, donate: bool = True, accum_steps: int = 1,
-                    logical_rules: sharding.LogicalRules | None = None):
+                    logical_rules: sharding.LogicalRules | None = None, compiler_options: dict | None = None):
     """`train_step` jitted with explicit shardings; the state buffer is donated (updated in place).
 
     With `logical_rules` (and shardings), the model's activations are constrained to the layout those rules
-    give on the batch sharding's mesh (`sharding.constrain`)."""
+    give on the batch sharding's mesh (`sharding.constrain`). `compiler_options` go to XLA (see
+    `compiler_options()`)."""
     fn = functools.partial(train_step, model_def=model_def, tx=tx, loss_fn=loss_fn, trainable=tuple(trainable),
                            accum_steps=accum_steps)
     fn = _constrained(fn, batch_sharding, logical_rules)
+    opts = compiler_options or None
     if state_sharding is None:
-        return jax.jit(fn, donate_argnums=(0,) if donate else ())
+        return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=opts)
     # Metrics come back replicated: every process of a multi-host run can read them.
     return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, state_sharding.step), donate_argnums=(0,) if donate else ())
+                   out_shardings=(state_sharding, state_sharding.step), donate_argnums=(0,) if donate else (),
+                   compiler_options=opts)
 
 
 def make_eval_step(model_def: ModelDef, loss_fn: LossFn, *, params_sharding=None, batch_sharding=None,
-                   logical_rules: sharding.LogicalRules | None = None):
+                   logical_rules: sharding.LogicalRules | None = None, compiler_options: dict | None = None):
     """`eval_step` jitted with explicit shardings (activations constrained as in `make_train_step`)."""
     fn = _constrained(functools.partial(eval_step, model_def=model_def, loss_fn=loss_fn), batch_sharding,
                       logical_rules)
+    opts = compiler_options or None
     if params_sharding is None:
-        return jax.jit(fn)
+        return jax.jit(fn, compiler_options=opts)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    return jax.jit(fn, in_shardings=(params_sharding, batch_sharding), out_shardings=replicated)
+    return jax.jit(fn, in_shardings=(params_sharding, batch_sharding), out_shardings=replicated,
+                   compiler_options=opts)

@@ -14,9 +14,11 @@ from sft_jax.config_defaults import defaults
 from sft_jax.losses import classification_loss, lm_loss
 from sft_jax.state import ModelDef
 from sft_jax.train import init_state
-from sft_jax.train_step import compute_cast_plan, make_train_step, with_compute_params
+from sft_jax.train_step import compiler_options, compute_cast_plan, make_train_step, with_compute_params
 
 MODELS = {"minilm": "minilm-l6", "smollm2": "smollm2-135m-instruct"}
+# config.cpu_matmuls for the steps built here; None: the config default (ab/cpu_matmuls.py sets it).
+CPU_MATMULS = None
 # partial: the lower half of the blocks frozen (with the embeddings), as in the SST-2 experiment.
 FROZEN_LAYERS = {"minilm": 3, "smollm2": 15}
 
@@ -73,7 +75,8 @@ class OursStep:
         plan = compute_cast_plan(self.model_def, loss_fn, params, host_batch, self.trainable)
         self.state, state_shard = with_compute_params(self.state, plan, state_shard)
         self.fn = make_train_step(self.model_def, tx, loss_fn, self.trainable, state_sharding=state_shard,
-                                  batch_sharding=b_shard)
+                                  batch_sharding=b_shard,
+                                  compiler_options=compiler_options(CPU_MATMULS or c.cpu_matmuls))
         self.batch = sharding.put_batch(host_batch, b_shard)
         self.tokens = batch * seq_len
 
