@@ -26,9 +26,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.dropout = 0.0
     c.lora.targets = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
     c.dtype = "float32"  # compute dtype; parameters stay float32
-    # On CPU: "onednn" hands every matmul of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's own
-    # (train_step.CPU_MATMULS). No effect on GPU or TPU.
-    c.cpu_matmuls = "onednn"
+    # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
+    # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
+    # GPU or TPU.
+    c.cpu_matmuls = "auto"
     # image_classification with model="vit-scratch": the size of the randomly initialised ViT (HF ViTConfig names).
     c.vit = ml_collections.ConfigDict()
     c.vit.image_size = 32
@@ -179,7 +180,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
-    _check_choice(config, "cpu_matmuls", ("xla", "onednn"))
+    _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
     _check_choice(config, "pooling", ("cls", "mean"))
     _check_choice(config, "data.too_long", ("truncate", "error"))
     for key in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm", "head_dropout", "max_train_seconds",

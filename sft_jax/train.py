@@ -601,7 +601,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         cast_plan = compute_cast_plan(run.model_def, run.loss_fn, state.params,
                                       run.batches.batch(int(state.step)), phased[start_phase][1])
         state, state_shard = with_compute_params(state, cast_plan, state_shard)
-    xla_options = compiler_options(config.cpu_matmuls, b_shard.mesh.devices.flat)
+    xla_options = compiler_options(config.cpu_matmuls, b_shard.mesh.devices.flat,
+                                   decoder=config.task in ("language_modeling", "sft"))
     train_fns = groups.PhasedStep(phased, lambda names: make_train_step(
         run.model_def, tx, run.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
         accum_steps=config.grad_accum_steps, logical_rules=logical_rules, compiler_options=xla_options))

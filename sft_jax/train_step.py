@@ -186,22 +186,28 @@ def _constrained(fn, batch_sharding, logical_rules):
 
 
 # XLA:CPU matmul libraries (`config.cpu_matmuls`): "xla" leaves XLA's own choice (YNNPACK dots, Eigen for the
-# rest); "onednn" hands each dot, alone, to oneDNN. oneDNN's fusions of a dot with its neighbours
-# (LIBRARY_FUSION_TYPE_DOT) fail to compile SmolLM2 on this machine ("partition compile failed", SIGILL), so
-# dots go one by one. MiniLM full float32 -9% per step, the batched [128 x 32] attention matmuls about 2x;
-# SmolLM2 within noise (experiments/benchmarks/notes.md).
+# rest); "onednn" hands each float32 dot, alone, to oneDNN (bfloat16 dots stay XLA's). oneDNN's fusions of a dot
+# with its neighbours (LIBRARY_FUSION_TYPE_DOT) fail to compile SmolLM2 on this machine ("partition compile
+# failed", SIGILL), so dots go one by one. "auto" (the default) picks by model, as measured
+# (experiments/benchmarks/notes.md, interleaved in one process): oneDNN for encoder classifiers (MiniLM
+# float32 `full` -11%, `head` -10%, `partial` -6% per step: its batched [128 x 32] attention matmuls run about
+# 2x faster), XLA's for decoders (SmolLM2 `head` bfloat16 +9% with oneDNN, float32 `full` within noise).
 CPU_MATMULS = {
     "xla": {},
     "onednn": {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
+CPU_MATMUL_CHOICES = ("auto", *CPU_MATMULS)
 
 
-def compiler_options(cpu_matmuls: str = "xla", devices=None) -> dict:
+def compiler_options(cpu_matmuls: str = "auto", devices=None, *, decoder: bool = False) -> dict:
     """XLA compiler options for `make_train_step` / `make_eval_step`: those of `CPU_MATMULS[cpu_matmuls]`
-    when `devices` (default: jax.devices()) are CPUs, none on GPU or TPU."""
-    if cpu_matmuls not in CPU_MATMULS:
-        raise ValueError(f"cpu_matmuls: {cpu_matmuls!r} is not one of {tuple(CPU_MATMULS)}")
+    ("auto": "xla" for a `decoder`, "onednn" otherwise) when `devices` (default: jax.devices()) are CPUs,
+    none on GPU or TPU."""
+    if cpu_matmuls not in CPU_MATMUL_CHOICES:
+        raise ValueError(f"cpu_matmuls: {cpu_matmuls!r} is not one of {CPU_MATMUL_CHOICES}")
+    if cpu_matmuls == "auto":
+        cpu_matmuls = "xla" if decoder else "onednn"
     devices = jax.devices() if devices is None else devices
     return dict(CPU_MATMULS[cpu_matmuls]) if all(d.platform == "cpu" for d in devices) else {}
 

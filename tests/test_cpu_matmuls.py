@@ -23,13 +23,15 @@ def test_options_by_platform_and_name():
     assert compiler_options("onednn", cpu) == CPU_MATMULS["onednn"]
     assert compiler_options("onednn", cpu)["xla_cpu_use_onednn"] is True
     assert compiler_options("xla", cpu) == {}
+    assert compiler_options("auto", cpu) == CPU_MATMULS["onednn"]  # encoders
+    assert compiler_options("auto", cpu, decoder=True) == {}
     assert compiler_options("onednn", gpu) == {}  # XLA:CPU options never reach a GPU or TPU compile
-    with pytest.raises(ValueError, match=r"^cpu_matmuls: 'mkl' is not one of \('xla', 'onednn'\)$"):
+    with pytest.raises(ValueError, match=r"^cpu_matmuls: 'mkl' is not one of \('auto', 'xla', 'onednn'\)$"):
         compiler_options("mkl", cpu)
     c = defaults()
-    assert c.cpu_matmuls == "onednn"
+    assert c.cpu_matmuls == "auto"
     c.cpu_matmuls = "mkl"
-    with pytest.raises(ValueError, match=r"^config.cpu_matmuls: 'mkl' is not one of \('xla', 'onednn'\)$"):
+    with pytest.raises(ValueError, match=r"^config.cpu_matmuls: 'mkl' is not one of \('auto', 'xla', 'onednn'\)$"):
         validate(c)
 
 

@@ -76,7 +76,8 @@ class OursStep:
         self.state, state_shard = with_compute_params(self.state, plan, state_shard)
         self.fn = make_train_step(self.model_def, tx, loss_fn, self.trainable, state_sharding=state_shard,
                                   batch_sharding=b_shard,
-                                  compiler_options=compiler_options(CPU_MATMULS or c.cpu_matmuls))
+                                  compiler_options=compiler_options(CPU_MATMULS or c.cpu_matmuls,
+                                                                    decoder=model != "minilm"))
         self.batch = sharding.put_batch(host_batch, b_shard)
         self.tokens = batch * seq_len
 

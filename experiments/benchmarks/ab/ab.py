@@ -3,6 +3,7 @@
     python experiments/benchmarks/ab/ab.py MODEL STRATEGY DTYPE PATCH VARIANTS [--rounds=N]
     e.g. python experiments/benchmarks/ab/ab.py smollm2 lora float32 lora_dot old,new
          python experiments/benchmarks/ab/ab.py smollm2 full float32 attention_blocks old,new --batch=1 --seq_len=1024
+         python experiments/benchmarks/ab/ab.py minilm full float32 cpu_matmuls xla,onednn --torch
 
 PATCH is a module in this folder with `apply(variant)`, which swaps a piece of sft_jax back to its earlier
 form ("old") or leaves the current one ("new"). Each variant's step is built (and compiled) right after its
@@ -33,6 +34,8 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--batch", type=int, help="default: the benchmark's main point (32 MiniLM, 4 SmolLM2)")
     p.add_argument("--seq_len", type=int, help="default: 128 MiniLM, 256 SmolLM2")
+    p.add_argument("--torch", action="store_true",
+                   help="also rotate PyTorch's float32 step in, as run.py does (its threads share the process)")
     args = p.parse_args(argv)
     from ours import OursStep
 
@@ -44,6 +47,16 @@ def main(argv=None) -> None:
         patch.apply(v)
         steps[v] = OursStep(args.model, args.strategy, args.dtype, batch, seq_len)
         steps[v].step(), steps[v].step()  # compile with this variant in place, then warm up
+    if args.torch:
+        import torch
+        from baseline import TorchStep
+
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        from ours import synthetic_batch
+
+        steps["torch"] = TorchStep(args.model, args.strategy, synthetic_batch(args.model, batch, seq_len), "cpu",
+                                   os.path.join(os.path.dirname(HERE), "workdirs"))
+        steps["torch"].step()
     names = list(steps)
     wall, cpu, loss = {n: [] for n in names}, {n: [] for n in names}, {}
     for r in range(args.rounds):
