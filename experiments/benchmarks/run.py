@@ -209,6 +209,7 @@ def main(argv=None) -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     threads = len(os.sched_getaffinity(0))
 
+    import sft_jax  # noqa: I001 - first, as a script would: its malloc settings must precede any thread's first malloc
     import jax
     import torch
 
@@ -248,7 +249,8 @@ def main(argv=None) -> None:
         meta = {"peaks_flops": peaks, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
                 "wall_s": time.time() - t0, "jax": jax.__version__, "torch": torch.__version__,
                 "command": command.strip(), "complete": final,
-                "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup}
+                "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                "host_malloc": sft_jax.host_malloc.applied()}
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(records, f, indent=1)
         with open(os.path.join(args.out, "meta.json"), "w") as f:
