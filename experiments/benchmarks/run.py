@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (rotating through the variants)")
     p.add_argument("--warmup", type=int, default=0,
-                   help="untimed steps first, the first one compiling (default 2; 1 with --quick)")
+                   help="untimed steps first, the first one compiling (default 2)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: all this process may use)")
     p.add_argument("--torch_bf16", default="minilm",
                    help="models (comma list, or 'none') that also get the PyTorch bfloat16 autocast reference")
@@ -204,7 +204,8 @@ def main(argv=None) -> None:
         return
     args.steps = args.steps or (1 if args.quick else 3)
     args.rounds = args.rounds or (2 if args.quick else 5)
-    args.warmup = args.warmup or (1 if args.quick else 2)
+    # 2 even with --quick: after a group's steps are built, the second step is the first on a settled heap
+    args.warmup = args.warmup or 2
     if args.threads:  # both XLA's and torch's thread pools size themselves from the affinity mask
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     threads = len(os.sched_getaffinity(0))
