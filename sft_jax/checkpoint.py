@@ -30,6 +30,10 @@ class Checkpoints:
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if train is not None:
             items["train"] = ocp.args.StandardSave(train)
+        if step in manager.all_steps():
+            # Left by a run killed after this step's `best` save finished but before its `latest` save did
+            # (asynchronous): the resumed run restarts from an earlier step and reaches this one again.
+            manager.delete(step)
         manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def save_latest(self, state: TrainState, meta: dict) -> None:

@@ -119,6 +119,36 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(cli_config, reference,
     assert resumed["params_fingerprint"] == reference["params_fingerprint"]
 
 
+def test_kill_between_the_best_and_latest_saves_resumes(cli_config, reference, tmp_path):
+    """The process dies after its first `best` checkpoint (step S) is written and before step S's `latest` one:
+    the resumed run restarts from an earlier step (here: from scratch), reaches step S again and replaces the
+    stale `best` step instead of failing with orbax's StepAlreadyExistsError. A SIGKILL while `latest` is
+    still being written asynchronously (the random-kill test above) can leave a run in this state."""
+    workdir = tmp_path / "run"
+    script = ("import os, sys\n"
+              "from sft_jax.checkpoint import Checkpoints\n"
+              "save_best = Checkpoints.save_best\n"
+              "def save_best_then_die(self, state, meta):\n"
+              "    save_best(self, state, meta)\n"
+              "    self.wait()  # the best write is complete; this step's latest one never starts\n"
+              "    os._exit(137)\n"
+              "Checkpoints.save_best = save_best_then_die\n"
+              "from sft_jax.main import run\n"
+              f"sys.argv = {_cmd(cli_config, workdir)[2:]!r}\n"
+              "sys.argv.insert(0, 'sft_jax.main')\n"
+              "run()\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True)
+    assert proc.returncode == 137, proc.stderr.decode()[-2000:]
+    from sft_jax.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(str(workdir))
+    assert ckpt.best.all_steps() == [EVERY] and ckpt.latest.latest_step() is None
+    ckpt.close()
+    resumed = _run(cli_config, workdir)
+    assert resumed["params_fingerprint"] == reference["params_fingerprint"]
+    assert _comparable(resumed) == _comparable(reference)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_zero(cli_config, reference, tmp_path):
     workdir = tmp_path / "run"
     proc = _start_and_wait(cli_config, workdir, 3)
