@@ -76,15 +76,25 @@ def _quiet(meta: dict) -> bool:
     return max(meta["load_avg_start"][0], meta["load_avg_end"][0]) <= limit
 
 
+def _by_library(peaks: dict) -> str:
+    """" (XLA float32 ..., oneDNN float32 ...)": the JAX peak is the best of the CPU matmul libraries measured
+    (runs before stop 19 measured XLA's only)."""
+    names = {"xla": "XLA", "onednn": "oneDNN"}
+    parts = [f"{names[lib]} {dtype} {peaks[f'jax-{dtype}-{lib}'] / 1e9:.1f}" for dtype in ("float32", "bfloat16")
+             for lib in names if f"jax-{dtype}-{lib}" in peaks]
+    return f" (best of: {', '.join(parts)})" if parts else ""
+
+
 def write_report(records: list[dict], meta: dict, out: str) -> None:
     peaks = meta["peaks_flops"]
     lines = ["# Train-step throughput: sft_jax vs PyTorch + transformers", "",
              "Made by (the numbers below are that run's):", "", "```", meta["command"], "```", "",
              f"- device: {peaks['device']}; both frameworks on the same {peaks['threads']} threads "
              f"(affinity mask; `torch.set_num_threads`); jax {meta['jax']}, torch {meta['torch']}",
-             f"- matmul peak ({peaks['matmul_n']}^3, measured in this run): JAX float32 "
-             f"{peaks['jax-float32'] / 1e9:.1f} GFLOP/s, JAX bfloat16 {peaks['jax-bfloat16'] / 1e9:.1f} GFLOP/s; "
-             f"PyTorch float32 {peaks['torch-float32'] / 1e9:.1f}, bfloat16 {peaks['torch-bfloat16'] / 1e9:.1f}",
+             f"- matmul peak ({peaks['matmul_n']}^3, measured in this run, the best at start and end): JAX float32 "
+             f"{peaks['jax-float32'] / 1e9:.1f} GFLOP/s, JAX bfloat16 {peaks['jax-bfloat16'] / 1e9:.1f} GFLOP/s"
+             + _by_library(peaks) + f"; PyTorch float32 {peaks['torch-float32'] / 1e9:.1f}, bfloat16 "
+             f"{peaks['torch-bfloat16'] / 1e9:.1f}",
              f"- machine load average (1, 5, 15 min) at start {tuple(round(x, 1) for x in meta['load_avg_start'])},"
              f" at end {tuple(round(x, 1) for x in meta['load_avg_end'])} ("
              + ("no other jobs on this machine; it is a virtual machine, though, whose speed still drifted by "
