@@ -128,20 +128,18 @@ def step_flops(shapes: dict, trainable, attn: dict, seq_len: int, tokens: int, t
 
 def matmul_peak(dtype: str, n: int, repeats: int = 5, library: str | None = None) -> float:
     """Best FLOP/s of an n x n x n jitted matmul in `dtype` on the default device (float32 accumulation
-    for bfloat16 inputs, as the models' matmuls do). `library`: a `train_step.CPU_MATMULS` key, the CPU matmul
-    library to compile it with (None: XLA's default; ignored off CPU)."""
+    for bfloat16 inputs, as the models' matmuls do). `library`: a `config.cpu_matmuls` value, the CPU matmul
+    library to compile it with (None: XLA's own; ignored off CPU, as in the train step)."""
     import time
 
     import jax.numpy as jnp
-
-    from sft_jax.train_step import CPU_MATMULS
 
     dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     key = jax.random.key(0)
     a = jax.random.normal(key, (n, n), dt)
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dt)
-    options = CPU_MATMULS[library] if library and jax.devices()[0].platform == "cpu" else {}
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), compiler_options=options or None)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
+                compiler_options=compiler_options(library or "xla") or None)
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

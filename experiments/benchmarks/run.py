@@ -230,14 +230,12 @@ def main(argv=None) -> None:
 
     def measure_peaks(when: str) -> None:  # at start and end; the best counts (a loaded machine only lowers it)
         for dtype in ("float32", "bfloat16"):
-            fns = [(f"jax-{dtype}", f"jax-{dtype}-{lib}", lambda d, n, lib=lib: matmul_peak(d, n, library=lib))
-                   for lib in jax_libs]
-            fns.append((f"torch-{dtype}", f"torch-{dtype}", lambda d, n: torch_matmul_peak(d, n, torch_device)))
-            for name, key, fn in fns:
-                value = fn(dtype, n)
+            readings = {f"jax-{dtype}-{lib}": matmul_peak(dtype, n, library=lib) for lib in jax_libs}
+            readings[f"torch-{dtype}"] = torch_matmul_peak(dtype, n, torch_device)
+            for key, value in readings.items():
                 peaks[f"{key}-{when}"] = value
                 peaks[key] = max(peaks.get(key, 0.0), value)
-                peaks[name] = max(peaks.get(name, 0.0), value)
+            peaks[f"jax-{dtype}"] = max(peaks[f"jax-{dtype}-{lib}"] for lib in jax_libs)
         print(json.dumps(peaks), flush=True)
 
     measure_peaks("start")
