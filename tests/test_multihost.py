@@ -8,6 +8,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -52,7 +53,9 @@ def runs(make_tiny_config, tmp_path_factory):
     config_file.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
                            f"    return ml_collections.ConfigDict({c.to_dict()!r})\n")
     two = tmp / "two_processes"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    # PYTHONFAULTHANDLER: a process stopped with SIGABRT below prints every thread's Python stack first.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONFAULTHANDLER": "1"}
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "sft_jax.main", f"--config={config_file}", f"--workdir={two}",
@@ -63,6 +66,14 @@ def runs(make_tiny_config, tmp_path_factory):
     try:
         one_results = train_and_evaluate(c, str(one))  # meanwhile: the reference, in this process
         outputs = [p.communicate(timeout=240)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        # A hang (seen once in a full-suite run, stop 19, after step 1): fail with where each process stood.
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGABRT)
+        stuck = [p.communicate(timeout=60)[0] for p in procs]
+        pytest.fail("the 2-process run hung; each process's last output:\n"
+                    + "\n".join(f"--- process {i} ---\n{out[-6000:]}" for i, out in enumerate(stuck)))
     finally:
         for p in procs:
             if p.poll() is None:
