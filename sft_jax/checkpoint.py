@@ -17,13 +17,20 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _options(name: str, keep: int) -> ocp.CheckpointManagerOptions:
+    """Options of the `name` manager. Its multi-process barriers carry `name` as a prefix: orbax names a
+    barrier after the step directory alone (`async_write_complete.3`), so `best` and `latest` saving the same
+    step at once, each in its own background thread, met at one barrier name in an order that differed
+    between processes, and a multi-host run hung at its last step (seen in tests/test_multihost.py, stop 19)."""
+    return ocp.CheckpointManagerOptions(
+        max_to_keep=keep, multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
+
+
 class Checkpoints:
     def __init__(self, workdir: str, keep: int = 2):
         root = os.path.join(os.path.abspath(workdir), "checkpoints")
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"),
-                                            options=ocp.CheckpointManagerOptions(max_to_keep=keep))
-        self.best = ocp.CheckpointManager(os.path.join(root, "best"),
-                                          options=ocp.CheckpointManagerOptions(max_to_keep=1))
+        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=_options("latest", keep))
+        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=_options("best", 1))
 
     @staticmethod
     def _save(manager, step: int, params, meta: dict, train: Any | None = None):

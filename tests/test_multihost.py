@@ -67,7 +67,8 @@ def runs(make_tiny_config, tmp_path_factory):
         one_results = train_and_evaluate(c, str(one))  # meanwhile: the reference, in this process
         outputs = [p.communicate(timeout=240)[0] for p in procs]
     except subprocess.TimeoutExpired:
-        # A hang (seen once in a full-suite run, stop 19, after step 1): fail with where each process stood.
+        # A hang (stop 19: best and latest saves of one step shared orbax barrier names; checkpoint._options)
+        # fails with where each process stood.
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGABRT)
@@ -109,3 +110,20 @@ def test_checkpoint_of_two_processes_restores_in_one(runs, tmp_path):
     assert results["step"] == STEPS
     assert results["params_fingerprint"] == two_results["params_fingerprint"]
     np.testing.assert_allclose(results["eval/loss"], two_results["eval/loss"], rtol=1e-5)
+
+
+def test_best_and_latest_barriers_are_distinct(tmp_path):
+    """`best` and `latest` save the same step at once in background threads; on several processes their orbax
+    barriers must not share a name (they did, `async_write_complete.<step>`, and a 2-process run hung)."""
+    from orbax.checkpoint._src.multihost import multihost
+
+    from sft_jax.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(str(tmp_path))
+    try:
+        keys = {multihost.unique_barrier_key("async_write_complete", suffix="3",
+                                             prefix=m._multiprocessing_options.barrier_sync_key_prefix)
+                for m in (ckpt.latest, ckpt.best)}
+    finally:
+        ckpt.close()
+    assert len(keys) == 2, keys
