@@ -35,35 +35,35 @@ lint: install
 
 # Train-step throughput against PyTorch (CPU or GPU); --quick for a ~30 CPU-minute subset.
 experiment-benchmarks: install
-	$(BIN)/python experiments/benchmarks/run.py
+	$(BIN)/python -m experiments.benchmarks.run
 
 experiment-sst2: install
-	$(BIN)/python experiments/sst2_strategies/run.py
+	$(BIN)/python -m experiments.sst2_strategies.run
 
 experiment-perplexity: install
-	$(BIN)/python experiments/perplexity/run.py --max_tokens=65536 --reference_windows=2
+	$(BIN)/python -m experiments.perplexity.run --max_tokens=65536 --reference_windows=2
 
 experiment-xsum: install
-	$(BIN)/python experiments/xsum_summarization/run.py --budget=360
+	$(BIN)/python -m experiments.xsum_summarization.run --budget=360
 
 experiment-gsm8k: install
-	$(BIN)/python experiments/gsm8k/run.py --budget=300 --strategies=lora
+	$(BIN)/python -m experiments.gsm8k.run --budget=300 --strategies=lora
 
 experiment-sft-vs-ift: install
-	$(BIN)/python experiments/sft_vs_ift/run.py --steps=30
+	$(BIN)/python -m experiments.sft_vs_ift.run --steps=30
 
 # Pre-trains a small ViT on five CIFAR-10 classes, then head / partial / full vs scratch on the other five.
 experiment-cifar: install
-	$(BIN)/python experiments/cifar_transfer/run.py
+	$(BIN)/python -m experiments.cifar_transfer.run
 
 # Equal steps (150 at batch 32) per method on SST-2 / minilm-l6; the XSum half (SmolLM2, ~2 CPU-hours):
-# python experiments/forgetting/run.py --task=xsum --steps=30
+# python -m experiments.forgetting.run --task=xsum --steps=30
 experiment-forgetting: install
-	$(BIN)/python experiments/forgetting/run.py --task=sst2 --steps=150 --seeds=0,1
+	$(BIN)/python -m experiments.forgetting.run --task=sst2 --steps=150 --seeds=0,1
 
 experiment-overfitting: install
-	$(BIN)/python experiments/overfitting/run.py --lrs=1e-5,5e-5,2e-4 --train_examples=640 --epochs=4 --evals_per_epoch=1
+	$(BIN)/python -m experiments.overfitting.run --lrs=1e-5,5e-5,2e-4 --train_examples=640 --epochs=4 --evals_per_epoch=1
 
 # bfloat16 vs float32 SST-2 dev accuracy of full fine-tuning (issue 6's 0.5-point check), 2 seeds.
 experiment-mixed-precision: install
-	$(BIN)/python experiments/mixed_precision/run.py --steps=400 --seeds=0,1
+	$(BIN)/python -m experiments.mixed_precision.run --steps=400 --seeds=0,1

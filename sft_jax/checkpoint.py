@@ -12,6 +12,8 @@ import orbax.checkpoint as ocp
 
 from sft_jax.state import TrainState
 
+CHECKPOINTS_DIR = "checkpoints"  # inside a workdir (see `sft_jax.rundir`)
+
 
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
@@ -21,14 +23,14 @@ def _options(name: str, keep: int) -> ocp.CheckpointManagerOptions:
     """Options of the `name` manager. Its multi-process barriers carry `name` as a prefix: orbax names a
     barrier after the step directory alone (`async_write_complete.3`), so `best` and `latest` saving the same
     step at once, each in its own background thread, met at one barrier name in an order that differed
-    between processes, and a multi-host run hung at its last step (seen in tests/test_multihost.py, stop 19)."""
+    between processes, and a multi-host run could hang at its last step (tests/test_multihost.py)."""
     return ocp.CheckpointManagerOptions(
         max_to_keep=keep, multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
 
 class Checkpoints:
     def __init__(self, workdir: str, keep: int = 2):
-        root = os.path.join(os.path.abspath(workdir), "checkpoints")
+        root = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
         self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=_options("latest", keep))
         self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=_options("best", 1))
 
@@ -80,17 +82,3 @@ class Checkpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
-
-
-def restore_run_params(workdir: str, target_params: dict, which: str = "best") -> dict:
-    """The parameters of a run's `which` checkpoint ("best" falls back to "latest" for a run that has not
-    evaluated yet), in the shapes of `target_params`."""
-    ckpt = Checkpoints(workdir)
-    try:
-        try:
-            params, _ = ckpt.restore_params(target_params, which)
-        except FileNotFoundError:
-            params, _ = ckpt.restore_params(target_params, "latest")
-    finally:
-        ckpt.close()
-    return params

@@ -6,8 +6,8 @@ from __future__ import annotations
 import ml_collections
 
 from sft_jax import sharding
+from sft_jax.models.pooling import POOLINGS
 
-TASKS = ("text_classification", "language_modeling", "sft", "image_classification")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -166,22 +166,18 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first unknown key or invalid value."""
+    """Raises ValueError naming the first unknown key or invalid value; the task of `config.task` checks the
+    options that are its own (`sft_jax.tasks.check_config`)."""
     _check_keys(config, defaults(), "")
     from sft_jax.strategies import STRATEGIES
 
     if config.strategy not in STRATEGIES:
         raise ValueError(f"config.strategy: unknown strategy {config.strategy!r}; expected one of {STRATEGIES}")
-    if config.strategy == "lora" and config.task in ("text_classification", "image_classification"):
-        raise ValueError("config.strategy: lora is implemented for decoder tasks (language_modeling, sft); "
-                         f"use head, partial or full for {config.task}")
-    if config.task not in TASKS:
-        raise ValueError(f"config.task: unknown task {config.task!r}; expected one of {TASKS}")
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
     _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
-    _check_choice(config, "pooling", ("cls", "mean"))
+    _check_choice(config, "pooling", POOLINGS)
     _check_choice(config, "data.too_long", ("truncate", "error"))
     for key in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm", "head_dropout", "max_train_seconds",
                 "data.max_train_examples", "data.max_eval_examples", "lora.dropout"):
@@ -204,8 +200,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     unknown = [m for m in config.eval_generation.metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"config.eval_generation.metrics: unknown {unknown}; expected some of {METRICS}")
-    if config.eval_generation.metrics and config.task != "sft":
-        raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
     if config.sharding_preset not in ("auto", "none"):
         raise ValueError(f"config.sharding_preset: {config.sharding_preset!r} is not auto or none")
     sharding.check_logical_rules(config.logical_axis_rules)
@@ -231,6 +225,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if max(config.buckets) < config.max_length:
         raise ValueError(f"config.buckets: the largest bucket {max(config.buckets)} is below "
                          f"max_length={config.max_length}")
+    from sft_jax import tasks
+
+    tasks.check_config(config)
 
 
 def _validate_images(config: ml_collections.ConfigDict) -> None:
@@ -240,17 +237,6 @@ def _validate_images(config: ml_collections.ConfigDict) -> None:
                          f"{tuple(image.std)}")
     if image.crop_padding < 0:
         raise ValueError(f"config.image.crop_padding: must be >= 0, got {image.crop_padding}")
-    if config.forgetting.images and config.task != "image_classification":
-        raise ValueError("config.forgetting.images: the image forgetting probe needs task='image_classification'")
-    if config.task == "image_classification" and config.model == "vit-scratch":
-        from sft_jax.models.vit import ViTConfig
-
-        try:
-            ViTConfig(**config.vit.to_dict())
-        except ValueError as e:
-            raise ValueError(f"config.vit: {e}") from None
-        if min(v for k, v in config.vit.items() if not k.endswith("dropout_prob")) <= 0:
-            raise ValueError(f"config.vit: sizes must be positive, got {config.vit.to_dict()}")
 def _validate_forgetting(config: ml_collections.ConfigDict) -> None:
     r = config.regularizer
     for key in ("l2sp", "ewc"):
@@ -259,7 +245,7 @@ def _validate_forgetting(config: ml_collections.ConfigDict) -> None:
     if r.l2sp and r.ewc:
         raise ValueError("config.regularizer: set l2sp or ewc, not both")
     if r.ewc and not r.fisher_data:
-        raise ValueError("config.regularizer.fisher_data: ewc needs text to estimate the Fisher on")
+        raise ValueError("config.regularizer.fisher_data: ewc needs data to estimate the Fisher on")
     if r.fisher_batches < 1 or r.fisher_batch_size < 2:
         raise ValueError("config.regularizer: fisher_batches must be >= 1 and fisher_batch_size >= 2")
     if not 0 < config.llrd <= 1:

@@ -4,9 +4,8 @@ XLA:CPU allocates a step's temporaries (activations, gradients, the optimizer's 
 MiniLM at 32 x 128 tokens, 2.2 GB for SmolLM2-135M at 4 x 256) with malloc at the start of each execution and
 frees them at its end. glibc serves blocks that large with a fresh mmap, or from a per-thread arena heap that
 it shrinks again, and gives the pages back to the kernel on free; so every step page-faulted all of its
-temporaries in again, 4 KiB at a time, with the kernel zeroing each page: 0.34 million minor faults per MiniLM
-step and 0.56 million per SmolLM2 step, 1-7 s of system time against 2-7 s of user time
-(experiments/benchmarks/notes.md, stop 18). PyTorch's step faults about a fifth as often.
+temporaries in again, 4 KiB at a time, with the kernel zeroing each page: hundreds of thousands of minor faults
+per step, and system time of the order of the step's own arithmetic (experiments/benchmarks/notes.md).
 
 `keep_freed_memory` sets three mallopt parameters for the whole process:
 - M_ARENA_MAX = 1: every thread allocates from the main arena, a single brk heap that can hold blocks of any

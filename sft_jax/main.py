@@ -20,7 +20,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-    from sft_jax.train import train_and_evaluate  # after flag parsing: JAX reads XLA_FLAGS on import
+    from sft_jax.trainer import train_and_evaluate  # after configure_cpu and flag parsing
 
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -34,12 +34,11 @@ def main(argv):
 
 
 def summary(results: dict, workdir: str) -> str:
-    """The figures a researcher looks at first; everything is in WORKDIR/results.json."""
-    keys = ["eval/accuracy", "eval/f1", "eval/loss", "eval/perplexity", "eval/rouge1", "eval/rougeL", "eval/bleu",
-            "eval/exact_match", "forgetting/stsb_spearman/before", "forgetting/stsb_spearman/after",
-            "forgetting/wikitext2_ppl/before", "forgetting/wikitext2_ppl/after", "forgetting/source_accuracy/before",
-            "forgetting/source_accuracy/after", "trainable_params", "total_params",
-            "best_step", "train/examples_per_s", "train/tokens_per_s"]
+    """The figures a researcher looks at first (the task's metrics, its forgetting probes before and after,
+    sizes and speed); everything is in WORKDIR/results.json."""
+    keys = [k for k in results if k.startswith("eval/")]
+    keys += [k for k in results if k.startswith("forgetting/") and k.endswith(("/before", "/after"))]
+    keys += ["trainable_params", "total_params", "best_step", "train/examples_per_s", "train/tokens_per_s"]
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {results[k]:.4f}" if isinstance(results[k], float) else f"{k:<{width}}  {results[k]}"
              for k in keys if results.get(k) is not None]
@@ -60,6 +59,9 @@ def _unknown_override(e: Exception) -> str | None:
 
 
 def run():
+    from sft_jax import platform
+
+    platform.configure_cpu()  # before anything starts JAX's backend
     try:
         app.run(main)
     except flags.IllegalFlagValueError as e:

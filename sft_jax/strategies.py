@@ -7,11 +7,12 @@ no optimizer state, and the train step differentiates only the trainable subtree
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
 import optax
+
+from sft_jax.models.layout import ParamLayout
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 STRATEGIES = ("head", "partial", "full", "lora")
@@ -19,17 +20,6 @@ STRATEGIES = ("head", "partial", "full", "lora")
 LORA_PARAMS = r"/lora_(a|b)$"
 
 Rules = Sequence[tuple[str, str]]
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamLayout:
-    """Where the parts of a task model live in its parameter paths (regexes)."""
-
-    embeddings: str  # e.g. r"encoder/embeddings/"
-    layer: str  # with {i}, e.g. r"encoder/layers/{i}/"
-    head: str  # the freshly added layers, e.g. r"head/"
-    num_layers: int
-    fresh: str = ""  # freshly initialised parameters (no pre-trained value), e.g. r"head/"; "" for none
 
 
 def strategy_rules(strategy: str, layout: ParamLayout, frozen_layers: int = 0) -> list[tuple[str, str]]:

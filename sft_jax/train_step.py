@@ -88,8 +88,8 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
         updates, opt_state = tx.update(full_grads, opt_state, state.params)
         return optax.apply_updates(train_p, {k: updates[k] for k in train_p}), opt_state
 
-    # Only the taken branch runs: no select pass over every parameter and moment (a `where` per leaf read the
-    # old and new state and wrote a third copy: ~13% of a SmolLM2 bfloat16 step).
+    # Only the taken branch runs: no select pass over every parameter and moment (a `where` per leaf would read
+    # the old and new state and write a third copy of both).
     new_train, opt_state = jax.lax.cond(finite, apply, lambda operands: operands, (train_p, state.opt_state))
     new_state = state.replace(step=state.step + 1, params={**frozen_p, **new_train}, opt_state=opt_state)
     # Per-example outputs (predictions) stay out of the train metrics; eval_step returns them.
@@ -187,11 +187,10 @@ def _constrained(fn, batch_sharding, logical_rules):
 
 # XLA:CPU matmul libraries (`config.cpu_matmuls`): "xla" leaves XLA's own choice (YNNPACK dots, Eigen for the
 # rest); "onednn" hands each float32 dot, alone, to oneDNN (bfloat16 dots stay XLA's). oneDNN's fusions of a dot
-# with its neighbours (LIBRARY_FUSION_TYPE_DOT) fail to compile SmolLM2 on this machine ("partition compile
-# failed", SIGILL), so dots go one by one. "auto" (the default) picks by model, as measured
-# (experiments/benchmarks/notes.md, interleaved in one process): oneDNN for encoder classifiers (MiniLM
-# float32 `full` -11%, `head` -10%, `partial` -6% per step: its batched [128 x 32] attention matmuls run about
-# 2x faster), XLA's for decoders (SmolLM2 `head` bfloat16 +9% with oneDNN, float32 `full` within noise).
+# with its neighbours (LIBRARY_FUSION_TYPE_DOT) can fail to compile decoders ("partition compile failed",
+# SIGILL), so dots go one by one. "auto" (the default) picks by model, as measured in
+# experiments/benchmarks/notes.md: oneDNN for encoder classifiers (their small batched attention matmuls run
+# faster there), XLA's for decoders (where oneDNN was no faster).
 CPU_MATMULS = {
     "xla": {},
     "onednn": {"xla_cpu_use_onednn": True,

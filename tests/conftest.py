@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 
+from sft_jax import platform
+
+platform.configure_cpu()  # the command line's XLA:CPU settings (XNNPACK, malloc), before anything starts JAX
+
 _DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}".strip()
@@ -107,8 +111,6 @@ def tiny_trainer(tiny_bert_dir):
     """
     import types
 
-    import jax
-    import jax.numpy as jnp
     import numpy as np
     import optax
     from flax import nnx
@@ -118,8 +120,9 @@ def tiny_trainer(tiny_bert_dir):
     from sft_jax.losses import classification_loss
     from sft_jax.models.classifier import EncoderClassifier, bert_layout
     from sft_jax.models.loading.hf import load_bert, load_tokenizer
-    from sft_jax.state import ModelDef, TrainState
+    from sft_jax.state import ModelDef
     from sft_jax.train_step import make_train_step
+    from sft_jax.trainer.setup import init_state
 
     tokenizer = load_tokenizer(tiny_bert_dir)
 
@@ -142,14 +145,8 @@ def tiny_trainer(tiny_bert_dir):
         p_shard = sharding.param_shardings(model_def.names, mesh_, shapes={k: v.shape for k, v in params.items()},
                                            axes=model_def.axes if logical_rules else None,
                                            logical_rules=logical_rules or ())
-        replicated = jax.sharding.NamedSharding(mesh_, jax.sharding.PartitionSpec())
         host_params = {k: np.array(v) for k, v in params.items()}
-        params = {k: jax.device_put(v, p_shard[k]) for k, v in params.items()}
-        opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh_)
-        state = TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
-                           opt_state=jax.jit(tx.init, out_shardings=opt_shard)(params),
-                           rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), replicated))
-        state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+        state, state_shard = init_state(params, tx, p_shard, mesh_, seed)
         b_shard = sharding.batch_sharding(mesh_)
         train_fn = make_train_step(model_def, tx, classification_loss, trainable, state_sharding=state_shard,
                                    batch_sharding=b_shard, logical_rules=logical_rules)
@@ -245,9 +242,9 @@ class CrashAfterSave(Exception):
 def crash_after_save(monkeypatch, step: int) -> None:
     """Makes train_and_evaluate die (CrashAfterSave) just after saving its latest checkpoint at `step`:
     a killed run, for resume tests. Use inside `monkeypatch.context()` to undo it before resuming."""
-    from sft_jax import train
+    from sft_jax.checkpoint import Checkpoints
 
-    save_latest = train.Checkpoints.save_latest
+    save_latest = Checkpoints.save_latest
 
     def save_then_crash(self, state, meta):
         save_latest(self, state, meta)
@@ -255,4 +252,4 @@ def crash_after_save(monkeypatch, step: int) -> None:
         if int(state.step) == step:
             raise CrashAfterSave
 
-    monkeypatch.setattr(train.Checkpoints, "save_latest", save_then_crash)
+    monkeypatch.setattr(Checkpoints, "save_latest", save_then_crash)

@@ -206,11 +206,12 @@ LM_BAD_FILES = [
 def test_bad_lm_file_stops_run_before_training(tiny_llama_dir, tmp_path, monkeypatch, name, task, expected):
     from sft_jax import train
     from sft_jax.config_defaults import defaults
+    from sft_jax.tasks import language_model
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(train, "build_lm", no_model)
+    monkeypatch.setattr(language_model, "build_lm", no_model)
     c = defaults()
     c.model, c.task = str(tiny_llama_dir), task
     c.data.train = c.data.eval = str(BAD / name)
@@ -304,8 +305,10 @@ def test_too_long_sft_record_error_names_file_and_line(tiny_llama_dir, tmp_path,
 
     from sft_jax import train
     from sft_jax.config_defaults import defaults
+    from sft_jax.tasks import language_model
 
-    monkeypatch.setattr(train, "build_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    monkeypatch.setattr(language_model, "build_lm",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
     path = write_jsonl(tmp_path / "sft.jsonl", [{"input": "short", "output": "fine"},
                                                  {"input": "x " * 200, "output": "too long"}])
     c = defaults()

@@ -13,8 +13,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from sft_jax.models import registry
-from sft_jax.models.bert import BertConfig, BertEncoder, mean_pool
+from sft_jax.models.bert import BertConfig, BertEncoder
 from sft_jax.models.loading.hf import load_bert, load_tokenizer
+from sft_jax.models.pooling import mean_pool
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

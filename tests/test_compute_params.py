@@ -131,18 +131,18 @@ def test_bfloat16_partial_run_uses_copies_and_resumes_bit_identical(tiny_config,
     same parameters as an uninterrupted one; the frozen float32 masters end bit-identical."""
     from conftest import CrashAfterSave, crash_after_save
 
-    from sft_jax import train
     from sft_jax.train import train_and_evaluate
+    from sft_jax.trainer import setup
 
     tiny_config.dtype, tiny_config.strategy, tiny_config.frozen_layers = "bfloat16", "partial", 1
     plans = []
-    real = train.with_compute_params
+    real = setup.with_compute_params
 
     def record(state, plan, state_sharding=None):
         plans.append(dict(plan))
         return real(state, plan, state_sharding)
 
-    monkeypatch.setattr(train, "with_compute_params", record)
+    monkeypatch.setattr(setup, "with_compute_params", record)
     whole = train_and_evaluate(tiny_config, str(tmp_path / "whole"))
     assert plans and plans[0] and all("layers/0/" in n and n.endswith("/kernel") for n in plans[0]), plans
     with monkeypatch.context() as m:
@@ -153,10 +153,10 @@ def test_bfloat16_partial_run_uses_copies_and_resumes_bit_identical(tiny_config,
     assert len(plans) == 3 and plans[2] == plans[0]
     assert resumed["params_fingerprint"] == whole["params_fingerprint"]
     # The checkpoint holds the model's parameters only, the frozen ones exactly as loaded.
-    from sft_jax.checkpoint import restore_run_params
+    from sft_jax.rundir import RunDir
 
     _, pretrained = ModelDef.split(_bert(tiny_config.model, jnp.float32)[0])
-    saved = restore_run_params(str(tmp_path / "whole"), pretrained, "latest")
+    saved = RunDir(tmp_path / "whole").restore_params(pretrained, "latest")
     assert set(saved) == set(pretrained)
     for name in plans[0]:
         np.testing.assert_array_equal(np.asarray(saved[name]), np.asarray(pretrained[name]))
@@ -165,18 +165,18 @@ def test_bfloat16_partial_run_uses_copies_and_resumes_bit_identical(tiny_config,
 def test_copies_are_dropped_from_use_when_a_phase_unfreezes(tiny_config, tmp_path, monkeypatch):
     """LP-FT in bfloat16: the encoder is frozen for the first two steps (its kernels read from the copies),
     then trains (read from the masters): the run ends bit-identical to one without copies."""
-    from sft_jax import train
     from sft_jax.train import train_and_evaluate
+    from sft_jax.trainer import setup
 
     tiny_config.dtype, tiny_config.strategy = "bfloat16", "full"
     tiny_config.lp_ft.head_steps = 2
     plans = []
-    real = train.compute_cast_plan
-    monkeypatch.setattr(train, "compute_cast_plan", lambda *args, **kwargs: plans.append(real(*args, **kwargs))
+    real = setup.compute_cast_plan
+    monkeypatch.setattr(setup, "compute_cast_plan", lambda *args, **kwargs: plans.append(real(*args, **kwargs))
                         or plans[-1])
     with_copies = train_and_evaluate(tiny_config, str(tmp_path / "copies"))
     assert plans[0] and all(n.startswith("encoder/layers/") for n in plans[0]), plans
-    monkeypatch.setattr(train, "compute_cast_plan", lambda *args, **kwargs: {})
+    monkeypatch.setattr(setup, "compute_cast_plan", lambda *args, **kwargs: {})
     without = train_and_evaluate(tiny_config, str(tmp_path / "none"))
     assert with_copies["params_fingerprint"] == without["params_fingerprint"]
     assert with_copies["eval/accuracy"] == without["eval/accuracy"]

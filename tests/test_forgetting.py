@@ -15,8 +15,9 @@ from sft_jax.config_defaults import defaults, validate
 from sft_jax.losses import classification_loss, simcse_loss
 from sft_jax.models.classifier import bert_layout
 from sft_jax.state import ModelDef
-from sft_jax.train import make_optimizer, train_and_evaluate
+from sft_jax.train import train_and_evaluate
 from sft_jax.train_step import make_train_step
+from sft_jax.trainer.setup import make_optimizer
 
 TEXTS = ["good movie, fun and great", "bad movie, dull and boring", "a great fun film", "dull, boring, bad",
          "fun", "bad", "great and good and fun", "boring"]

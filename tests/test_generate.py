@@ -162,6 +162,7 @@ def test_prompt_encoding(llama, tiny_gemma3_dir):
 def test_load_model_from_a_workdir(llama, tiny_llama_dir, tmp_path):
     from sft_jax.checkpoint import Checkpoints
     from sft_jax.state import TrainState
+    from sft_jax.tasks.language_model import load_lm
 
     (tmp_path / "config.json").write_text(json.dumps({"model": str(tiny_llama_dir), "strategy": "full"}))
     tuned = {k: v * 1.5 if k == "embed/embedding" else v for k, v in llama.params.items()}
@@ -169,13 +170,13 @@ def test_load_model_from_a_workdir(llama, tiny_llama_dir, tmp_path):
     ckpt.save_best(TrainState(step=jnp.int32(1), params=tuned, opt_state=None, rng=jnp.zeros(2, jnp.uint32)), {})
     ckpt.wait()
     ckpt.close()
-    model, tokenizer = gen.load_model(str(tiny_llama_dir), str(tmp_path), dtype="bfloat16")
+    model, tokenizer = load_lm(str(tiny_llama_dir), str(tmp_path), dtype="bfloat16")
     _, params = ModelDef.split(model)
     np.testing.assert_array_equal(params["embed/embedding"], tuned["embed/embedding"])
     assert model.config.dtype == jnp.bfloat16
     assert gen.generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2)[0]
     with pytest.raises(ValueError, match="differs from the model"):
-        gen.load_model("smollm2-135m-instruct", str(tmp_path))
+        load_lm("smollm2-135m-instruct", str(tmp_path))
 
 
 def test_smollm2_knows_the_capital_of_france():

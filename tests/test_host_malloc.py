@@ -19,7 +19,8 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 
 _SCRIPT = """
 import json, resource
-import sft_jax, sft_jax.host_malloc as hm
+import sft_jax.host_malloc as hm, sft_jax.platform
+sft_jax.platform.configure_cpu()
 import jax, jax.numpy as jnp
 a = jnp.ones((4096, 2048), jnp.float32)
 # a [4096, 4096] float32 product (64 MiB) lives only inside the call: an XLA temporary

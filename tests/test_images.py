@@ -91,7 +91,7 @@ def test_augmentation_is_a_pure_function_of_seed_and_step(image_data):
 
 
 def test_normalisation_from_preprocessor_config(tmp_path):
-    from sft_jax.models.vision import resolve_image_model
+    from sft_jax.tasks.image_model import resolve_image_model
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "image_size": 8, "patch_size": 4,
                                                       "hidden_size": 16, "num_attention_heads": 2}))
@@ -185,8 +185,9 @@ def test_predict_images(base_run, image_data):
 def test_transfer_from_a_run_workdir_with_forgetting_probe(base_run, image_data, image_config, tmp_path, strategy):
     """Fine-tuning the base on red/blue: its backbone is loaded, and the forgetting probe scores red/green with
     the base's own head: before = the base's accuracy; head-only training leaves it exactly unchanged."""
+    from sft_jax import tasks
     from sft_jax.checkpoint import Checkpoints
-    from sft_jax.train import RUNS
+    from sft_jax.rundir import RunDir
 
     base_dir, base_results, _ = base_run
     folder, manifest = image_data
@@ -196,7 +197,7 @@ def test_transfer_from_a_run_workdir_with_forgetting_probe(base_run, image_data,
     config.data.classes = ("red", "blue")
     config.forgetting.images = str(manifest)  # has blue too: only the base head's classes are kept
     (tmp_path / "probe").mkdir()
-    run = RUNS["image_classification"](config, str(tmp_path / "probe"))  # the model as the run starts it
+    run = tasks.get("image_classification")(config, RunDir(tmp_path / "probe"))  # the model as the run starts it
     results = _run(config, tmp_path / "run")
     assert results["source_eval_examples"] == 8
     assert results["forgetting/source_accuracy/before"] == base_results["eval/accuracy"]
@@ -233,4 +234,47 @@ def test_forgetting_probe_needs_a_source_head(image_data, image_config, tmp_path
     config = image_config(f"{folder}[:4]", str(manifest))
     config.forgetting.images = str(manifest)
     with pytest.raises(ValueError, match="vit-scratch has no classification head of its own"):
+        _run(config, tmp_path / "run")
+
+
+def _backbone_distance(workdir, base_params: dict) -> float:
+    """Squared distance of a run's latest backbone (vit/...) from the base's."""
+    from sft_jax.checkpoint import Checkpoints
+
+    ckpt = Checkpoints(str(workdir))
+    after, _ = ckpt.restore_params(base_params, "latest")
+    ckpt.close()
+    return sum(float(np.sum((np.asarray(after[k]) - np.asarray(v)) ** 2))
+               for k, v in base_params.items() if k.startswith("vit/"))
+
+
+def test_ewc_on_images_anchors_the_backbone_to_the_source_task(base_run, image_data, image_config, tmp_path):
+    """EWC for an image run: the Fisher is that of the base's own task (its head, on images of its classes,
+    `regularizer.fisher_data`), not uniform (the run differs from L2-SP's); a heavy penalty keeps the
+    fine-tuned backbone much closer to the base's."""
+    from sft_jax.state import ModelDef
+    from sft_jax.tasks.image_model import load_image_run
+
+    base_dir, _, _ = base_run
+    folder, manifest = image_data
+    config = image_config(f"{folder}[:6]", str(manifest))
+    config.model, config.strategy, config.max_steps = str(base_dir), "full", 6
+    config.data.classes = ("red", "blue")
+    plain = _run(config, tmp_path / "plain")
+    config.regularizer.ewc, config.regularizer.fisher_data = 1e4, str(manifest)
+    config.regularizer.fisher_batches, config.regularizer.fisher_batch_size = 2, 2
+    ewc = _run(config, tmp_path / "ewc")
+    config.regularizer.ewc, config.regularizer.l2sp = 0.0, 1e4
+    l2sp = _run(config, tmp_path / "l2sp")
+    assert len({plain["params_fingerprint"], ewc["params_fingerprint"], l2sp["params_fingerprint"]}) == 3
+    _, base_params = ModelDef.split(load_image_run(str(base_dir))[0])
+    assert _backbone_distance(tmp_path / "ewc", base_params) < 0.5 * _backbone_distance(tmp_path / "plain",
+                                                                                        base_params)
+
+
+def test_ewc_on_images_needs_a_source_head(image_data, image_config, tmp_path):
+    folder, manifest = image_data
+    config = image_config(f"{folder}[:4]", str(manifest))
+    config.regularizer.ewc, config.regularizer.fisher_data = 1.0, str(manifest)
+    with pytest.raises(ValueError, match="config.regularizer.ewc: vit-scratch has no classification head of its own"):
         _run(config, tmp_path / "run")

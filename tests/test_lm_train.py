@@ -115,8 +115,8 @@ def _lm_config(model_dir, tmp_path, strategy):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("strategy", ["full", "partial", "head"])
 def test_strategies_on_decoders(family, strategy, tiny_llama_dir, tiny_gemma3_dir, tmp_path):
-    from sft_jax.models.finetuned import load_finetuned_lm
     from sft_jax.state import ModelDef
+    from sft_jax.tasks.language_model import load_finetuned_lm
     from sft_jax.train import train_and_evaluate
 
     model_dir = tiny_llama_dir if family == "llama" else tiny_gemma3_dir

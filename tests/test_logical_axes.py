@@ -144,6 +144,7 @@ def test_custom_rules_and_regex_overrides(tiny_bert_dir):
 def test_config_rules_reach_the_train_state(tiny_config, tmp_path, monkeypatch):
     """`config.logical_axis_rules` (here: mlp replicated) decides the shardings of the trainer's state."""
     from sft_jax import train
+    from sft_jax.trainer import setup
 
     seen = {}
 
@@ -154,7 +155,7 @@ def test_config_rules_reach_the_train_state(tiny_config, tmp_path, monkeypatch):
         seen.update(p_shard)
         raise Seen
 
-    monkeypatch.setattr(train, "init_state", spy)
+    monkeypatch.setattr(setup, "init_state", spy)
     tiny_config.mesh = {"data": 1, "fsdp": 2, "tensor": 4}
     tiny_config.logical_axis_rules = tuple((k, None if k == "mlp" else v) for k, v in sharding.DEFAULT_LOGICAL_RULES)
     with pytest.raises(Seen):
@@ -214,7 +215,7 @@ def test_constrain_is_the_identity_outside_a_traced_step():
 def _fsdp_fractions(module) -> tuple[float, float]:
     """(parameter, optimizer-state) bytes on one device / in total, all parameters trainable with AdamW, fsdp=8."""
     from sft_jax import optim, strategies
-    from sft_jax.train import init_state
+    from sft_jax.trainer.setup import init_state
 
     model_def, params = ModelDef.split(module)
     labels = {name: strategies.TRAINABLE for name in model_def.names}

@@ -18,18 +18,8 @@ import pytest
 from flax import nnx
 
 from sft_jax.models.loading.lm import export_hf, load_decoder
-from sft_jax.models.lora import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    DEFAULT_TARGETS,
-    LoraConfig,
-    LoRALinear,
-    apply_lora,
-    has_lora,
-    load_adapters,
-    merge_lora,
-    save_adapters,
-)
+from sft_jax.models.loading.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters, save_adapters
+from sft_jax.models.lora import DEFAULT_TARGETS, LoraConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from sft_jax.state import ModelDef
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -256,8 +246,9 @@ def _lm_config(model_dir, tmp_path):
 def test_lora_run_trains_only_adapters(tiny_llama_dir, tmp_path):
     from sft_jax import optim, strategies
     from sft_jax.checkpoint import Checkpoints
-    from sft_jax.models.finetuned import decoder_layout, load_finetuned_lm
+    from sft_jax.models.finetuned import decoder_layout
     from sft_jax.state import TrainState, count_params
+    from sft_jax.tasks.language_model import load_finetuned_lm
     from sft_jax.train import train_and_evaluate
 
     config = _lm_config(tiny_llama_dir, tmp_path)

@@ -168,9 +168,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(cli_config, reference, tmp_pa
 
 def _poisoned(monkeypatch, at_step: int):
     """Makes the train step see a NaN loss mask/weights on call `at_step` (1-based)."""
-    from sft_jax import train
+    from sft_jax.trainer import setup
 
-    real = train.make_train_step
+    real = setup.make_train_step
 
     def make(*args, **kwargs):
         fn = real(*args, **kwargs)
@@ -184,12 +184,13 @@ def _poisoned(monkeypatch, at_step: int):
 
         return step
 
-    monkeypatch.setattr(train, "make_train_step", make)
+    monkeypatch.setattr(setup, "make_train_step", make)
 
 
 def test_nan_step_stops_the_run_without_saving_it(tiny_config, tmp_path, monkeypatch):
     from sft_jax.checkpoint import Checkpoints
-    from sft_jax.train import TrainingDiverged, train_and_evaluate
+    from sft_jax.train import train_and_evaluate
+    from sft_jax.trainer.guards import TrainingDiverged
 
     tiny_config.max_steps, tiny_config.checkpoint_every, tiny_config.eval_every = 6, 2, 2
     _poisoned(monkeypatch, 3)
@@ -207,9 +208,9 @@ def test_nan_step_stops_the_run_without_saving_it(tiny_config, tmp_path, monkeyp
 
 
 def _tiny_params(config):
-    from sft_jax.train import Task
+    from sft_jax.tasks.text import TextClassifier
 
-    return Task(config, 2).params
+    return TextClassifier(config, 2).params
 
 
 def test_nan_step_is_skipped_and_counted(tiny_config, tmp_path, monkeypatch):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import CrashAfterSave, crash_after_save
 
-from sft_jax import train
 from sft_jax.state import params_fingerprint
+from sft_jax.tasks import classification, text
 from sft_jax.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -101,17 +101,17 @@ def test_early_stopping_reports_best_checkpoint(tiny_config, tmp_path, monkeypat
     """The early-stopping metric is scripted (0.6, 0.8, 0.7, ...) with patience 1: the run stops at step 3,
     and the reported metrics are the real evaluation of the step-2 parameters."""
     scripted = iter([0.6, 0.8, 0.7, 0.7, 0.7])
-    real_evaluate = train.evaluate
+    real_evaluate = classification.evaluate
     seen = []  # (fingerprint, real metrics) per call
 
-    def evaluate(eval_fn, params, *args):
-        out = real_evaluate(eval_fn, params, *args)
+    def evaluate(eval_fn, params, *args, **kwargs):
+        out = real_evaluate(eval_fn, params, *args, **kwargs)
         seen.append((params_fingerprint(params), dict(out)))
         if len(seen) <= 3:  # during training; later calls evaluate the best checkpoint
             out["eval/accuracy"] = next(scripted)
         return out
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(classification, "evaluate", evaluate)
     tiny_config.update(max_steps=10, eval_every=1, checkpoint_every=10)
     tiny_config.early_stopping.patience = 1
     results = train_and_evaluate(tiny_config, str(tmp_path / "run"))
@@ -173,7 +173,7 @@ def test_stsb_probe_matches_sentence_transformers():
         pytest.skip(str(e))
     encoder, config = load_bert(model_dir)
     model_def, params = ModelDef.split(EncoderClassifier(encoder, config.hidden_size, 2, rngs=nnx.Rngs(0)))
-    embed = train.embed_fn(model_def)
+    embed = text.embed_fn(model_def)
     # Finer buckets than the default only cut padding (masked out, so the embeddings do not change).
     rho = stsb_spearman(lambda ids, mask: embed(params, ids, mask), load_tokenizer(model_dir), str(STSB_DEV),
                         buckets=(16, 24, 32, 48, 64, 128))

@@ -8,8 +8,9 @@ import os
 
 import numpy as np
 import torch
-from ours import FROZEN_LAYERS
 from torch import nn
+
+from experiments.benchmarks.ours import FROZEN_LAYERS
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -13,8 +13,8 @@ from sft_jax import optim, sharding, strategies
 from sft_jax.config_defaults import defaults
 from sft_jax.losses import classification_loss, lm_loss
 from sft_jax.state import ModelDef
-from sft_jax.train import init_state
 from sft_jax.train_step import compiler_options, compute_cast_plan, make_train_step, with_compute_params
+from sft_jax.trainer.setup import init_state
 
 MODELS = {"minilm": "minilm-l6", "smollm2": "smollm2-135m-instruct"}
 # config.cpu_matmuls for the steps built here; None: the config default (ab/cpu_matmuls.py sets it).
@@ -44,9 +44,9 @@ class OursStep:
         c.model, c.strategy, c.dtype = MODELS[model], strategy, dtype
         c.frozen_layers = FROZEN_LAYERS[model] if strategy == "partial" else 0
         if model == "minilm":
-            from sft_jax.train import Task
+            from sft_jax.tasks.text import TextClassifier
 
-            task = Task(c, num_labels=2)
+            task = TextClassifier(c, num_labels=2)
             self.model_def, params, layout, loss_fn = task.model_def, task.params, task.layout, classification_loss
             cfg = self.model_def.merge(params).encoder.config
             self.attn = dict(layers=cfg.num_hidden_layers, width=cfg.hidden_size, causal=False)
@@ -134,7 +134,7 @@ def matmul_peak(dtype: str, n: int, repeats: int = 5, library: str | None = None
 
     import jax.numpy as jnp
 
-    dt = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    dt = jnp.dtype(dtype)
     key = jax.random.key(0)
     a = jax.random.normal(key, (n, n), dt)
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dt)

@@ -4,10 +4,8 @@ appended."""
 from __future__ import annotations
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import markdown_table  # noqa: E402
+from experiments.common import markdown_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -1,6 +1,6 @@
 """Train-step throughput of sft_jax against PyTorch + transformers, in one process, alternating.
 
-    python experiments/benchmarks/run.py [--quick] [--cases=main,sweeps | minilm-full,smollm2-lora,...]
+    python -m experiments.benchmarks.run [--quick] [--cases=main,sweeps | minilm-full,smollm2-lora,...]
                                          [--steps=N] [--rounds=R] [--threads=T]
 
 Cases: MiniLM (all-MiniLM-L6-v2, sequence classification) at batch 32 x 128 and SmolLM2-135M (causal LM)
@@ -25,9 +25,6 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, HERE)
-sys.path.insert(1, ROOT)
 
 STRATEGIES = ("full", "partial", "head", "lora")
 MAIN = {"minilm": (32, 128), "smollm2": (4, 256)}
@@ -116,8 +113,8 @@ class Autocast:
 
 def run_group(model: str, strategy: str, batch: int, seq_len: int, dtypes, args, torch_device: str,
               peaks: dict, torch_bf16: bool) -> list[dict]:
-    from baseline import TorchStep
-    from ours import OursStep, synthetic_batch
+    from experiments.benchmarks.baseline import TorchStep
+    from experiments.benchmarks.ours import OursStep, synthetic_batch
 
     steps, ours = {}, {}
     for dtype in dtypes:
@@ -197,7 +194,7 @@ def main(argv=None) -> None:
                    help="rewrite RESULTS.md from the results.json and meta.json in --out (no measuring)")
     args = p.parse_args(argv)
     if args.report_only:
-        from report import write_report
+        from experiments.benchmarks.report import write_report
 
         with open(os.path.join(args.out, "results.json")) as f, open(os.path.join(args.out, "meta.json")) as g:
             write_report(json.load(f), json.load(g), args.out)
@@ -211,13 +208,15 @@ def main(argv=None) -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     threads = len(os.sched_getaffinity(0))
 
-    import sft_jax  # noqa: I001 - first, as a script would: its malloc settings must precede any thread's first malloc
+    from sft_jax import host_malloc, platform
+
+    platform.configure_cpu()  # before JAX and torch: the malloc settings must precede any thread's first malloc
     import jax
     import torch
 
     torch.set_num_threads(threads)
-    from baseline import torch_matmul_peak
-    from ours import matmul_peak
+    from experiments.benchmarks.baseline import torch_matmul_peak
+    from experiments.benchmarks.ours import matmul_peak
 
     torch_device = "cuda" if torch.cuda.is_available() and jax.devices()[0].platform == "gpu" else "cpu"
     n = 2048 if jax.devices()[0].platform == "cpu" else 8192
@@ -251,19 +250,19 @@ def main(argv=None) -> None:
                 p.error(f"--cases: unknown case {unit!r}; expected main, sweeps, {', '.join(groups + list(sweeps))}")
             units.append(unit)
     records, t0 = [], time.time()
-    command = "python experiments/benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m experiments.benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def save(final: bool = False) -> None:  # after every group: a long run shows (and keeps) its progress
         meta = {"peaks_flops": peaks, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
                 "wall_s": time.time() - t0, "jax": jax.__version__, "torch": torch.__version__,
                 "command": command.strip(), "complete": final,
                 "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-                "host_malloc": sft_jax.host_malloc.applied()}
+                "host_malloc": host_malloc.applied()}
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(records, f, indent=1)
         with open(os.path.join(args.out, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        from report import write_report
+        from experiments.benchmarks.report import write_report
 
         write_report(records, meta, args.out)
 

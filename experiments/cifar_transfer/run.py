@@ -2,7 +2,7 @@
 partial / full at several label budgets, against the same ViT trained from scratch; forgetting of the source
 classes with the base's own head.
 
-    python experiments/cifar_transfer/run.py [--budgets=10,50,200] [--strategies=head,partial,full]
+    python -m experiments.cifar_transfer.run [--budgets=10,50,200] [--strategies=head,partial,full]
 
 Every run is one ordinary CLI run (configs/cifar_pretrain.py, configs/cifar_transfer.py:STRATEGY,BUDGET) in
 its own workdir under experiments/cifar_transfer/workdirs/ (ignored by git; a finished workdir is reused).
@@ -17,9 +17,9 @@ import os
 import sys
 import time
 
+from experiments.common import markdown_table, run_cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-from common import markdown_table, run_cli  # noqa: E402
 
 WORKDIRS = os.path.join(HERE, "workdirs")
 
@@ -170,7 +170,7 @@ def main() -> None:
             r = run_cli(f"configs/cifar_transfer.py:{name},{per_class}",
                         os.path.join(WORKDIRS, f"{name}_{per_class}"), overrides)
             rows.append(dict(r, strategy=name, per_class=per_class))
-    command = "python experiments/cifar_transfer/run.py " + " ".join(sys.argv[1:])
+    command = "python -m experiments.cifar_transfer.run " + " ".join(sys.argv[1:])
     write_report(rows, base, command.strip(), time.time() - start)
     print(open(os.path.join(HERE, "RESULTS.md")).read())
 

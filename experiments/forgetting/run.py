@@ -1,6 +1,6 @@
 """Task gain vs forgetting for fine-tuning methods that forget less, under equal compute (same steps).
 
-    python experiments/forgetting/run.py [--task=sst2|xsum] [--steps=400] [--methods=...] [--seeds=0]
+    python -m experiments.forgetting.run [--task=sst2|xsum] [--steps=400] [--methods=...] [--seeds=0]
 
 sst2: all-MiniLM-L6-v2 on SST-2 (dev accuracy) with the STS-B probe (Spearman drop). xsum: SmolLM2-135M-Instruct
 on XSum (configs/xsum_smollm2.py; ROUGE-L) with WikiText-2 perplexity rise. Each method is one ordinary CLI
@@ -19,13 +19,10 @@ import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, ROOT)
-from common import markdown_table, run_cli_cached  # noqa: E402
+from configs.common import shared_data
+from experiments.common import markdown_table, run_cli_cached
 
-from configs.common import shared_data  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 ALPHAS = (0.25, 0.5, 0.75)  # WiSE-FT points plotted between the pre-trained (0) and fine-tuned (1) ends
 PENALTY = 1.0  # L2-SP / EWC weight (EWC's Fisher is normalised to mean 1, so the two are on one scale)
@@ -294,7 +291,7 @@ def main() -> None:
             rows.append(dict(r, method=method, seed=seed))
             if method == "full":
                 rows += wise_rows(rows[-1], args.task)
-    write_report(rows, args.task, args.steps, " ".join(["python experiments/forgetting/run.py", *sys.argv[1:]]))
+    write_report(rows, args.task, args.steps, " ".join(["python -m experiments.forgetting.run", *sys.argv[1:]]))
     write_index()
 
 

@@ -1,6 +1,6 @@
 """GSM8K exact match of SmolLM2-135M-Instruct before and after fine-tuning on GSM8K's worked answers.
 
-    python experiments/gsm8k/run.py [--budget=420] [--strategies=lora,full]
+    python -m experiments.gsm8k.run [--budget=420] [--strategies=lora,full]
 
 `base` is the untouched model through the same evaluation (one step at learning rate 0); each strategy then
 trains for the same time budget. Exact match: the final number of the greedy generation (after "####", else
@@ -14,8 +14,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import budget_runs, markdown_table  # noqa: E402
+from experiments.common import budget_runs, markdown_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON = {"data.max_eval_examples": 64, "eval_generation.num_examples": 64, "schedule": "constant",
@@ -46,7 +45,7 @@ def main() -> None:
         [[r["strategy"], f"{r['eval/exact_match']:.1f}%", f"{r['eval/loss']:.4f}", r["step"],
           r["step"] * 8 if r["strategy"] != "base" else 0,
           f"{r['forgetting/wikitext2_ppl/before']:.2f} -> {r['forgetting/wikitext2_ppl/after']:.2f}"] for r in rows])
-    command = " ".join(["python experiments/gsm8k/run.py", *sys.argv[1:]])
+    command = " ".join(["python -m experiments.gsm8k.run", *sys.argv[1:]])
     lines = ["# GSM8K exact match before and after fine-tuning (SmolLM2-135M-Instruct)", "",
              f"Produced by `{command}` on this machine (2 CPU cores, float32).", "",
              "Training: GSM8K train (7,473 question -> worked answer pairs) as chat turns, packed into rows of "

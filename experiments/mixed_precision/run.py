@@ -1,7 +1,7 @@
 """bfloat16 compute against float32: SST-2 dev accuracy of full fine-tuning of all-MiniLM-L6-v2 (issue 6's
 "bfloat16 ... with SST-2 accuracy within 0.5 points of float32").
 
-    python experiments/mixed_precision/run.py [--steps=400] [--seeds=0]
+    python -m experiments.mixed_precision.run [--steps=400] [--seeds=0]
 
 Each (dtype, seed) is one ordinary CLI run of configs/sst2.py:full with `--config.dtype=...`: parameters, AdamW
 state, layer norms, softmax and the loss stay float32 in both; bfloat16 changes the matmul inputs (accumulated
@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
+from experiments.common import markdown_table, run_cli_cached
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-from common import markdown_table, run_cli_cached  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 
@@ -55,7 +54,7 @@ def main() -> None:
     verdict = "within" if abs(diffs.mean()) <= 0.5 else "not within"
     lines = [
         "# bfloat16 vs float32: SST-2 accuracy", "",
-        f"Produced by `python experiments/mixed_precision/run.py --steps={args.steps} --seeds={args.seeds}`: full "
+        f"Produced by `python -m experiments.mixed_precision.run --steps={args.steps} --seeds={args.seeds}`: full "
         f"fine-tuning of all-MiniLM-L6-v2 on SST-2 (configs/sst2.py:full), {args.steps} steps of batch 32, "
         "one evaluation on the 872 dev sentences at the end, float32 and bfloat16 compute on the same seeds.", "",
         *table, "",

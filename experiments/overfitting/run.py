@@ -1,6 +1,6 @@
 """Where full fine-tuning starts to overfit and to forget: learning rate x epochs on SST-2 (all-MiniLM-L6-v2).
 
-    python experiments/overfitting/run.py [--lrs=1e-5,5e-5,2e-4] [--train_examples=640] [--epochs=4] \
+    python -m experiments.overfitting.run [--lrs=1e-5,5e-5,2e-4] [--train_examples=640] [--epochs=4] \
         [--evals_per_epoch=1]
 
 One long run per learning rate on a seeded subsample of SST-2 train (so several epochs fit the budget), a
@@ -21,9 +21,9 @@ import sys
 
 import numpy as np
 
+from experiments.common import markdown_table, run_cli_cached
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-from common import markdown_table, run_cli_cached  # noqa: E402
 
 BATCH = 32
 FORGET_THRESHOLD = 0.02  # an STS-B Spearman drop above this counts as forgetting having begun
@@ -109,7 +109,7 @@ def main() -> None:
         json.dump(runs, f, indent=1)
     before = runs[0]["before"]
     plot(runs, steps_per_epoch, before)
-    command = " ".join(["python experiments/overfitting/run.py", *sys.argv[1:]])
+    command = " ".join(["python -m experiments.overfitting.run", *sys.argv[1:]])
     table = markdown_table(
         ["lr", "best dev acc (epoch)", "dev acc at end", "dev-loss minimum (epoch)", "STS-B at best", "STS-B at end",
          f"forgetting onset (drop > {FORGET_THRESHOLD})", "train loss at end", "wall (s)"],

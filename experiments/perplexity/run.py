@@ -1,6 +1,6 @@
 """WikiText-2 raw test perplexity of the decoder LMs: our JAX probe, checked against transformers.
 
-    .venv/bin/python experiments/perplexity/run.py [--models=smollm2-135m-instruct,gemma3-270m]
+    .venv/bin/python -m experiments.perplexity.run [--models=smollm2-135m-instruct,gemma3-270m]
         [--max_length=1024] [--stride=1023] [--max_tokens=N] [--reference_windows=4] [--batch_size=1]
         [--report_only]
 
@@ -208,7 +208,7 @@ def main() -> None:
         return
     for name in args.models.split(","):
         row = run_model(name, args)
-        row["command"] = " ".join([".venv/bin/python experiments/perplexity/run.py", *sys.argv[1:]])
+        row["command"] = " ".join([".venv/bin/python -m experiments.perplexity.run", *sys.argv[1:]])
         previous[name] = row
         rows = list(previous.values())
         write_report(rows, "; ".join(dict.fromkeys(r["command"] for r in rows)))

@@ -1,6 +1,6 @@
 """SFT on plain input-output pairs vs instruction fine-tuning (IFT), same model, same compute.
 
-    python experiments/sft_vs_ift/run.py [--budget=300] [--pairs=2000]
+    python -m experiments.sft_vs_ift.run [--budget=300] [--pairs=2000]
 
 Both runs fully fine-tune SmolLM2-135M-Instruct on the same English->French Multi30k pairs for the same
 training time. `sft` sees each pair as plain text, "{english}\\n" -> "{french}". `ift` sees the pair behind an
@@ -20,8 +20,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import ROOT, markdown_table, run_cli  # noqa: E402
+from experiments.common import ROOT, markdown_table, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "workdirs")
@@ -63,10 +62,11 @@ def evaluate(workdir: str | None, paths: dict[str, str]) -> dict[str, float]:
     """Greedy generations of one model on the three evaluation sets, and their scores."""
     from sft_jax.data import sft
     from sft_jax.evaluate import text_metrics
-    from sft_jax.generate import generate_ids, load_model
+    from sft_jax.generate import generate_ids
     from sft_jax.state import ModelDef
+    from sft_jax.tasks.language_model import load_lm
 
-    model, tok = load_model("smollm2-135m-instruct" if workdir is None else None, workdir)
+    model, tok = load_lm("smollm2-135m-instruct" if workdir is None else None, workdir)
     model_def, params = ModelDef.split(model)
     eos = sorted(set(model.config.eos_ids) | {tok.eos_token_id})
     out, samples = {}, {}
@@ -118,7 +118,7 @@ def main() -> None:
         rows.append({"model": name, **evaluate(workdir, paths), "steps": r["step"],
                      "train_examples": r["train_examples"], "ppl_before": r["forgetting/wikitext2_ppl/before"],
                      "ppl_after": r["forgetting/wikitext2_ppl/after"], "command": r["command"]})
-    write_report(rows, " ".join(["python experiments/sft_vs_ift/run.py", *sys.argv[1:]]), args)
+    write_report(rows, " ".join(["python -m experiments.sft_vs_ift.run", *sys.argv[1:]]), args)
 
 
 def write_report(rows: list[dict], command: str, args) -> None:

@@ -1,6 +1,6 @@
 """SST-2 with all-MiniLM-L6-v2: head vs partial (K=3) vs full fine-tuning, and what each costs on STS-B.
 
-    python experiments/sst2_strategies/run.py [--steps=N] [--strategies=head,partial,full]
+    python -m experiments.sst2_strategies.run [--steps=N] [--strategies=head,partial,full]
 
 Each strategy is one ordinary CLI run (configs/sst2.py:STRATEGY) in its own workdir under
 experiments/sst2_strategies/workdirs/ (ignored by git; rerunning resumes or reuses finished runs).
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="full,partial,head")
     args = parser.parse_args()
     rows = [run(s, args.steps) for s in args.strategies.split(",")]
-    write_report(rows, " ".join(["python experiments/sst2_strategies/run.py", *sys.argv[1:]]))
+    write_report(rows, " ".join(["python -m experiments.sst2_strategies.run", *sys.argv[1:]]))
     print(open(os.path.join(HERE, "RESULTS.md")).read())
 
 

@@ -1,7 +1,7 @@
 """XSum one-sentence summaries with SmolLM2-135M-Instruct: lora vs partial vs full under one CPU-time budget,
 scored by ROUGE on held-out articles, with WikiText-2 perplexity before/after as the forgetting measure.
 
-    python experiments/xsum_summarization/run.py [--budget=420] [--strategies=lora,partial,full]
+    python -m experiments.xsum_summarization.run [--budget=420] [--strategies=lora,partial,full]
 
 Every strategy trains for the same wall-clock budget of training steps (`max_train_seconds`, evaluation
 excluded) at a constant learning rate after warmup, then is evaluated once. The `base` row is the untouched
@@ -15,8 +15,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import budget_runs, markdown_table  # noqa: E402
+from experiments.common import budget_runs, markdown_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMON = {"data.max_eval_examples": 48, "eval_generation.num_examples": 32, "schedule": "constant",
@@ -29,7 +28,7 @@ def main() -> None:
     parser.add_argument("--strategies", default="lora,partial,full")
     args = parser.parse_args()
     rows = budget_runs("configs/xsum_smollm2.py", HERE, args.strategies.split(","), args.budget, COMMON)
-    write_report(rows, " ".join(["python experiments/xsum_summarization/run.py", *sys.argv[1:]]), args.budget)
+    write_report(rows, " ".join(["python -m experiments.xsum_summarization.run", *sys.argv[1:]]), args.budget)
 
 
 def write_report(rows: list[dict], command: str, budget: float) -> None:

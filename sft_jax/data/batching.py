@@ -179,3 +179,11 @@ def eval_batches(ds, batch_size: int, buckets: Sequence[int], pad_id: int, colla
     for start in range(0, len(ds), batch_size):
         idx = order[start: start + batch_size]
         yield idx, collate(ds, idx, batch_size, buckets, pad_id)
+
+
+def subsample(records: list, count: int, seed: int) -> list:
+    """The first `count` records of a `seed`ed shuffle (all of them when `count` is 0), in their original order."""
+    if not count:
+        return records
+    keep = np.random.default_rng(seed).permutation(len(records))[:count]
+    return [records[i] for i in sorted(keep)]

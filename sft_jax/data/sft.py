@@ -158,7 +158,8 @@ def _read_sft(spec: str, fields: Fields, max_examples: int) -> list[Record]:
     return records
 
 
-def _adds_bos(tokenizer) -> bool:
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer prepends BOS by default (Gemma does; SmolLM2 does not)."""
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
@@ -248,7 +249,7 @@ def encode_record(record: Record, tokenizer, fmt: PromptFormat, max_length: int)
         truncated |= len(ids) > budget
         ids, mask = ids[:budget], mask[:budget]
     else:
-        bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
         pre, inp, post = _prompt_parts(record, fmt)
         pre_ids, inp_ids, post_ids = bos + _ids(tokenizer, pre), _ids(tokenizer, inp), _ids(tokenizer, post)
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -283,7 +284,7 @@ def encode_prompt(record: Record, tokenizer, fmt: PromptFormat, max_prompt_lengt
             messages = messages[:last]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return _ids(tokenizer, text)[-max_prompt_length:]  # tokenized as in training: the whole rendering
-    bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     pre, inp, post = _prompt_parts(record, fmt)
     pre_ids, inp_ids, post_ids = bos + _ids(tokenizer, pre), _ids(tokenizer, inp), _ids(tokenizer, post)
     room = max(max_prompt_length - len(pre_ids) - len(post_ids), 0)

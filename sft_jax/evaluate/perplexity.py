@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sft_jax.data.sft import adds_bos
 from sft_jax.data.sources import DataError
 from sft_jax.state import ModelDef
 
@@ -105,12 +106,6 @@ def read_wikitext(path: str | os.PathLike) -> str:
     if not text.strip():
         raise DataError(f"{path}: file is empty")
     return text
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer prepends BOS by default (Gemma does; SmolLM2 does not)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def tokenize_text(tokenizer, text: str, max_tokens: int | None = None) -> tuple[np.ndarray, int]:

@@ -119,14 +119,6 @@ def attention_bias(attention_mask: jax.Array) -> jax.Array:
     return jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
-def mean_pool(hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Mean of `hidden` [B, T, H] over positions where `attention_mask` [B, T] is 1, in float32."""
-    mask = attention_mask.astype(jnp.float32)[..., None]
-    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)
-    # Clamped like sentence-transformers, so an all-pad row gives zeros rather than NaN.
-    return total / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)
-
-
 class BertEmbeddings(nnx.Module):
     """Word + position + token-type embeddings followed by layer norm."""
 

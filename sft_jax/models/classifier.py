@@ -6,12 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models.bert import mean_pool
 from sft_jax.models.dropout import dropout
+from sft_jax.models.layout import ParamLayout
+from sft_jax.models.pooling import check_pooling, mean_pool
 from sft_jax.sharding import logical
-from sft_jax.strategies import ParamLayout
-
-POOLINGS = ("cls", "mean")
 
 
 class EncoderClassifier(nnx.Module):
@@ -19,8 +17,7 @@ class EncoderClassifier(nnx.Module):
 
     def __init__(self, encoder: nnx.Module, hidden_size: int, num_labels: int, *, pooling: str = "mean",
                  dropout: float = 0.1, rngs: nnx.Rngs):
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        check_pooling(pooling)
         self.encoder = encoder
         self.pooling, self.dropout = pooling, dropout
         self.head = nnx.Linear(hidden_size, num_labels, kernel_init=nnx.initializers.normal(0.02), rngs=rngs,

@@ -257,9 +257,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
     Its backward is written out (the FlashAttention form): dS = P * (dP - rowsum(dO * O)), where
     autodiff of the softmax sums dP * P over the S keys of every [T, S] row; here the row sum runs over the
     D values of the output instead, and masked entries of dS are zero by the mask rather than by a select
-    on the logits' gradient. SmolLM2 full float32 step -7% (interleaved A/B, experiments/benchmarks/notes.md).
+    on the logits' gradient: fewer passes over the [T, S] blocks than autodiff's backward.
     The probabilities stay unnormalised (E = exp(logits - max)): the 1 / row-sum scales the [T, D] output and
-    output gradient instead of every [T, S] entry (SmolLM2 at 1024 tokens -11%).
+    output gradient instead of every [T, S] entry. Measurements: experiments/benchmarks/notes.md.
     """
     return _attend_fwd(q, k, v, mask, scale)[0]
 

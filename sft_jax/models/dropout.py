@@ -1,7 +1,7 @@
 """Dropout masks from a counter-based hash: cheap on CPU, and the same under any sharding.
 
-`jax.random.bernoulli` draws threefry bits: 20 rounds of 64-bit mixing per pair of words, which took about 9% of
-a MiniLM train step on CPU (experiments/benchmarks/notes.md). Dropout needs far less: bits that look independent
+`jax.random.bernoulli` draws threefry bits: 20 rounds of 64-bit mixing per pair of words, a visible share of a
+small encoder's train step on CPU (experiments/benchmarks/notes.md). Dropout needs far less: bits that look independent
 across positions and keys. Here each element's 32 bits are a hash of its global index and the key's two words:
 two rounds of murmur3's 32-bit finaliser (a bijection with full avalanche), a dozen integer ops per element.
 The index comes from iotas over the array's own dimensions, so every element's bit is a function of its position

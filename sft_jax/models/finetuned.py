@@ -1,9 +1,8 @@
-"""Rebuild a decoder LM as a fine-tuning run configured it, and load a run's fine-tuned weights."""
+"""The decoder LM a fine-tuning strategy starts from, and where strategies find its parts."""
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,10 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
-from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
-from sft_jax.models.lora import LoraConfig, apply_lora, merge_lora
-from sft_jax.state import ModelDef
-from sft_jax.strategies import ParamLayout
+from sft_jax.models.layout import ParamLayout
+from sft_jax.models.loading.lm import load_decoder
+from sft_jax.models.lora import LoraConfig, apply_lora
 
 
 def build_lm(model: str, strategy: str, dtype: str = "float32", lora: LoraConfig | Mapping[str, Any] | None = None,
@@ -23,7 +21,7 @@ def build_lm(model: str, strategy: str, dtype: str = "float32", lora: LoraConfig
     (initialised to the embedding), the one thing that then trains. For `strategy=lora` the projections
     matching `lora["targets"]` get adapters (rank, alpha, dropout from `lora`; `lora_a` drawn from `seed`),
     which leave the outputs unchanged until they learn."""
-    lm, config = load_decoder(model, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    lm, config = load_decoder(model, dtype=jnp.dtype(dtype))
     if strategy == "head" and lm.lm_head is None:
         lm.untie_head()
     if strategy == "lora":
@@ -32,26 +30,11 @@ def build_lm(model: str, strategy: str, dtype: str = "float32", lora: LoraConfig
     return lm, lm.config
 
 
-def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
-                      ) -> tuple[DecoderLM, DecoderConfig, Any]:
-    """(model with the run's `which` checkpoint weights, its config, tokenizer) of a workdir.
-
-    A `strategy=lora` run comes back with its adapters (`.../lora_a`, `.../lora_b`) as trained; with
-    `merge=True` they are folded into the kernels, giving a plain `DecoderLM` (faster to generate with).
-    """
-    from sft_jax.checkpoint import restore_run_params
-
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir}: no config.json; is this a sft_jax workdir?")
-    with open(path) as f:
-        run = json.load(f)
-    lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
-                          seed=run.get("seed", 0))
-    model_def, params = ModelDef.split(lm)
-    params = restore_run_params(workdir, params, which)
-    lm = model_def.merge(params)
-    return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"])
+def with_dtype(lm: DecoderLM, dtype) -> DecoderLM:
+    """The same parameters in a module whose matmuls run in `dtype` (the compute dtype is static)."""
+    config = dataclasses.replace(lm.config, dtype=dtype)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.state(lm))
 
 
 def decoder_layout(num_layers: int) -> ParamLayout:

@@ -10,32 +10,26 @@ weight under the same path and adds two small matrices::
     y = x @ kernel + dropout(x) @ lora_a @ lora_b * alpha / r
 
 Because base paths are unchanged, pre-trained loading and Hugging Face export names are unchanged too.
-`merge_lora` folds the adapters back into the kernels (for export and fast generation); `save_adapters` /
-`load_adapters` read and write only the adapters, in PEFT's `adapter_model.safetensors` layout.
+`merge_lora` folds the adapters back into the kernels (for export and fast generation);
+`sft_jax.models.loading.peft` reads and writes the adapters alone, in PEFT's files.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sft_jax.models.dropout import dropout
 from sft_jax.sharding import logical
 
 DEFAULT_TARGETS = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-_PEFT_PREFIX = "base_model.model."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,117 +187,3 @@ def merge_lora(target: nnx.Module | Mapping[str, Any], alpha: float | None = Non
         delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
         params[prefix + "kernel"] = params[prefix + "kernel"] + delta * (alpha / a.shape[-1])
     return params
-
-
-def _peft_module(module: str, family: str) -> str:
-    from sft_jax.models.loading.lm import hf_name  # lm.py imports this module
-
-    return hf_name(module + "/kernel", family)[0].removesuffix(".weight")
-
-
-def save_adapters(params: Mapping[str, Any], config: LoraConfig | Mapping[str, Any], out_dir: str | os.PathLike, *,
-                  family: str = "llama", base_model: str = "") -> pathlib.Path:
-    """Writes only the adapters as a PEFT LoRA directory (`PeftModel.from_pretrained` loads it).
-
-    adapter_model.safetensors holds `base_model.model.<HF module>.lora_A.weight` [r, in] and `lora_B.weight`
-    [out, r] (PyTorch's [out, in] layout, i.e. our matrices transposed); adapter_config.json holds r,
-    lora_alpha, lora_dropout and target_modules (the HF module names; a full-match regex when only some
-    layers are adapted).
-
-    Args:
-      params: flat {our path: array}, e.g. a train state's params; only `*/lora_a`, `*/lora_b` are read.
-      config: the LoRA settings (rank, alpha, dropout), e.g. a run's `config.lora`.
-      family: the decoder family ("llama" or "gemma3"), for Hugging Face names.
-      base_model: written as `base_model_name_or_path`.
-    """
-    from safetensors.numpy import save_file
-
-    cfg = LoraConfig.from_any(config)
-    modules = sorted(name[: -len("/lora_a")] for name in params if name.endswith("/lora_a"))
-    if not modules:
-        raise ValueError("save_adapters: the parameters hold no LoRA adapters")
-    tensors, hf_modules = {}, []
-    for module in modules:
-        a = np.asarray(jax.device_get(params[module + "/lora_a"]), np.float32)
-        b = np.asarray(jax.device_get(params[module + "/lora_b"]), np.float32)
-        if a.shape[1] != cfg.rank:
-            raise ValueError(f"save_adapters: {module}/lora_a has rank {a.shape[1]}, the config says {cfg.rank}")
-        hf = _peft_module(module, family)
-        hf_modules.append(hf)
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = np.ascontiguousarray(b.T)
-    # PEFT matches a list of target_modules by name suffix (in every layer), a string by re.fullmatch: the
-    # list only when it names exactly the adapted projections among all those of the model.
-    suffixes = sorted({m.rsplit(".", 1)[1] for m in hf_modules})
-    same_kind = set()
-    for name in params:
-        if name.endswith("/kernel"):
-            try:
-                hf = _peft_module(name[: -len("/kernel")], family)
-            except KeyError:
-                continue
-            if hf.rsplit(".", 1)[1] in suffixes:
-                same_kind.add(hf)
-    target_modules = suffixes if same_kind == set(hf_modules) else "|".join(re.escape(m) for m in hf_modules)
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    peft_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": target_modules,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None,
-    }
-    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=1))
-    return out
-
-
-def load_adapters(model: nnx.Module, adapter_dir: str | os.PathLike, *, family: str | None = None,
-                  rngs: nnx.Rngs | None = None) -> LoraConfig:
-    """Adds the adapters of a PEFT LoRA directory to `model` (a base model, changed in place).
-
-    The adapted projections are exactly those named in adapter_model.safetensors; r, lora_alpha and
-    lora_dropout come from adapter_config.json. Returns the LoRA settings (`targets` is a regex naming
-    the adapted module paths).
-    """
-    from safetensors.numpy import load_file
-
-    path = pathlib.Path(adapter_dir)
-    peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
-    if peft_config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type {peft_config['peft_type']!r} is not LORA")
-    for key in ("use_rslora", "use_dora"):
-        if peft_config.get(key):
-            raise ValueError(f"{path / ADAPTER_CONFIG}: {key}=true is not supported")
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
-    family = family or getattr(getattr(model, "config", None), "family", "llama")
-    # Our module path of each linear layer, through its Hugging Face name.
-    ours = {}
-    for module_path, m in nnx.iter_modules(model):
-        if isinstance(m, nnx.Linear) and module_path:
-            try:
-                ours[_peft_module(_module_path(module_path), family)] = _module_path(module_path)
-            except KeyError:
-                continue
-    modules, unknown = [], []
-    for name in tensors:
-        if name.endswith(".lora_A.weight"):
-            hf = name.removeprefix(_PEFT_PREFIX).removesuffix(".lora_A.weight")
-            (modules if hf in ours else unknown).append(hf)
-    if unknown or not modules:
-        raise ValueError(f"{path / ADAPTER_WEIGHTS}: no layer of the model for adapters {unknown or 'at all'}")
-    cfg = LoraConfig(rank=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
-                     dropout=float(peft_config.get("lora_dropout", 0.0)),
-                     targets="^(" + "|".join(re.escape(ours[m]) for m in sorted(modules)) + ")$")
-    apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, rngs=rngs or nnx.Rngs(0))
-    state = dict(nnx.iter_modules(model))
-    for hf in modules:
-        layer = state[tuple(int(p) if p.isdigit() else p for p in ours[hf].split("/"))]
-        a = tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"].T
-        b = tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"].T
-        if a.shape != layer.lora_a.value.shape or b.shape != layer.lora_b.value.shape:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: {hf} adapters are {a.T.shape} / {b.T.shape}, expected "
-                             f"{layer.lora_a.value.T.shape} / {layer.lora_b.value.T.shape}")
-        layer.lora_a.value = jnp.asarray(a, jnp.float32)
-        layer.lora_b.value = jnp.asarray(b, jnp.float32)
-    return cfg

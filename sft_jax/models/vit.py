@@ -23,10 +23,9 @@ from flax import nnx
 
 from sft_jax.models.bert import _ACTIVATIONS, BertAttention, BertMlp, layer_norm
 from sft_jax.models.dropout import dropout
+from sft_jax.models.layout import ParamLayout
+from sft_jax.models.pooling import check_pooling
 from sft_jax.sharding import constrain, logical
-from sft_jax.strategies import ParamLayout
-
-POOLINGS = ("cls", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +148,7 @@ class ImageClassifier(nnx.Module):
     -> dropout -> linear head."""
 
     def __init__(self, vit: ViT, num_labels: int, *, pooling: str = "cls", dropout: float = 0.0, rngs: nnx.Rngs):
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+        check_pooling(pooling)
         self.vit = vit
         self.pooling, self.dropout = pooling, dropout
         self.head = nnx.Linear(vit.config.hidden_size, num_labels, kernel_init=nnx.initializers.normal(0.02),

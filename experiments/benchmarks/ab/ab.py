@@ -1,9 +1,9 @@
 """In-process A/B of train-step variants, interleaved: how notes.md's "X -> Y s per step" figures were made.
 
-    python experiments/benchmarks/ab/ab.py MODEL STRATEGY DTYPE PATCH VARIANTS [--rounds=N]
-    e.g. python experiments/benchmarks/ab/ab.py smollm2 lora float32 lora_dot old,new
-         python experiments/benchmarks/ab/ab.py smollm2 full float32 attention_blocks old,new --batch=1 --seq_len=1024
-         python experiments/benchmarks/ab/ab.py minilm full float32 cpu_matmuls xla,onednn --torch
+    python -m experiments.benchmarks.ab.ab MODEL STRATEGY DTYPE PATCH VARIANTS [--rounds=N]
+    e.g. python -m experiments.benchmarks.ab.ab smollm2 lora float32 lora_dot old,new
+         python -m experiments.benchmarks.ab.ab smollm2 full float32 attention_blocks old,new --batch=1 --seq_len=1024
+         python -m experiments.benchmarks.ab.ab minilm full float32 cpu_matmuls xla,onednn --torch
 
 PATCH is a module in this folder with `apply(variant)`, which swaps a piece of sft_jax back to its earlier
 form ("old") or leaves the current one ("new"). Each variant's step is built (and compiled) right after its
@@ -17,11 +17,11 @@ import argparse
 import importlib
 import os
 import statistics
-import sys
 import time
 
+from sft_jax import platform
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]
 
 
 def main(argv=None) -> None:
@@ -37,9 +37,10 @@ def main(argv=None) -> None:
     p.add_argument("--torch", action="store_true",
                    help="also rotate PyTorch's float32 step in, as run.py does (its threads share the process)")
     args = p.parse_args(argv)
-    from ours import OursStep
+    platform.configure_cpu()  # before JAX starts, as on the command line
+    from experiments.benchmarks.ours import OursStep
 
-    patch = importlib.import_module(args.patch)
+    patch = importlib.import_module(f"experiments.benchmarks.ab.{args.patch}")
     batch, seq_len = (32, 128) if args.model == "minilm" else (4, 256)
     batch, seq_len = args.batch or batch, args.seq_len or seq_len
     steps = {}
@@ -49,10 +50,11 @@ def main(argv=None) -> None:
         steps[v].step(), steps[v].step()  # compile with this variant in place, then warm up
     if args.torch:
         import torch
-        from baseline import TorchStep
+
+        from experiments.benchmarks.baseline import TorchStep
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
-        from ours import synthetic_batch
+        from experiments.benchmarks.ours import synthetic_batch
 
         steps["torch"] = TorchStep(args.model, args.strategy, synthetic_batch(args.model, batch, seq_len), "cpu",
                                    os.path.join(os.path.dirname(HERE), "workdirs"))

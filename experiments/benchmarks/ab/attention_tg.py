@@ -2,39 +2,43 @@
 
 old: `decoder.attend` holds logits, probabilities and their gradients as [B, K, G, T, S] (query group
 before query row); new: as [B, K, T, G, S], the order of the query's own [B, T, K, G, D] rows, so the
-[T * G, S] blocks XLA:CPU hands to its matmuls are reshapes of these arrays rather than transposed copies."""
-import jax.numpy as jnp
+[T * G, S] blocks XLA:CPU hands to its matmuls are reshapes of these arrays rather than transposed copies.
+
+"new" is the decoder's own forward and backward with only that layout changed: their source, with the
+substitutions in `LAYOUT`, compiled again in the decoder's namespace.
+"""
+import inspect
 
 import sft_jax.models.decoder as decoder
 
 _CUR = decoder._attend_fwd, decoder._attend_bwd
-_NEG = decoder._NEG
+# [B, K, G, T, S] -> [B, K, T, G, S]: einsum subscripts, the [B, T, S] mask's broadcast, and the row sums'
+# [B, K, T, G] -> [B, T, K, G] move.
+LAYOUT = (("bkgt", "bktg"), ("mask[:, None, None]", "mask[:, None, :, None]"),
+          ("jnp.moveaxis(1.0 / jnp.sum(e, axis=-1), 3, 1)", "jnp.moveaxis(1.0 / jnp.sum(e, axis=-1), 2, 1)"))
 
 
-def _fwd(q, k, v, mask, scale):
-    logits = jnp.einsum("btkgd,bskd->bktgs", q, k, preferred_element_type=jnp.float32)
-    logits = jnp.where(mask[:, None, :, None], logits * scale, _NEG)
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    inv = jnp.swapaxes(1.0 / jnp.sum(e, axis=-1), 1, 2)[..., None]  # [B, T, K, G, 1]
-    e = e.astype(q.dtype)
-    o = (jnp.einsum("bktgs,bskd->btkgd", e, v, preferred_element_type=jnp.float32) * inv).astype(q.dtype)
-    return o, (q, k, v, mask, e, inv, o)
+def _relaid(fn):
+    source = inspect.getsource(fn)
+    for old, new in LAYOUT:
+        source = source.replace(old, new)
+    namespace = dict(vars(decoder))  # a copy: the decoder's own functions stay as they are
+    exec(compile(source, f"<{fn.__name__} as [B, K, T, G, S]>", "exec"), namespace)
+    return namespace[fn.__name__]
 
 
-def _bwd(scale, res, do):
-    q, k, v, mask, e, inv, o = res
-    f32 = jnp.float32
-    do = (do.astype(f32) * inv).astype(q.dtype)
-    dv = jnp.einsum("bktgs,btkgd->bskd", e, do, preferred_element_type=f32).astype(v.dtype)
-    dp = jnp.einsum("btkgd,bskd->bktgs", do, v, preferred_element_type=f32)
-    row = jnp.einsum("btkgd,btkgd->bktg", do.astype(f32), o.astype(f32))
-    ds = jnp.where(mask[:, None, :, None], e.astype(f32) * (dp - row[..., None]) * scale, 0.0).astype(q.dtype)
-    dq = jnp.einsum("bktgs,bskd->btkgd", ds, k, preferred_element_type=f32).astype(q.dtype)
-    dk = jnp.einsum("bktgs,btkgd->bskd", ds, q, preferred_element_type=f32).astype(k.dtype)
-    return dq, dk, dv, None
+def _check_layout() -> None:  # every substitution must still apply, or "new" would quietly equal "old"
+    source = "".join(inspect.getsource(fn) for fn in _CUR)
+    missing = [old for old, _ in LAYOUT if old not in source]
+    if missing:
+        raise RuntimeError(f"decoder attention changed: {missing} no longer in _attend_fwd / _attend_bwd")
+
+
+_check_layout()
+_NEW = tuple(_relaid(fn) for fn in _CUR)
 
 
 def apply(variant: str) -> None:
-    fwd, bwd = {"old": _CUR, "new": (_fwd, _bwd)}[variant]  # not kept: "old" is the code as it stands
+    fwd, bwd = {"old": _CUR, "new": _NEW}[variant]  # not kept: "old" is the code as it stands
     decoder._attend_fwd = fwd
     decoder.attend.defvjp(fwd, bwd)

@@ -1,6 +1,6 @@
 """old: frozen bfloat16 weights cast from float32 in every step; new: cast once (`with_compute_params`)."""
-import ours
 
+from experiments.benchmarks import ours
 from sft_jax import train_step
 
 _NEW = train_step.compute_cast_plan

@@ -1,9 +1,9 @@
 """old: lm_loss's token accuracy as argmax == target; new: target logit >= max (`losses.lm_loss`)."""
 import jax.numpy as jnp
 import optax
-import ours
 
 import sft_jax.losses as losses
+from experiments.benchmarks import ours
 
 _NEW = losses.lm_loss
 

@@ -1,7 +1,7 @@
 """Extra XLA:CPU compiler options on top of `config.cpu_matmuls="onednn"`'s (train_step.CPU_MATMULS): base: none;
 mem / conc: `xla_cpu_scheduler_type` memory- or concurrency-optimized."""
-import ours
 
+from experiments.benchmarks import ours
 from sft_jax import train_step
 
 _BASE = dict(train_step.CPU_MATMULS["onednn"])

@@ -2,23 +2,19 @@
 with oneDNN dots: the autodiff form of `bert.BertAttention` against the custom VJPs of
 `../ab/bert_attention_vjp.py` (stop 19: faster alone, no faster in the step; ../notes.md).
 
-    python experiments/benchmarks/micro/bert_attention_products.py
+    python -m experiments.benchmarks.micro.bert_attention_products
 """
-# isort: skip_file
-import os
+
 import statistics
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.join(os.path.dirname(HERE), "ab"), os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]
-import sft_jax  # noqa: E402,F401  (malloc and XNNPACK settings first)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from bert_attention_vjp import scores, values  # noqa: E402
-from sft_jax.models.dropout import dropout  # noqa: E402
-from sft_jax.train_step import CPU_MATMULS  # noqa: E402
+from experiments.benchmarks.ab.bert_attention_vjp import scores, values
+from sft_jax import platform
+from sft_jax.models.dropout import dropout
+from sft_jax.train_step import CPU_MATMULS
 
 B, T, N, D = 32, 128, 12, 32
 F = jnp.float32
@@ -40,6 +36,7 @@ def core(score_fn, value_fn, bias, key):
 
 
 if __name__ == "__main__":
+    platform.configure_cpu()  # malloc and XNNPACK settings, before JAX starts
     ks = jax.random.split(jax.random.PRNGKey(0), 5)
     q, k, v, g = (jax.random.normal(ks[i], (B, T, N, D)) for i in range(4))
     bias = jnp.where(jnp.arange(T)[None, None, None, :] < 100, 0.0, jnp.finfo(F).min) * jnp.ones((B, 1, 1, 1))

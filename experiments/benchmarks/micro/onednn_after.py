@@ -2,16 +2,16 @@
 matmuls) against PyTorch, 4 rounds before and after MiniLM `full` float32 (oneDNN matmuls) has run."""
 import os
 import statistics
-import sys
 import time
 
+import torch
+
+from experiments.benchmarks.baseline import TorchStep
+from experiments.benchmarks.ours import OursStep, synthetic_batch
+from sft_jax import platform
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]
-
-import torch  # noqa: E402
-from baseline import TorchStep  # noqa: E402
-from ours import OursStep, synthetic_batch  # noqa: E402
-
+platform.configure_cpu()  # malloc and XNNPACK settings, before JAX starts
 torch.set_num_threads(len(os.sched_getaffinity(0)))
 ours = OursStep("smollm2", "head", "bfloat16", 4, 256)
 ours.step(), ours.step()

@@ -1,7 +1,7 @@
 """Where a train step's time goes: a `jax.profiler` trace of one step, summed by XLA thunk kind and, for the
 matmuls, by dot shape with each shape's GFLOP/s (stop 18's MiniLM table in ../notes.md).
 
-    python experiments/benchmarks/micro/profile_dots.py MODEL STRATEGY DTYPE [--out=/tmp/sft_jax_trace]
+    python -m experiments.benchmarks.micro.profile_dots MODEL STRATEGY DTYPE [--out=/tmp/sft_jax_trace]
 
 Thunk times are summed over XLA's worker threads, so with two thunks running at once their sum exceeds the
 step's wall time; a dot fusion's FLOPs are read off the compiled HLO (2 x output elements x contracted size).
@@ -12,16 +12,12 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import os
 import re
 import shutil
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]
-
-from ours import OursStep  # noqa: E402  (imports sft_jax first)
+from experiments.benchmarks.ours import OursStep
+from sft_jax import platform
 
 _SHAPE = r"(\w+\[[\d,]*\])"
 _INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = " + _SHAPE)
@@ -73,6 +69,7 @@ def main() -> None:
     p.add_argument("dtype", choices=("float32", "bfloat16"))
     p.add_argument("--out", default="/tmp/sft_jax_trace")
     args = p.parse_args()
+    platform.configure_cpu()  # malloc and XNNPACK settings, before JAX starts
     import jax
     from jax.profiler import ProfileData
 

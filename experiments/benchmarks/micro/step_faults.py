@@ -1,10 +1,10 @@
 """Wall, user and system seconds and page faults of single train steps (stop 18's malloc table in ../notes.md).
 
-    python experiments/benchmarks/micro/step_faults.py MODEL STRATEGY DTYPE [--torch] [--steps=5]
-    SFT_JAX_MALLOC=0 python experiments/benchmarks/micro/step_faults.py ...   # glibc's malloc defaults
+    python -m experiments.benchmarks.micro.step_faults MODEL STRATEGY DTYPE [--torch] [--steps=5]
+    SFT_JAX_MALLOC=0 python -m experiments.benchmarks.micro.step_faults ...   # glibc's malloc defaults
 
-sft_jax is imported first (through `ours`), so its malloc settings apply unless SFT_JAX_MALLOC=0; with --torch
-PyTorch's step for the same case alternates with ours in the process, as in run.py.
+`sft_jax.platform.configure_cpu()` runs before JAX starts, so its malloc settings apply unless SFT_JAX_MALLOC=0;
+with --torch PyTorch's step for the same case alternates with ours in the process, as in run.py.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.dirname(os.path.dirname(os.path.dirname(HERE)))]
+from experiments.benchmarks.ours import OursStep, synthetic_batch
+from sft_jax import platform
 
-from ours import OursStep, synthetic_batch  # noqa: E402  (imports sft_jax: its malloc settings come first)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main() -> None:
@@ -29,13 +28,15 @@ def main() -> None:
     p.add_argument("--torch", action="store_true")
     p.add_argument("--steps", type=int, default=5)
     args = p.parse_args()
+    platform.configure_cpu()  # malloc and XNNPACK settings, before JAX starts
     shape = (32, 128) if args.model == "minilm" else (4, 256)
     ours = OursStep(args.model, args.strategy, args.dtype, *shape)
     ours.step(), ours.step()
     steps = {"ours": ours.step}
     if args.torch:
         import torch
-        from baseline import TorchStep
+
+        from experiments.benchmarks.baseline import TorchStep
 
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         base = TorchStep(args.model, args.strategy, synthetic_batch(args.model, *shape), "cpu",

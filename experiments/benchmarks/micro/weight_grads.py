@@ -1,26 +1,22 @@
 """float32 weight-gradient forms (x^T g, contracting the 4096 rows of a MiniLM batch) against the forward-shaped
 dot, one shape at a time, in XLA's matmuls and oneDNN's (stop 19's table in ../notes.md).
 
-    python experiments/benchmarks/micro/weight_grads.py            # both cores
-    taskset -c 0 python experiments/benchmarks/micro/weight_grads.py   # one core
+    python -m experiments.benchmarks.micro.weight_grads            # both cores
+    taskset -c 0 python -m experiments.benchmarks.micro.weight_grads   # one core
 
 Forms: orig x^T g as sft_jax computes it (mixed._weight_grad); gt (g^T x)^T; xt x transposed first (a barrier
 keeps XLA from folding the copy back); gtt g transposed first; chunk the rows contracted as (8, 512); batched
 8 row blocks as a batched dot, then summed; fwd the forward-shaped x @ w of the same FLOPs, for reference.
 """
-# isort: skip_file
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
-import sft_jax  # noqa: E402,F401  (malloc and XNNPACK settings first)
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
+import jax
+import jax.numpy as jnp
+from jax import lax
 
-from sft_jax.train_step import CPU_MATMULS  # noqa: E402
+from sft_jax import platform
+from sft_jax.train_step import CPU_MATMULS
 
 F = jnp.float32
 _T = (((0,), (0,)), ((), ()))  # contract the rows of both operands
@@ -62,6 +58,7 @@ def fwd(x, g, w):
 FORMS = {f.__name__: f for f in (orig, gt, xt, gtt, chunk, batched, fwd)}
 
 if __name__ == "__main__":
+    platform.configure_cpu()  # malloc and XNNPACK settings, before JAX starts
     key = jax.random.PRNGKey(0)
     for lib in ("onednn", "xla"):
         for rows, k, n in ((4096, 1536, 384), (4096, 384, 1536), (4096, 384, 384)):

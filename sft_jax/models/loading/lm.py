@@ -116,7 +116,7 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
         fine-tuned train state's params).
 
     LoRA adapters (in the module or in `params`) are merged into their kernels first: the export is a
-    plain model of the base architecture. `sft_jax.models.lora.save_adapters` writes the adapters alone.
+    plain model of the base architecture. `sft_jax.models.loading.peft.save_adapters` writes the adapters alone.
     """
     from safetensors.numpy import save_file
 

@@ -1,9 +1,6 @@
 """Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), batched, EOS and stop strings.
 
-    python -m sft_jax.generate --model=smollm2-135m-instruct --prompt="The capital of France is" --max_new_tokens=8
-    python -m sft_jax.generate --workdir=DIR --prompt=... --chat --temperature=0.7 --top_p=0.9 --json
-
-In Python (e.g. Colab)::
+The command line is `python -m sft_jax.generate` (`sft_jax/generate/__main__.py`). In Python (e.g. Colab)::
 
     model, cfg = load_decoder("smollm2-135m-instruct")
     generate(model, load_lm_tokenizer("smollm2-135m-instruct"), ["The capital of France is"], max_new_tokens=8)
@@ -14,18 +11,13 @@ inside a jitted `lax.while_loop`, compiled once per (batch, prompt bucket, max_n
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import os
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 
 from sft_jax.state import ModelDef
 
@@ -171,26 +163,45 @@ def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool = False) -> lis
 _MODEL_DEFS: dict[Any, ModelDef] = {}
 
 
-def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), chat: bool = False,
-             **kwargs: Any) -> list[str]:
+def generate(model, tokenizer, prompts: Sequence[str] | Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+             chat: bool = False, batch_size: int = 0, **kwargs: Any) -> list[str]:
     """Completions (without the prompt) of `prompts` by a `DecoderLM`; see `generate_ids` for the options.
 
-    A row ends at an EOS (of the model config or the tokenizer), which its text excludes, or before the
-    first of the `stop` strings its text contains. `chat` wraps each prompt as a user message.
+    `prompts` are texts, or token ids already encoded (a training run's prompt format, say). A row ends at an
+    EOS (of the model config or the tokenizer), which its text excludes, or before the first of the `stop`
+    strings its text contains. `chat` wraps each text prompt as a user message. With `batch_size`, prompts go
+    in batches of that size, the last one filled up with copies of its last prompt, so that one compiled
+    decode loop serves every batch.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
+    if prompts and not isinstance(prompts[0], str):
+        encoded = [list(p) for p in prompts]
+    else:
+        encoded = encode_prompts(tokenizer, prompts, chat)
     model_def, params = ModelDef.split(model)
     model_def = _MODEL_DEFS.setdefault(model_def.graphdef, model_def)
-    encoded = encode_prompts(tokenizer, prompts, chat)
     longest, limit = max(map(len, encoded), default=0), model.config.max_position_embeddings
     if longest + max_new_tokens > limit:  # RoPE positions past the trained range give garbage, not an error
         raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
                          f"{limit} positions")
     eos = set(model.config.eos_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    size = batch_size or len(encoded)
+    out = []
+    for start in range(0, len(encoded), max(size, 1)):
+        chunk = encoded[start: start + size]
+        out += _complete(model_def, params, tokenizer, chunk + [chunk[-1]] * (size - len(chunk)),
+                         max_new_tokens=max_new_tokens, eos=sorted(eos), pad=pad, stop=stop,
+                         sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+                         **kwargs)[: len(chunk)]
+    return out
 
+
+def _complete(model_def, params, tokenizer, encoded: list[list[int]], *, max_new_tokens: int, eos: list[int],
+              pad: int, stop: Sequence[str], sampling: dict, **kwargs: Any) -> list[str]:
+    """The completion texts of one batch of encoded prompts, each cut before its first stop string."""
     prompt_texts = [tokenizer.decode(x, skip_special_tokens=True) for x in encoded]
 
     def text(i: int, new: Sequence[int]) -> str:
@@ -200,92 +211,11 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, t
         return full[len(prompt):] if full.startswith(prompt) else tokenizer.decode(new, skip_special_tokens=True)
 
     stop_fn = (lambda i, new: any(s in text(i, new) for s in stop)) if stop else None
-    tokens, lengths = generate_ids(model_def, params, encoded, max_new_tokens=max_new_tokens, eos_ids=sorted(eos),
-                                   pad_id=pad, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                   stop_fn=stop_fn, **kwargs)
+    tokens, lengths = generate_ids(model_def, params, encoded, max_new_tokens=max_new_tokens, eos_ids=eos,
+                                   pad_id=pad, stop_fn=stop_fn, **sampling, **kwargs)
     out = []
-    for i in range(len(prompts)):
+    for i in range(len(encoded)):
         completion = text(i, tokens[i, :lengths[i]].tolist())
         cut = min((completion.find(s) for s in stop if s in completion), default=len(completion))
         out.append(completion[:cut])
     return out
-
-
-def load_model(model: str | None = None, workdir: str | None = None, dtype: str | None = None):
-    """(DecoderLM, tokenizer) of a pre-trained `model`, or of the fine-tuned weights of the run in `workdir`
-    (whose model `model`, if given, must name). `dtype` (float32 / bfloat16) is the compute dtype."""
-    from sft_jax.models.finetuned import load_finetuned_lm
-    from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
-
-    if workdir is None:
-        if not model:
-            raise ValueError("give --model=NAME_OR_PATH or --workdir=DIR")
-        lm, _ = load_decoder(model, dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-        return lm, load_lm_tokenizer(model)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir}: no config.json; is this a sft_jax workdir?")
-    with open(path) as f:
-        run_model = json.load(f).get("model")
-    if model and model != run_model and os.path.abspath(model) != os.path.abspath(str(run_model)):
-        raise ValueError(f"--model={model} differs from the model {run_model!r} of the run in {workdir}; "
-                         "drop --model")
-    lm, config, tokenizer = load_finetuned_lm(workdir, merge=True)  # LoRA folded in: a plain, faster module
-    if dtype and jnp.dtype(dtype) != jnp.dtype(config.dtype):
-        lm = _with_dtype(lm, jnp.dtype(dtype))
-    return lm, tokenizer
-
-
-def _with_dtype(lm, dtype):
-    """The same parameters in a module whose matmuls run in `dtype` (the compute dtype is static)."""
-    from flax import nnx
-
-    from sft_jax.models.decoder import DecoderLM
-
-    config = dataclasses.replace(lm.config, dtype=dtype)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0))))
-    return nnx.merge(graphdef, nnx.state(lm))
-
-
-def _define_flags() -> None:
-    # Defined only when run as a script: importing the library must not claim global absl flag names.
-    flags.DEFINE_string("model", None, "Short name, .gguf path or HF directory (optional with --workdir).")
-    flags.DEFINE_string("workdir", None, "Generate with the fine-tuned weights of this run.")
-    flags.DEFINE_multi_string("prompt", [], "Prompt (repeatable; prompts are batched).")
-    flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to generate per prompt.")
-    flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-    flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = off).")
-    flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-    flags.DEFINE_integer("seed", 0, "Sampling seed.")
-    flags.DEFINE_multi_string("stop", [], "Stop string (repeatable); the completion is cut before it.")
-    flags.DEFINE_bool("chat", False, "Wrap each prompt as a user message in the model's chat template.")
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: float32, or the run's).")
-    flags.DEFINE_bool("json", False, "Print one JSON line per prompt instead of prompt + completion.")
-
-
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-    logging.set_verbosity(logging.WARNING)  # JAX logs its backend search at INFO
-    prompts = list(FLAGS.prompt) + argv[1:]
-    try:
-        if not prompts:
-            raise ValueError("nothing to complete: give --prompt=TEXT")
-        model, tokenizer = load_model(FLAGS.model, FLAGS.workdir, FLAGS.dtype)
-        completions = generate(model, tokenizer, prompts, max_new_tokens=FLAGS.max_new_tokens,
-                               temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
-                               stop=FLAGS.stop, chat=FLAGS.chat)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-        if FLAGS.json:
-            print(json.dumps({"prompt": prompt, "completion": completion}))
-        else:
-            print(("\n" if i else "") + prompt + ("\n" if FLAGS.chat else "") + completion)
-
-
-if __name__ == "__main__":
-    _define_flags()
-    app.run(main)

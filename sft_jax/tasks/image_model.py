@@ -12,8 +12,6 @@ and otherwise the original head of the forgetting probe (accuracy on the source 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,9 +20,10 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.vit import ImageClassifier, ViT, ViTConfig
+from sft_jax.rundir import RunDir
+from sft_jax.state import ModelDef
 
 VIT_SCRATCH = "vit-scratch"
-_RUN_FILES = ("config.json", "labels.json", "checkpoints")
 
 
 @dataclasses.dataclass
@@ -49,11 +48,6 @@ class ImageModelSpec:
     run_config: dict | None = None  # kind == "run": the earlier run's config.json
 
 
-def is_run_workdir(path: str) -> bool:
-    """An sft_jax workdir (config.json, labels.json, checkpoints/), as opposed to a HF model directory."""
-    return os.path.isdir(path) and all(os.path.exists(os.path.join(path, f)) for f in _RUN_FILES)
-
-
 def resolve_image_model(model: str, vit: Mapping[str, Any], image: Mapping[str, Any],
                         dtype: Any = jnp.float32) -> ImageModelSpec:
     """Architecture and normalisation of `model` (see the module doc); `vit` and `image` are the config's
@@ -61,9 +55,8 @@ def resolve_image_model(model: str, vit: Mapping[str, Any], image: Mapping[str, 
     default_norm = tuple(image["mean"]), tuple(image["std"])
     if model == VIT_SCRATCH:
         return ImageModelSpec("scratch", model, ViTConfig(**dict(vit), dtype=dtype), *default_norm)
-    if is_run_workdir(model):
-        with open(os.path.join(model, "config.json")) as f:
-            run = json.load(f)
+    if RunDir(model).is_run(labels=True):
+        run = RunDir(model).read_config()
         if run.get("task") != "image_classification":
             raise ValueError(f"{model}: a workdir of a {run.get('task')!r} run, not of an image_classification run")
         # The earlier run resolved its own model the same way; its normalisation is the one its weights know.
@@ -81,20 +74,17 @@ def load_image_run(workdir: str, which: str = "best", *, seed: int = 0
                    ) -> tuple[ImageClassifier, SourceHead, ImageModelSpec]:
     """The classifier of an image run's workdir with its `which` checkpoint ("best", falling back to
     "latest" while a run has not evaluated yet), its head and labels, and its resolved spec."""
-    from sft_jax.checkpoint import restore_run_params
-    from sft_jax.state import ModelDef
-
-    if not is_run_workdir(workdir):
-        raise FileNotFoundError(f"{workdir}: not the workdir of a run (needs {', '.join(_RUN_FILES)})")
-    with open(os.path.join(workdir, "config.json")) as f:
-        run = json.load(f)
+    rundir = RunDir(workdir)
+    if not rundir.is_run(labels=True):
+        raise FileNotFoundError(f"{workdir}: not the workdir of a run (needs config.json, labels.json, "
+                                "checkpoints)")
+    run = rundir.read_config()
     spec = resolve_image_model(workdir, run["vit"], run["image"])
-    with open(os.path.join(workdir, "labels.json")) as f:
-        labels = json.load(f)["labels"]
+    labels = rundir.read_labels().labels
     module = ImageClassifier(ViT(spec.vit_config, rngs=nnx.Rngs(seed)), len(labels), pooling=run["pooling"],
                              dropout=run["head_dropout"], rngs=nnx.Rngs(seed))
     model_def, params = ModelDef.split(module)
-    params = restore_run_params(workdir, params, which)
+    params = rundir.restore_params(params, which)
     head = SourceHead(labels, run["pooling"], np.asarray(params["head/kernel"]), np.asarray(params["head/bias"]))
     return model_def.merge(params), head, spec
 

@@ -1,0 +1,62 @@
+"""Classify texts with a fine-tuned run's best checkpoint and saved label vocabulary.
+
+    python -m sft_jax.predict --workdir=DIR --text="a gorgeous film" [--text=...]
+    python -m sft_jax.predict --workdir=DIR --input=FILE.jsonl   # records with a "text" field
+    python -m sft_jax.predict --workdir=DIR --image=dog.jpg [--image=...]   # an image_classification run
+
+Prints one JSON line per text: the predicted label, its probability, and every label's probability.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+
+from sft_jax import platform
+from sft_jax.data.sources import DataError, iter_jsonl
+
+flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) fine-tuning run.")
+flags.DEFINE_multi_string("text", [], "Text to classify (repeatable).")
+flags.DEFINE_string("input", None, "A .jsonl file of records with a 'text' field.")
+flags.DEFINE_multi_string("image", [], "Image file to classify (repeatable; image_classification runs).")
+flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to use.")
+flags.mark_flag_as_required("workdir")
+FLAGS = flags.FLAGS
+
+
+def _read_texts(path: str) -> list[str]:
+    texts = []
+    for where, record in iter_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f"{where}: expected an object with a string field 'text'")
+        texts.append(record["text"])
+    return texts
+
+
+def main(argv):
+    from sft_jax.predict import ImagePredictor, Predictor  # after flag parsing: JAX starts on import
+
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
+    texts = list(FLAGS.text) + [a for a in argv[1:]]
+    try:
+        if FLAGS.image:
+            for row in ImagePredictor(FLAGS.workdir, FLAGS.checkpoint).predict(list(FLAGS.image)):
+                print(json.dumps(row))
+            return
+        if FLAGS.input:
+            if not os.path.exists(FLAGS.input):
+                raise FileNotFoundError(f"{FLAGS.input}: file not found")
+            texts += _read_texts(FLAGS.input)
+        if not texts:
+            raise ValueError("nothing to classify: give --text=... or --input=FILE.jsonl")
+        for row in Predictor(FLAGS.workdir, FLAGS.checkpoint).predict(texts):
+            print(json.dumps(row))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    platform.configure_cpu()  # before anything starts JAX's backend
+    app.run(main)

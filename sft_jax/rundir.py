@@ -1,0 +1,118 @@
+"""The run directory (workdir) format, owned here and nowhere else.
+
+    WORKDIR/
+      config.json        the resolved config of the run (written once data and model have loaded)
+      labels.json        the label vocabulary of a classification run
+      results.json       final metrics (flat keys)
+      metrics.jsonl      one line per logged step; TensorBoard event files beside it
+      generations.jsonl  sample generations of a language-model run's evaluations
+      checkpoints/       orbax: latest/ (full train state) and best/ (parameters), see `sft_jax.checkpoint`
+
+Training, predict, generate and loading models from earlier runs all go through `RunDir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from sft_jax.checkpoint import CHECKPOINTS_DIR, Checkpoints
+from sft_jax.data.batching import LabelVocab
+
+CONFIG_FILE = "config.json"
+LABELS_FILE = "labels.json"
+RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.jsonl"
+GENERATIONS_FILE = "generations.jsonl"
+# Changing these between runs on one workdir would resume a different experiment.
+INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora",
+                     "vit", "regularizer", "llrd", "gradual_unfreeze", "lp_ft")
+
+
+class RunDir:
+    """One run's directory: its file paths, and reading and writing what it holds."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def is_run(self, *, labels: bool = False) -> bool:
+        """Whether this is an sft_jax workdir (config.json and checkpoints/, and labels.json if `labels`)."""
+        names = (CONFIG_FILE, CHECKPOINTS_DIR) + ((LABELS_FILE,) if labels else ())
+        return os.path.isdir(self.path) and all(os.path.exists(self.file(n)) for n in names)
+
+    # --- config -------------------------------------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        """The run's resolved config; FileNotFoundError when this is not a workdir."""
+        path = self.file(CONFIG_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{self.path}: no {CONFIG_FILE}; is this a sft_jax workdir?")
+        with open(path) as f:
+            return json.load(f)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        with open(self.file(CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=1, default=str)
+
+    def check_resume(self, config: dict[str, Any]) -> None:
+        """Refuses to resume a run whose config differs from `config` in a key that changes the experiment."""
+        if not os.path.exists(self.file(CONFIG_FILE)):
+            return
+        old = self.read_config()
+        changed = [k for k in INCOMPATIBLE_KEYS if k in old and old[k] != config[k]]
+        if changed:
+            detail = ", ".join(f"{k}: {old[k]!r} -> {config[k]!r}" for k in changed)
+            raise ValueError(f"{self.path}: cannot resume, the config changed incompatibly ({detail}); "
+                             "use a new workdir")
+
+    def ensure_writable(self) -> None:
+        """Creates the directory and fails now, not at the first checkpoint an hour later, if it is read-only."""
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            probe = self.file(f".write_test.{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise PermissionError(f"{self.path}: cannot write the workdir ({e.strerror or e})") from None
+
+    # --- labels, results, generations ---------------------------------------------------------------------
+    @property
+    def labels_path(self) -> str:
+        return self.file(LABELS_FILE)
+
+    def read_labels(self) -> LabelVocab:
+        if not os.path.isfile(self.labels_path):
+            raise FileNotFoundError(f"{self.path}: no {LABELS_FILE}; is this the workdir of a classification run?")
+        return LabelVocab.load(self.labels_path)
+
+    def write_labels(self, vocab: LabelVocab) -> None:
+        vocab.save(self.labels_path)
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        with open(self.file(RESULTS_FILE), "w") as f:
+            json.dump(results, f, indent=1)
+
+    def append_generations(self, rows: list[dict[str, Any]]) -> None:
+        with open(self.file(GENERATIONS_FILE), "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def restore_params(self, target_params: dict, which: str = "best", *, fallback: bool = True) -> dict:
+        """The parameters of the `which` checkpoint, in the shapes of `target_params`; with `fallback`, "best"
+        falls back to "latest" for a run that has not evaluated yet."""
+        ckpt = Checkpoints(self.path)
+        try:
+            try:
+                params, _ = ckpt.restore_params(target_params, which)
+            except FileNotFoundError:
+                if not fallback or which == "latest":
+                    raise
+                params, _ = ckpt.restore_params(target_params, "latest")
+        finally:
+            ckpt.close()
+        return params

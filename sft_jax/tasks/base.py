@@ -1,0 +1,116 @@
+"""The Task contract: everything the training loop needs from a task, so that the loop never names one.
+
+A task family (text classification, language modelling, ...) subclasses `Task` and registers under the
+`config.task` names it serves (`sft_jax.tasks.register`). The loop asks the class to check the config before
+anything loads, builds it once per run, and from then on uses only the attributes and hooks below.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol
+
+import jax
+import ml_collections
+import numpy as np
+
+from sft_jax.models.layout import ParamLayout
+from sft_jax.rundir import RunDir
+from sft_jax.state import ModelDef
+
+# A pure loss `(model, batch, rng) -> (loss, aux)`; aux holds sums that metrics are made of.
+LossFn = Callable[[Any, dict, jax.Array | None], tuple[jax.Array, dict]]
+# The jitted evaluation step the loop hands to `Task.evaluate`: `(params, host_batch) -> aux` (see `losses`).
+EvalFn = Callable[[dict, dict], dict]
+
+
+class TrainBatches(Protocol):
+    """The training stream: `batch(step)` is a host batch (numpy arrays), a pure function of the step, so a
+    resumed run sees exactly the batches an uninterrupted one would."""
+
+    def batch(self, step: int) -> dict[str, np.ndarray]: ...
+
+
+class Task(abc.ABC):
+    """A task family behind one interface.
+
+    Declared on the class (read before anything is loaded):
+      strategies          the `config.strategy` values the task supports;
+      decoder             whether the model is a decoder LM (picks XLA:CPU's matmul library, see
+                          `train_step.compiler_options`);
+      higher_is_better    for each forgetting probe the task reports, whether a higher value is better (the
+                          forgetting summary reports a "drop" of those and a "rise" of the others);
+      exclusive_options   config keys only this task reads, each with what it is: set for another task,
+                          they are refused (`registry.check_config`) instead of silently ignored.
+
+    Set by `__init__(config, rundir)`, which reads the data before it loads a model (bad input stops a run
+    before minutes go into loading weights):
+      model_def, params   the model to fine-tune (`ModelDef.split` of an NNX module), parameters by path;
+      layout              where its embeddings, blocks and head live (for strategies and layer groups);
+      loss_fn             the training loss, also used by evaluation;
+      batches             the training batches (`TrainBatches`);
+      summary             counts for results.json (examples, labels, truncation, ...).
+    """
+
+    strategies: ClassVar[tuple[str, ...]] = ("head", "partial", "full")
+    decoder: ClassVar[bool] = False
+    higher_is_better: ClassVar[dict[str, bool]] = {}
+    exclusive_options: ClassVar[dict[str, str]] = {}
+
+    model_def: ModelDef
+    params: dict[str, jax.Array]
+    layout: ParamLayout
+    loss_fn: LossFn
+    batches: TrainBatches
+    summary: dict[str, Any]
+
+    @abc.abstractmethod
+    def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
+        """Reads the data and builds the model of `config`; `rundir` holds what an earlier run saved."""
+
+    # --- before loading -----------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """The names `evaluate` returns under `config` (early stopping picks one of them)."""
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        """Refuses, with one line naming the key, an option this task does not support. Subclasses extend it."""
+        if config.strategy not in cls.strategies:
+            raise ValueError(f"config.strategy: {config.strategy} is not supported by task {config.task!r}; "
+                             f"use one of {cls.strategies}")
+        names = cls.metric_names(config)
+        if config.early_stopping.metric not in names:
+            raise ValueError(f"config.early_stopping.metric: {config.early_stopping.metric!r} is not one of "
+                             f"{names} for task {config.task!r}")
+        if config.regularizer.ewc and not cls.supports_ewc():
+            raise ValueError(f"config.regularizer.ewc: task {config.task!r} has no Fisher objective")
+
+    @classmethod
+    def supports_ewc(cls) -> bool:
+        return cls.fisher is not Task.fisher
+
+    # --- during and after training ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def evaluate(self, eval_fn: EvalFn, params: dict, step: int | None = None) -> dict[str, float]:
+        """The task's metrics (`metric_names`) of `params` on its evaluation set; `step` labels any output
+        written along the way (generations)."""
+
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Logged training metrics from the train step's summed aux values."""
+        return {"train/accuracy": sums["correct"] / max(sums["count"], 1)}
+
+    def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
+        """How many real tokens a host batch holds (0 for inputs that are not tokens), for tokens/s."""
+        return 0
+
+    def probes(self, params: dict) -> dict[str, float]:
+        """Forgetting probes of general ability (named as in `higher_is_better`); {} when none is configured."""
+        return {}
+
+    def fisher(self, params: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """EWC: the diagonal Fisher of a pre-training-like objective at `params`, for the parameters `names`
+        (`regularizers.empirical_fisher`). A task without one leaves this as it is: EWC is then refused."""
+        raise NotImplementedError

@@ -1,0 +1,201 @@
+"""Decoder LMs fine-tuned on next-token prediction: plain text (`language_modeling`, every token a target) or
+prompt -> output records (`sft`: instructions, chat, input/output pairs; only output tokens are targets).
+The forgetting probe is WikiText-2 perplexity; EWC's Fisher is that of next-token prediction on
+`regularizer.fisher_data`. `load_finetuned_lm` rebuilds a run's model from its workdir."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+
+from sft_jax import distributed, generate, regularizers
+from sft_jax.data import batching
+from sft_jax.data import lm as lm_data
+from sft_jax.data import sft as sft_data
+from sft_jax.data.sources import DataError
+from sft_jax.evaluate import text_metrics
+from sft_jax.evaluate.perplexity import wikitext2_perplexity
+from sft_jax.losses import lm_loss
+from sft_jax.models.decoder import DecoderConfig, DecoderLM
+from sft_jax.models.finetuned import build_lm, decoder_layout, with_dtype
+from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
+from sft_jax.models.lora import merge_lora
+from sft_jax.rundir import RunDir
+from sft_jax.state import ModelDef
+from sft_jax.tasks.base import Task
+from sft_jax.tasks.registry import register
+
+# The eval/ names of each `eval_generation.metrics` entry.
+_GENERATION_METRICS = {"rouge": ("rouge1", "rouge2", "rougeL"), "bleu": ("bleu",), "exact_match": ("exact_match",)}
+
+
+def sft_fields(config: ml_collections.ConfigDict) -> sft_data.Fields:
+    d = config.data
+    return sft_data.Fields(input=d.input_field, output=d.output_field, instruction=d.instruction_field,
+                           messages=d.messages_field)
+
+
+def prompt_format(config: ml_collections.ConfigDict) -> sft_data.PromptFormat:
+    return sft_data.PromptFormat(**config.prompt.to_dict())
+
+
+@register("language_modeling", "sft")
+class LanguageModel(Task):
+    strategies = ("head", "partial", "full", "lora")
+    decoder = True
+    higher_is_better = {"wikitext2_ppl": False, "wikitext2_word_ppl": False}
+
+    @classmethod
+    def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        return ("eval/loss", "eval/perplexity", "eval/accuracy") + tuple(
+            f"eval/{k}" for m in config.eval_generation.metrics for k in _GENERATION_METRICS[m])
+
+    @classmethod
+    def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        if config.eval_generation.metrics and config.task != "sft":
+            raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
+        super().check_config(config)
+
+    def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
+        self.config, self.rundir = config, rundir
+        self.tokenizer = load_lm_tokenizer(config.model)
+        self.train_ds, self.eval_ds = self._load_data()
+        model, model_config = build_lm(config.model, config.strategy, config.dtype, lora=config.lora,
+                                       seed=config.seed)
+        longest = max(config.max_length, max(config.buckets))
+        if longest > model_config.max_position_embeddings:
+            raise ValueError(f"config.max_length={longest} exceeds the model's "
+                             f"{model_config.max_position_embeddings} positions ({config.model})")
+        self.model_def, self.params = ModelDef.split(model)
+        self.layout = decoder_layout(model_config.num_layers)
+        self.loss_fn = lm_loss
+        self.pad_id = self.tokenizer.pad_token_id
+        if config.packing:
+            packed = lm_data.pack(self.train_ds, max(config.buckets))
+            self.batches = batching.TrainBatches(packed, config.batch_size, config.buckets, config.seed,
+                                                 self.pad_id, collate=lm_data.make_packed_batch)
+        else:
+            self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
+                                                 self.pad_id, collate=lm_data.make_lm_batch)
+        self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
+                        "train_rows": len(self.batches.ds),
+                        "train_target_tokens": self.train_ds.num_targets,
+                        "eval_target_tokens": self.eval_ds.num_targets,
+                        "data/train_truncated": self.train_ds.truncated,
+                        "data/eval_truncated": self.eval_ds.truncated}
+
+    def _load_data(self) -> tuple[lm_data.LmDataset, lm_data.LmDataset]:
+        c, d = self.config, self.config.data
+        if c.task == "sft":
+            fields, fmt = sft_fields(c), prompt_format(c)
+            self.eval_records = sft_data.read_sft(d.eval, fields, d.max_eval_examples)
+            train_records = batching.subsample(sft_data.read_sft(d.train, fields), d.max_train_examples, c.seed)
+            eval_ds = sft_data.encode_sft(self.eval_records, self.tokenizer, fmt, c.max_length, d.too_long)
+            train_ds = sft_data.encode_sft(train_records, self.tokenizer, fmt, c.max_length, d.too_long)
+            return train_ds, eval_ds
+        read = lm_data.read_documents
+        eval_ds = lm_data.encode_documents(read(d.eval, d.text_field), self.tokenizer, c.max_length)
+        train_ds = lm_data.encode_documents(read(d.train, d.text_field), self.tokenizer, c.max_length)
+        return train_ds, eval_ds
+
+    def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
+        loss_sum = correct = count = 0.0
+        for _, batch in batching.eval_batches(self.eval_ds, self.config.eval_batch_size, self.config.buckets,
+                                              self.pad_id, collate=lm_data.make_lm_batch):
+            aux = jax.device_get(eval_fn(params, batch))
+            loss_sum += float(aux["loss_sum"])
+            correct += float(aux["correct"])
+            count += float(aux["count"])
+        loss = loss_sum / count
+        out = {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/accuracy": correct / count}
+        if self.config.eval_generation.metrics:
+            out.update(self._generation_metrics(params, step))
+        return out
+
+    def _generation_metrics(self, params, step: int | None) -> dict[str, float]:
+        """Scores of greedy completions of the first eval prompts, encoded exactly as in training."""
+        gen = self.config.eval_generation
+        records = self.eval_records[: gen.num_examples]
+        fmt = prompt_format(self.config)
+        prompts = [sft_data.encode_prompt(r, self.tokenizer, fmt, self.config.max_length) for r in records]
+        completions = generate.generate(self.model_def.merge(params), self.tokenizer, prompts,
+                                        max_new_tokens=gen.max_new_tokens, stop=tuple(gen.stop),
+                                        batch_size=gen.batch_size)
+        predictions = [c.strip() for c in completions]
+        references = [sft_data.reference_output(r) for r in records]
+        scores = text_metrics.compute(gen.metrics, predictions, references)
+        if distributed.is_primary():
+            logged = list(zip(records, predictions, references))[: gen.log_examples]
+            self.rundir.append_generations([{"step": step, "where": r.where, "prediction": pred, "reference": ref}
+                                            for r, pred, ref in logged])
+            for r, pred, ref in logged:
+                tqdm.tqdm.write(f"  [{r.where}] prediction: {pred[:200]!r}\n  reference: {ref[:200]!r}")
+        return {f"eval/{k}": v for k, v in scores.items()}
+
+    def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"train/accuracy": sums["correct"] / max(sums["count"], 1), "train/target_tokens": sums["count"]}
+
+    def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
+        return int(np.count_nonzero(batch["segment_ids"]))
+
+    def fisher(self, params: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """Next-token batches of regularizer.fisher_data (max_length-token blocks), drawn with the seed."""
+        r = self.config.regularizer
+        ds = lm_data.encode_documents(lm_data.read_documents(r.fisher_data, self.config.data.text_field),
+                                      self.tokenizer, self.config.max_length)
+        order = np.random.default_rng(self.config.seed).permutation(len(ds))
+        size = r.fisher_batch_size
+        count = min(r.fisher_batches, len(ds) // size)
+        if not count:
+            raise DataError(f"{r.fisher_data}: {len(ds)} blocks of text, fewer than fisher_batch_size={size}")
+        batches = [lm_data.make_lm_batch(ds, order[i * size:(i + 1) * size], size, self.config.buckets,
+                                         self.pad_id) for i in range(count)]
+        return regularizers.empirical_fisher(self.model_def, params, names, lm_loss, batches, seed=self.config.seed)
+
+    def probes(self, params: dict) -> dict[str, float]:
+        f = self.config.forgetting
+        if not f.wikitext2:
+            return {}
+        r = wikitext2_perplexity(self.model_def, params, self.tokenizer, f.wikitext2, max_length=f.wikitext2_max_length,
+                                 stride=f.wikitext2_stride, max_tokens=f.wikitext2_max_tokens or None)
+        return {"wikitext2_ppl": r["token_perplexity"], "wikitext2_word_ppl": r["word_perplexity"]}
+
+
+def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
+                      ) -> tuple[DecoderLM, DecoderConfig, Any]:
+    """(model with the run's `which` checkpoint weights, its config, tokenizer) of a workdir.
+
+    A `strategy=lora` run comes back with its adapters (`.../lora_a`, `.../lora_b`) as trained; with
+    `merge=True` they are folded into the kernels, giving a plain `DecoderLM` (faster to generate with).
+    """
+    rundir = RunDir(workdir)
+    run = rundir.read_config()
+    lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
+                          seed=run.get("seed", 0))
+    model_def, params = ModelDef.split(lm)
+    lm = model_def.merge(rundir.restore_params(params, which))
+    return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"])
+
+
+def load_lm(model: str | None = None, workdir: str | None = None, dtype: str | None = None):
+    """(DecoderLM, tokenizer) of a pre-trained `model`, or of the fine-tuned weights of the run in `workdir`
+    (whose model `model`, if given, must name). `dtype` (float32 / bfloat16) is the compute dtype."""
+    if workdir is None:
+        if not model:
+            raise ValueError("give --model=NAME_OR_PATH or --workdir=DIR")
+        lm, _ = load_decoder(model, dtype=jnp.dtype(dtype or "float32"))
+        return lm, load_lm_tokenizer(model)
+    run_model = RunDir(workdir).read_config().get("model")
+    if model and model != run_model and os.path.abspath(model) != os.path.abspath(str(run_model)):
+        raise ValueError(f"--model={model} differs from the model {run_model!r} of the run in {workdir}; "
+                         "drop --model")
+    lm, config, tokenizer = load_finetuned_lm(workdir, merge=True)  # LoRA folded in: a plain, faster module
+    if dtype and jnp.dtype(dtype) != jnp.dtype(config.dtype):
+        lm = with_dtype(lm, jnp.dtype(dtype))
+    return lm, tokenizer

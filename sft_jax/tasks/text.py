@@ -1,0 +1,121 @@
+"""text_classification: {"text", "label"} records, a BERT-family encoder with a fresh head, the STS-B probe."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from sft_jax import distributed, regularizers
+from sft_jax.data import batching
+from sft_jax.data import lm as lm_data
+from sft_jax.data.sources import DataError, read_classification
+from sft_jax.evaluate.stsb import stsb_spearman
+from sft_jax.losses import classification_loss, simcse_loss
+from sft_jax.models.classifier import EncoderClassifier, bert_layout
+from sft_jax.models.loading.hf import load_bert, load_bert_config, load_tokenizer
+from sft_jax.models.registry import resolve_model_dir
+from sft_jax.rundir import RunDir
+from sft_jax.state import ModelDef
+from sft_jax.tasks import classification
+from sft_jax.tasks.registry import register
+
+
+class TextClassifier:
+    """An encoder classifier as `config` describes it, with pre-trained encoder weights and a fresh head of
+    `num_labels` classes: `model_def`, `params`, `layout`, `tokenizer`, `max_length`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, num_labels: int):
+        self.model_dir = resolve_model_dir(config.model)
+        encoder, bert_config = load_bert(self.model_dir, dtype=jnp.dtype(config.dtype))
+        self.tokenizer = load_tokenizer(self.model_dir)
+        self.max_length = min(config.max_length, bert_config.max_position_embeddings)
+        module = EncoderClassifier(encoder, bert_config.hidden_size, num_labels, pooling=config.pooling,
+                                   dropout=config.head_dropout, rngs=nnx.Rngs(config.seed))
+        self.model_def, self.params = ModelDef.split(module)
+        self.layout = bert_layout(bert_config.num_hidden_layers)
+
+
+def embed_fn(model_def: ModelDef):
+    """Jitted mean-pooled embedding: the encoder part of the classifier."""
+    return jax.jit(lambda params, ids, mask: model_def.merge(params).embed(ids, mask))
+
+
+@register("text_classification")
+class TextClassification(classification.ClassificationTask):
+    """Text classification; forgetting is the STS-B Spearman correlation of the encoder's embeddings, and
+    EWC's Fisher is that of unsupervised SimCSE on sentences of `regularizer.fisher_data`."""
+
+    higher_is_better = {"stsb_spearman": True}
+
+    def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
+        self.config = config
+        # Data first: bad input must stop the run before a model is loaded.
+        model_dir = resolve_model_dir(config.model)
+        self.tokenizer = load_tokenizer(model_dir)
+        positions = load_bert_config(model_dir).max_position_embeddings
+        if config.max_length > positions:  # past the position table a gather would silently clamp
+            raise ValueError(f"config.max_length={config.max_length} exceeds the model's {positions} positions "
+                             f"({config.model})")
+        self.vocab, self.train_ds, self.eval_ds = self._load_data(rundir)
+        model = TextClassifier(config, len(self.vocab))
+        if distributed.is_primary():
+            rundir.write_labels(self.vocab)
+        self.model_def, self.params, self.layout = model.model_def, model.params, model.layout
+        self.loss_fn = classification_loss
+        self.pad_id = self.tokenizer.pad_token_id
+        self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
+                                             self.pad_id)
+        self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
+                        "num_labels": len(self.vocab), "data/train_truncated": self.train_ds.truncated,
+                        "data/eval_truncated": self.eval_ds.truncated}
+        self._embed = embed_fn(self.model_def)
+
+    def _load_data(self, rundir: RunDir):
+        """Reads and tokenizes train and eval data; the label vocabulary comes from train (or the workdir)."""
+        d = self.config.data
+        read = dict(text_field=d.text_field, label_field=d.label_field, data_dir=d.tfds_data_dir)
+        train_ex, eval_ex = read_classification(d.train, **read), read_classification(d.eval, **read)
+        vocab = classification.label_vocab(d.train, rundir, train_ex)
+        train_ex = batching.subsample(train_ex, d.max_train_examples, self.config.seed)
+        # Encoding the eval set first checks its labels before any time is spent on training.
+        length = self.config.max_length
+        eval_ds = batching.encode_classification(eval_ex, self.tokenizer, vocab, length, d.too_long)
+        train_ds = batching.encode_classification(train_ex, self.tokenizer, vocab, length, d.too_long)
+        return vocab, train_ds, eval_ds
+
+    def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
+        return classification.evaluate(eval_fn, params, self.eval_ds, batch_size=self.config.eval_batch_size,
+                                       buckets=self.config.buckets, pad_id=self.pad_id, num_labels=len(self.vocab))
+
+    def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
+        return int(np.count_nonzero(batch["attention_mask"]))
+
+    def fisher(self, params: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+        return regularizers.empirical_fisher(self.model_def, params, names, simcse_loss, self._fisher_batches(),
+                                             seed=self.config.seed)
+
+    def _fisher_batches(self) -> list[dict]:
+        """Batches of sentences (lines of at least 5 words) of regularizer.fisher_data, drawn with the seed."""
+        r = self.config.regularizer
+        lines = [line.strip() for doc in lm_data.read_documents(r.fisher_data, self.config.data.text_field)
+                 for line in doc.text.splitlines()]
+        lines = [t for t in lines if len(t.split()) >= 5 and not t.startswith("=")]
+        n = r.fisher_batches * r.fisher_batch_size
+        if len(lines) < n:
+            raise DataError(f"{r.fisher_data}: {len(lines)} sentences of 5+ words, fewer than fisher_batches x "
+                            f"fisher_batch_size = {n}")
+        pick = np.random.default_rng(self.config.seed).permutation(len(lines))[:n]
+        ids, _ = batching.tokenize(self.tokenizer, [lines[i] for i in pick], self.config.max_length)
+        ds = batching.EncodedDataset(ids, np.zeros(n, np.int32), [""] * n)
+        size = r.fisher_batch_size
+        return [batching.make_batch(ds, np.arange(i, i + size), size, self.config.buckets, self.pad_id)
+                for i in range(0, n, size)]
+
+    def probes(self, params: dict) -> dict[str, float]:
+        if not self.config.forgetting.stsb:
+            return {}
+        return {"stsb_spearman": stsb_spearman(lambda i, m: self._embed(params, i, m), self.tokenizer,
+                                               self.config.forgetting.stsb)}

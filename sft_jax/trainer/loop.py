@@ -1,0 +1,141 @@
+"""train_and_evaluate(config, workdir): load, fine-tune, evaluate, probe forgetting, checkpoint, resume."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from sft_jax import distributed, sharding, tasks
+from sft_jax.checkpoint import Checkpoints
+from sft_jax.config_defaults import validate
+from sft_jax.rundir import RunDir
+from sft_jax.state import count_params, params_fingerprint
+from sft_jax.trainer import forgetting, guards, setup
+from sft_jax.trainer.metrics import MetricWriter, due
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
+    validate(config)  # the task's own checks included: before anything loads
+    task_cls = tasks.get(config.task)
+    distributed.initialize(config)  # before anything touches the devices
+    rundir = RunDir(workdir)
+    rundir.ensure_writable()
+    rundir.check_resume(config.to_dict())
+
+    task = task_cls(config, rundir)
+    if distributed.is_primary():
+        rundir.write_config(config.to_dict())
+    # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).
+    pretrained = {k: np.asarray(v) for k, v in task.params.items()} if config.wise_ft.alphas else None
+    ckpt = Checkpoints(workdir)
+    run = setup.prepare(config, task, ckpt, workdir)
+    state, meta = run.state, run.meta
+    results = {"trainable_params": count_params(task.params, run.trainable),
+               "total_params": count_params(task.params), **task.summary}
+    # The "before" probe runs once, on the pre-trained weights, and is kept in the checkpoint meta for resumes.
+    if "probes_before" not in meta:
+        meta["probes_before"] = task.probes(task.params)
+    for name, value in meta["probes_before"].items():
+        results[f"forgetting/{name}/before"] = value
+
+    writer = MetricWriter(rundir)
+    step = int(state.step)
+    t0, examples, tokens, eval_time = time.time(), 0, 0, 0.0
+    bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                    disable=not distributed.is_primary())
+    last_eval, last = None, False
+    prior_seconds = meta.get("train_seconds", 0.0)  # training time of earlier processes (resumes)
+    nonfinite: list[tuple[int, jax.Array]] = []  # (step, flag) of steps not yet checked on the host
+    preempt = guards.Preemption()
+    try:
+        while (step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time")
+               and not preempt.requested):
+            host_batch = task.batches.batch(step)
+            tokens += task.batch_tokens(host_batch)
+            state, m = run.train_fns(step)(state, sharding.put_batch(host_batch, run.b_shard))
+            step += 1
+            examples += config.batch_size
+            meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
+            if config.max_train_seconds and meta["train_seconds"] >= config.max_train_seconds:
+                meta["out_of_time"] = True  # an equal-compute budget: stop here, as if max_steps were reached
+            last = step == config.max_steps or bool(meta.get("out_of_time"))
+            nonfinite.append((step, m["nonfinite"]))
+            if due(step, config.log_every, last, step % config.eval_every == 0, preempt.requested):
+                guards.check_finite(nonfinite, config.nan_policy, meta, ckpt)
+                nonfinite.clear()
+            if due(step, config.log_every, last):
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                rate = examples / max(time.time() - t0 - eval_time, 1e-9)
+                writer.write(step, {"train/loss": m["loss"], **task.train_metrics(m), "train/grad_norm": m["grad_norm"],
+                                    "train/learning_rate": float(run.schedule(step - 1)), "train/examples_per_s": rate,
+                                    "train/skipped_steps": meta.get("skipped_steps", 0)})
+                bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
+            bar.update(1)
+            if due(step, config.eval_every, last):
+                t_eval = time.time()
+                last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar)
+                eval_time += time.time() - t_eval
+            if due(step, config.checkpoint_every, last, meta["stopped_early"], preempt.requested):
+                ckpt.save_latest(state, meta)
+    finally:
+        preempt.restore()
+    bar.close()
+    ckpt.wait()
+    if preempt.requested and step < config.max_steps and not last:
+        writer.close()
+        ckpt.close()
+        return {"preempted": True, "step": step}
+    elapsed = time.time() - t0
+    train_seconds = elapsed - eval_time  # includes compilation and checkpoint saves
+
+    # Final metrics are those of the best checkpoint (early stopping keeps it).
+    best_params, _ = ckpt.restore_params(state.params, "best")
+    if last_eval is not None and meta["best_step"] == step:
+        results.update(last_eval)  # the last evaluation was of these very parameters
+    else:
+        results.update(task.evaluate(run.eval_fn, best_params, meta["best_step"]))
+    results.update(forgetting.summarise(task, meta["probes_before"], task.probes(best_params)))
+    if pretrained is not None:
+        results.update(forgetting.wise_ft_sweep(task, config.wise_ft.alphas, run.eval_fn, pretrained, best_params,
+                                                run.p_shard, meta["probes_before"]))
+    results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
+                    "skipped_steps": meta.get("skipped_steps", 0),
+                    "stopped_out_of_time": bool(meta.get("out_of_time")),
+                    "params_fingerprint": params_fingerprint(state.params),
+                    "best_params_fingerprint": params_fingerprint(best_params)})
+    if examples:
+        results.update({"train/examples_per_s": examples / train_seconds, "train/wall_time_s": elapsed})
+        if tokens:  # texts only
+            results["train/tokens_per_s"] = tokens / train_seconds
+    if distributed.is_primary():
+        rundir.write_results(results)
+    writer.close()
+    ckpt.close()
+    return results
+
+
+def _evaluate(config, task, run: setup.Training, state, step: int, meta: dict, ckpt: Checkpoints,
+              writer: MetricWriter, bar) -> dict[str, float]:
+    """Evaluates (and probes, with forgetting.every_eval), keeps the best checkpoint, decides early stopping."""
+    ev = task.evaluate(run.eval_fn, state.params, step)
+    probed = {f"forgetting/{k}": v for k, v in task.probes(state.params).items()} \
+        if config.forgetting.every_eval else {}
+    writer.write(step, {**ev, **probed})
+    value, stopping = ev[config.early_stopping.metric], config.early_stopping
+    best = meta["best_metric"]
+    if best is None or (value > best if stopping.mode == "max" else value < best):
+        meta.update(best_metric=value, best_step=step, bad_evals=0)
+        ckpt.save_best(state, meta)
+    else:
+        meta["bad_evals"] += 1
+        if stopping.patience and meta["bad_evals"] >= stopping.patience:
+            meta["stopped_early"] = True
+            bar.write(f"early stopping at step {step}: best {stopping.metric}={meta['best_metric']:.4f} at step "
+                      f"{meta['best_step']}")
+    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+    return ev

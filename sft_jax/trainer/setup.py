@@ -1,0 +1,134 @@
+"""Everything between a built task and the first step: optimizer, mesh and shardings, the initial (or
+restored) train state, and the compiled train and eval steps."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from sft_jax import groups, optim, regularizers, sharding, strategies
+from sft_jax.checkpoint import Checkpoints
+from sft_jax.state import TrainState
+from sft_jax.tasks.base import Task
+from sft_jax.train_step import compiler_options, compute_cast_plan, make_eval_step, make_train_step, with_compute_params
+
+
+def init_state(params: dict, tx, p_shard: dict | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0
+               ) -> tuple[TrainState, TrainState]:
+    """The initial train state laid out over `mesh` (parameters per `p_shard`, optimizer moments following
+    their parameters) and the matching tree of shardings, for `make_train_step`. Without them: a mesh over
+    all devices with every parameter replicated."""
+    mesh = sharding.make_mesh() if mesh is None else mesh
+    if p_shard is None:
+        p_shard = sharding.param_shardings(list(params), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    params = {k: sharding.put_global(v, p_shard[k]) for k, v in params.items()}
+    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+    state = TrainState(step=sharding.put_global(np.zeros((), np.int32), replicated), params=params,
+                       opt_state=opt_state,
+                       rng=sharding.put_global(jax.random.key_data(jax.random.key(seed)), replicated))
+    return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, labels: dict[str, str], layout: strategies.ParamLayout,
+                   schedule) -> tuple:
+    """(optimizer, phases or None, names of the anchored parameters) for the strategy's `labels`.
+
+    Without LLRD / gradual unfreezing / LP-FT this is the strategy's partition with one AdamW; with them, one
+    delayed AdamW per layer group (`sft_jax.groups`). An L2-SP / EWC penalty comes first in the chain.
+    """
+    lp, unfreeze = config.lp_ft, config.gradual_unfreeze
+    phase_list = None
+    if config.llrd != 1.0 or unfreeze.every or lp.head_steps:
+        plan = groups.plan_groups(layout, llrd=config.llrd, unfreeze_every=unfreeze.every,
+                                  unfreeze_blocks=unfreeze.blocks, lp_steps=lp.head_steps)
+        glabels = groups.group_labels(labels, layout)
+        head_ratio = lp.head_learning_rate / config.learning_rate if lp.head_learning_rate and \
+            config.learning_rate else 1.0
+        tx = groups.grouped_optimizer(glabels, plan, schedule, warmup_steps=config.warmup_steps,
+                                      weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                                      head_ratio=head_ratio, lp_steps=lp.head_steps)
+        phase_list = groups.phases(glabels, plan)
+    else:
+        tx = strategies.partition(labels, optim.adamw(schedule, weight_decay=config.weight_decay,
+                                                      clip_norm=config.clip_norm))
+    fresh = re.compile("^" + layout.fresh) if layout.fresh else None
+    anchored = tuple(n for n in strategies.trainable_names(labels) if not (fresh and fresh.search(n)))
+    weight = config.regularizer.l2sp or config.regularizer.ewc
+    if weight:
+        tx = optax.chain(regularizers.anchor_penalty(weight, anchored, fisher=bool(config.regularizer.ewc)), tx)
+    return tx, phase_list, anchored
+
+
+@dataclasses.dataclass
+class Training:
+    """What the loop runs: the state, its compiled steps and what they were built from."""
+
+    state: TrainState
+    meta: dict  # checkpointed loop state: early stopping, data position, probes before, train seconds
+    train_fns: groups.PhasedStep  # step -> the compiled train step of that step's phase
+    eval_fn: Callable[[dict, dict], dict]  # (params, host batch) -> aux
+    schedule: optax.Schedule
+    trainable: tuple[str, ...]
+    p_shard: dict
+    b_shard: jax.sharding.NamedSharding
+
+
+def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, workdir: str) -> Training:
+    """The optimizer of the strategy, the state on the mesh (restored from the latest checkpoint when there is
+    one; with EWC, a fresh state gets its Fisher), and the steps compiled for it."""
+    rules = strategies.strategy_rules(config.strategy, task.layout, config.frozen_layers)
+    labels = strategies.label_params(task.model_def.names, rules)
+    trainable = strategies.trainable_names(labels)
+    schedule = optim.make_schedule(config.learning_rate, config.max_steps, config.warmup_steps, config.schedule)
+    tx, phase_list, anchored = make_optimizer(config, labels, task.layout, schedule)
+
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    # Regex rules win; then (preset auto) the parameters' logical axes under the logical rules; else replicated.
+    logical_rules = tuple(config.logical_axis_rules) if config.sharding_preset == "auto" else None
+    p_shard = sharding.param_shardings(task.model_def.names, mesh, tuple(config.sharding_rules),
+                                       shapes={k: v.shape for k, v in task.params.items()},
+                                       axes=task.model_def.axes if logical_rules is not None else None,
+                                       logical_rules=logical_rules or ())
+    b_shard = sharding.batch_sharding(mesh)
+    state, state_shard = init_state(task.params, tx, p_shard, mesh, config.seed)
+
+    meta = {"best_metric": None, "best_step": None, "bad_evals": 0, "stopped_early": False}
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+        state, meta = restored
+        tqdm.tqdm.write(f"resumed from step {int(state.step)} of {workdir}")
+    elif config.regularizer.ewc:  # a resumed state holds its Fisher
+        t_fisher = time.time()
+        state = state.replace(opt_state=regularizers.set_fisher(state.opt_state, task.fisher(state.params, anchored)))
+        tqdm.tqdm.write(f"EWC: Fisher of {len(anchored)} tensors estimated in {time.time() - t_fisher:.0f}s")
+
+    # One compiled step per phase (gradual unfreezing, LP-FT), each differentiating only what learns in it.
+    phased = phase_list or [(0, trainable)]
+    # Frozen bfloat16 matmul weights are cast once here, not in every step. Phases only ever unfreeze, so the
+    # parameters frozen in the phase the run starts in stay as they are for as long as they are frozen.
+    if config.dtype != "float32":  # in float32 nothing is cast (and the plan would be empty)
+        start_phase = groups.phase_at([s for s, _ in phased], int(state.step))
+        cast_plan = compute_cast_plan(task.model_def, task.loss_fn, state.params,
+                                      task.batches.batch(int(state.step)), phased[start_phase][1])
+        state, state_shard = with_compute_params(state, cast_plan, state_shard)
+    xla_options = compiler_options(config.cpu_matmuls, b_shard.mesh.devices.flat, decoder=task.decoder)
+    train_fns = groups.PhasedStep(phased, lambda names: make_train_step(
+        task.model_def, tx, task.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
+        accum_steps=config.grad_accum_steps, logical_rules=logical_rules, compiler_options=xla_options))
+    eval_step = make_eval_step(task.model_def, task.loss_fn, params_sharding=p_shard, batch_sharding=b_shard,
+                               logical_rules=logical_rules, compiler_options=xla_options)
+
+    def eval_fn(params, batch):  # host batches become global arrays (each process puts its own rows)
+        return eval_step(params, sharding.put_batch(batch, b_shard))
+
+    return Training(state, meta, train_fns, eval_fn, schedule, trainable, p_shard, b_shard)
