@@ -1,11 +1,11 @@
 """Short CLI runs of every task family and forgetting method, for checking that a refactor changes nothing.
 
-    python experiments/behaviour_check/run.py --out=/tmp/after.json [--repo=PATH_OF_ANOTHER_CHECKOUT]
+    python -m experiments.behaviour_check.run --out=after.json [--repo=PATH_OF_ANOTHER_CHECKOUT]
 
 Each run is `python -m sft_jax.main` on real models and real data (../shared/data) for a few steps; the output
 holds each run's results.json without its timing keys. Two outputs (say, of the commits before and after a
-refactor, on one machine) are compared with `--compare=A.json,B.json`: equal `params_fingerprint`s mean
-bit-identical trained parameters, and every other metric must match too.
+refactor, on one machine) are compared with `--compare=A.json,B.json [--report=RESULTS.md]`: equal
+`params_fingerprint`s mean bit-identical trained parameters, and every other metric must match too.
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ def main() -> None:
     p.add_argument("--out", help="where to write {run: results}")
     p.add_argument("--only", default="", help="comma-separated run names (default: all)")
     p.add_argument("--compare", default="", help="A.json,B.json: print the differences and exit")
+    p.add_argument("--report", default="", help="with --compare: also write the table to this markdown file")
     args = p.parse_args()
     if args.compare:
-        sys.exit(compare(*args.compare.split(",")))
+        sys.exit(compare(*args.compare.split(","), report=args.report))
     base_dir = tempfile.mkdtemp(prefix="behaviour_check_")
     out = {}
     if args.out and args.only and os.path.exists(args.out):  # add these runs to an earlier output
@@ -94,20 +95,27 @@ def main() -> None:
     shutil.rmtree(base_dir, ignore_errors=True)
 
 
-def compare(path_a: str, path_b: str) -> int:
+def compare(path_a: str, path_b: str, report: str = "") -> int:
     with open(path_a) as f:
         a = json.load(f)
     with open(path_b) as f:
         b = json.load(f)
-    bad = 0
+    rows, bad = [], 0
     for name in sorted(set(a) | set(b)):
         ra, rb = a.get(name, {}), b.get(name, {})
         diff = {k: (ra.get(k), rb.get(k)) for k in sorted(set(ra) | set(rb)) if ra.get(k) != rb.get(k)}
+        rows.append((name, ra.get("params_fingerprint"), rb.get("params_fingerprint"), len(ra), diff))
         print(f"{name}: {'same' if not diff else f'{len(diff)} differ'} (params_fingerprint "
               f"{ra.get('params_fingerprint')} / {rb.get('params_fingerprint')})")
         for k, (va, vb) in diff.items():
             print(f"  {k}: {va} -> {vb}")
         bad += bool(diff)
+    if report:
+        lines = [f"| run | params_fingerprint ({os.path.basename(path_a)}) | ({os.path.basename(path_b)}) | "
+                 "results keys | keys that differ |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | `{fa}` | `{fb}` | {count} | {', '.join(d) or 'none'} |" for n, fa, fb, count, d in rows]
+        with open(report, "w") as f:
+            f.write("\n".join(lines) + "\n")
     return int(bad > 0)
 
 
