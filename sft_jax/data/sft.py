@@ -8,8 +8,12 @@ Record formats (field names mapped by the config, e.g. GSM8K question/answer, XS
 and `parallel:SRC_FILE,TGT_FILE` for line-aligned translation text (plain or .gz).
 
 The loss mask is 1 exactly on the tokens the model must produce: the output and the EOS after it, or each
-assistant turn of a chat (including its end-of-turn token). Chat masks are found by rendering the chat
-template on growing prefixes of the conversation, so they are right for templates with no generation markers.
+assistant turn of a chat (its content and the end-of-turn token that closes it, e.g. `<|eot_id|>`,
+`<|im_end|>`, `<end_of_turn>`, `</s>`, `<|end|>`; never a system or user turn or the assistant header). Chat
+masks are found by rendering the chat template with stand-ins for the contents and on prefixes of the
+conversation, so they are right for templates with no generation markers, including ones that render a
+prefix differently (Mistral v0.3 moves the system prompt to the last user turn; Phi-3 ends a conversation
+with EOS).
 """
 
 from __future__ import annotations
@@ -195,26 +199,99 @@ def as_chat(record: Record, fmt: PromptFormat, with_output: bool = True) -> list
     return messages
 
 
-def _encode_chat(messages: Sequence[dict], tokenizer, where: str) -> tuple[list[int], list[int]]:
-    """Tokens of the rendered chat and a mask that is 1 on assistant turns (content + end-of-turn)."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: the model's tokenizer has no chat template; use a prompt template instead")
-    full = tokenizer.apply_chat_template(list(messages), tokenize=False)
+# Stand-ins for a message's content, used to find where the template puts it; text no chat holds.
+_SENTINEL, _PROBE = "\u27e6sft_jax:content\u27e7", "\u27e6sft_jax:next\u27e7"
+
+
+def _render(tokenizer, messages: Sequence[dict], where: str, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # the template's own checks (roles must alternate, no system role, ...)
+        raise DataError(f"{where}: the chat template refused the conversation: {str(e).splitlines()[0]}") from e
+
+
+def _with_content(messages: Sequence[dict], i: int, content: str) -> list[dict]:
+    return [dict(m, content=content) if j == i else m for j, m in enumerate(messages)]
+
+
+def _after_sentinel(text: str, where: str) -> str:
+    """The text a rendering puts after the sentinel content (which it must hold exactly once)."""
+    if text.count(_SENTINEL) != 1:
+        raise DataError(f"{where}: the chat template does not copy message contents into its rendering; "
+                        "cannot locate the assistant turns")
+    return text[text.index(_SENTINEL) + len(_SENTINEL):]
+
+
+def _assistant_spans(messages: Sequence[dict], tokenizer, full: str, where: str) -> list[tuple[int, int, int]]:
+    """(start, content end, closing end) in `full` (the rendered chat) of each assistant turn: the model must
+    produce it from the end of the generation prompt (or, where the template renders the conversation before
+    the turn differently on its own, the start of the content) to the end of the turn's closing text.
+
+    The closing is what the template renders after an assistant's content whether the conversation ends there
+    or goes on (`<|eot_id|>`, `<|im_end|>`, `<end_of_turn>`, `</s>`, `<|end|>`), less trailing whitespace; text
+    a template adds only at the end of a conversation (Phi-3's final EOS) belongs to no turn. The span ends
+    may fall inside a token (`<|end|>\n<|` is common to `<|end|>\n<|endoftext|>` and `<|end|>\n<|user|>`);
+    `_encode_chat` cuts them back to token boundaries.
+    """
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(list(messages[:i]), tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=False)
-        if not (full.startswith(upto) and upto.startswith(before)):
-            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix; "
-                            "cannot locate the assistant turns")
-        # The turn ends where its rendering ends, minus the whitespace the template puts between turns.
-        spans.append((len(before), len(upto.rstrip())))
+        # Where the content sits in the full rendering: substitute a sentinel and compare.
+        marked = _render(tokenizer, _with_content(messages, i, _SENTINEL), where)
+        tail = _after_sentinel(marked, where)
+        c0 = marked.index(_SENTINEL)
+        c1 = len(full) - len(tail)
+        if not (full.startswith(marked[:c0]) and full.endswith(tail) and c0 <= c1):
+            raise DataError(f"{where}: the chat template renders message {i} in a way that depends on its "
+                            "content; cannot locate the assistant turns")
+        # The closing: common to the conversation ending at this turn and going on after it.
+        upto = messages[: i + 1]
+        ends = _after_sentinel(_render(tokenizer, _with_content(upto, i, _SENTINEL), where), where)
+        goes_on = _after_sentinel(_render(tokenizer, _with_content(
+            [*upto, {"role": "user", "content": _PROBE}], i, _SENTINEL), where), where)
+        n = 0
+        while n < min(len(ends), len(goes_on)) and ends[n] == goes_on[n]:
+            n += 1
+        closing = ends[:n]
+        if not full.startswith(closing, c1):
+            raise DataError(f"{where}: the chat template closes assistant message {i} differently mid-"
+                            "conversation; cannot locate the assistant turns")
+        # The start: everything after the generation prompt, when the template renders the conversation
+        # before the turn as it is in the full rendering (so nothing the template adds to an assistant turn
+        # before its content is missed); else the content itself (Mistral v0.3 moves the system prompt).
+        try:
+            before = _render(tokenizer, messages[:i], where, generation_prompt=True)
+        except DataError:  # e.g. a template that reads messages[0] given a chat opening with the assistant
+            before = None
+        start = len(before) if before is not None and full.startswith(before) and len(before) <= c0 else c0
+        spans.append((start, c1, c1 + len(closing)))
+    return spans
+
+
+def _encode_chat(messages: Sequence[dict], tokenizer, where: str) -> tuple[list[int], list[int]]:
+    """Tokens of the rendered chat and a mask that is 1 on assistant turns (content + end-of-turn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: the model's tokenizer has no chat template; use a prompt template instead")
+    full = _render(tokenizer, messages, where)
+    for j, m in enumerate(messages):  # e.g. Mistral v0.3 renders the system prompt only before a final user turn
+        if m["role"] != "assistant" and m["content"].strip() not in full:
+            raise DataError(f"{where}: the chat template leaves message {j} ({m['role']}) out of the rendered chat "
+                            "(Mistral v0.3's keeps a system prompt only before a final user turn); put its text "
+                            "into the first user message")
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    token_ends = sorted({end for _, end in offsets})
+    spans = []
+    for start, content_end, end in _assistant_spans(messages, tokenizer, full, where):
+        # Cut the closing back to the last token it holds whole, then drop trailing whitespace ("\n").
+        end = max([e for e in token_ends if content_end <= e <= end], default=content_end)
+        end = max(content_end, len(full[:end].rstrip()))
+        spans.append((start, end))
     # Overlap, not containment: BPE merges the space a template leaves after "Assistant:" into the first
     # answer token (" blue"), which must still be learned.
-    mask = [int(any(start < hi and end > lo for lo, hi in spans)) for start, end in enc["offset_mapping"]]
+    mask = [int(any(s < hi and e > lo for lo, hi in spans)) for s, e in offsets]
     return list(enc["input_ids"]), mask
 
 

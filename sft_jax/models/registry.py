@@ -10,6 +10,8 @@ import os
 import pathlib
 
 import huggingface_hub
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import LocalEntryNotFoundError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,8 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     hub repo id, fetched (or found in the local cache) with `huggingface_hub.snapshot_download`.
 
     Raises:
-      ValueError: when the name is none of these (including a hub id that cannot be reached).
+      ValueError: when the name is none of these (including a hub id neither cached nor reachable); one line
+        that names the hub cache folder it looked in.
     """
     if name_or_path in SHORT_NAMES:
         if SHORT_NAMES[name_or_path].gguf_file:
@@ -136,13 +139,14 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
     if _looks_like_path(name_or_path):  # not a hub id ("org/name"): say so rather than try the hub
         raise ValueError(f"{path}: no such model directory (or earlier run's workdir)")
     try:
-        return pathlib.Path(
-            huggingface_hub.snapshot_download(
-                name_or_path, allow_patterns=_HUB_PATTERNS
-            )
-        )
+        return pathlib.Path(huggingface_hub.snapshot_download(name_or_path, allow_patterns=_HUB_PATTERNS))
     except Exception as e:  # Offline, unknown repo and malformed id all end up here.
+        # huggingface_hub's constants are read at call time, as snapshot_download reads them.
+        cached = pathlib.Path(hub_constants.HF_HUB_CACHE) / f"models--{name_or_path.replace('/', '--')}"
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, LocalEntryNotFoundError):
+            reason = "no snapshot of it there" + (" and HF_HUB_OFFLINE=1" if hub_constants.HF_HUB_OFFLINE else "")
         raise ValueError(
-            f"{name_or_path!r} is neither a known short name ({', '.join(sorted(SHORT_NAMES))}), "
-            f"a local directory with config.json, nor a reachable Hugging Face hub id ({e})"
+            f"model {name_or_path!r} not found: not a short name ({', '.join(sorted(SHORT_NAMES))}), not a local "
+            f"directory with config.json, nor a Hugging Face hub id in the cache at {cached} ({reason})"
         ) from e
