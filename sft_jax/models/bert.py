@@ -1,4 +1,7 @@
-"""BERT encoder (post-LN) in Flax NNX.
+"""BERT-family encoders (post-LN) in Flax NNX: BERT, RoBERTa and XLM-RoBERTa.
+
+RoBERTa and XLM-RoBERTa are BERT with fairseq positions (see `fairseq_position_ids`) and one token type; the
+module and its parameter tree are the same, `BertConfig.model_type` picks the position scheme.
 
 The parameter tree mirrors the names the freezing rules match on::
 
@@ -57,6 +60,9 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
 }
 
+# model_type -> whether positions follow fairseq (start at pad_token_id + 1, pads get pad_token_id).
+MODEL_TYPES = {"bert": False, "roberta": True, "xlm-roberta": True}
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -77,9 +83,16 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
+    model_type: str = "bert"
+    pad_token_id: int = 0  # Read only by the fairseq position scheme (roberta, xlm-roberta).
     dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported by the BERT-family encoder; "
+                f"use one of {sorted(MODEL_TYPES)}"
+            )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not a multiple of "
@@ -96,17 +109,39 @@ class BertConfig:
         """Size of one attention head."""
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def position_offset(self) -> int:
+        """Index of the first real position: pad_token_id + 1 for RoBERTa-style positions, else 0."""
+        return self.pad_token_id + 1 if MODEL_TYPES[self.model_type] else 0
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the position table covers (514 rows give RoBERTa 512 tokens)."""
+        return self.max_position_embeddings - self.position_offset
+
     @classmethod
     def from_hf(cls, hf_config: Mapping[str, Any], **overrides: Any) -> BertConfig:
-        """Builds a config from a Hugging Face `config.json` dict; unknown keys are ignored."""
+        """Builds a config from a Hugging Face `config.json` dict; unknown keys are ignored.
+
+        A config without `model_type` is read as BERT (the original Google checkpoints predate the
+        key); any other `model_type` than those of `MODEL_TYPES` is refused.
+        """
         position_type = hf_config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(
                 f"position_embedding_type {position_type!r} is not supported (only 'absolute')"
             )
+        for key in ("is_decoder", "add_cross_attention"):
+            if hf_config.get(key):
+                raise ValueError(f"{key} {hf_config[key]!r} is not supported (an encoder only)")
         names = {f.name for f in dataclasses.fields(cls)} - {"dtype"}
         kwargs = {k: hf_config[k] for k in names if k in hf_config}
+        if kwargs.get("pad_token_id") is None:  # BERT configs may say null: no pad id, none needed
+            kwargs.pop("pad_token_id", None)
         kwargs.update(overrides)
+        if MODEL_TYPES.get(kwargs.get("model_type", "bert")) and "pad_token_id" not in kwargs:
+            # The pad id is where positions start: guessing it would shift every position.
+            raise ValueError(f"pad_token_id is missing for model_type {kwargs['model_type']!r}")
         return cls(**kwargs)
 
 
@@ -141,15 +176,27 @@ class BertEmbeddings(nnx.Module):
             embedding_metadata=logical("token_type", "norm"),
         )
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
+        self.fairseq_positions = MODEL_TYPES[config.model_type]
+        self.pad_token_id = config.pad_token_id
 
     def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
-        positions = jnp.arange(input_ids.shape[1])[None, :]
+        if self.fairseq_positions:
+            positions = fairseq_position_ids(input_ids, self.pad_token_id)
+        else:
+            positions = jnp.arange(input_ids.shape[1])[None, :]
         x = (
             self.word_embeddings(input_ids)
             + self.position_embeddings(positions)
             + self.token_type_embeddings(token_type_ids)
         )
         return constrain(self.norm(x), "batch", "length", "embed")
+
+
+def fairseq_position_ids(input_ids: jax.Array, padding_idx: int) -> jax.Array:
+    """RoBERTa's positions (transformers' `create_position_ids_from_input_ids`): non-pad tokens count up
+    from padding_idx + 1, pad tokens get padding_idx. Decided by the ids, not the attention mask, as in HF."""
+    mask = (input_ids != padding_idx).astype(jnp.int32)
+    return jnp.cumsum(mask, axis=1) * mask + padding_idx
 
 
 def layer_norm(size: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:

@@ -1,4 +1,5 @@
-"""text_classification: {"text", "label"} records, a BERT-family encoder with a fresh head, the STS-B probe."""
+"""text_classification: {"text", "label"} records, an encoder (BERT, RoBERTa, XLM-RoBERTa, ModernBERT) with a
+fresh head, the STS-B probe."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sft_jax.data.sources import DataError, read_classification
 from sft_jax.evaluate.stsb import stsb_spearman
 from sft_jax.losses import classification_loss, simcse_loss
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
-from sft_jax.models.loading.hf import load_bert, load_bert_config, load_tokenizer
+from sft_jax.models.loading.hf import load_encoder, load_encoder_config, load_tokenizer
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.rundir import RunDir
 from sft_jax.state import ModelDef
@@ -29,13 +30,14 @@ class TextClassifier:
 
     def __init__(self, config: ml_collections.ConfigDict, num_labels: int):
         self.model_dir = resolve_model_dir(config.model)
-        encoder, bert_config = load_bert(self.model_dir, dtype=jnp.dtype(config.dtype))
+        encoder, encoder_config = load_encoder(self.model_dir, dtype=jnp.dtype(config.dtype))
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.max_length = min(config.max_length, bert_config.max_position_embeddings)
-        module = EncoderClassifier(encoder, bert_config.hidden_size, num_labels, pooling=config.pooling,
+        self.max_length = min(config.max_length, encoder_config.max_length)
+        module = EncoderClassifier(encoder, encoder_config.hidden_size, num_labels, pooling=config.pooling,
                                    dropout=config.head_dropout, rngs=nnx.Rngs(config.seed))
         self.model_def, self.params = ModelDef.split(module)
-        self.layout = bert_layout(bert_config.num_hidden_layers)
+        # ModernBERT keeps BERT's embeddings / layers paths; its final norm, outside both, learns unless `head`.
+        self.layout = bert_layout(encoder_config.num_hidden_layers)
 
 
 def embed_fn(model_def: ModelDef):
@@ -55,10 +57,15 @@ class TextClassification(classification.ClassificationTask):
         # Data first: bad input must stop the run before a model is loaded.
         model_dir = resolve_model_dir(config.model)
         self.tokenizer = load_tokenizer(model_dir)
-        positions = load_bert_config(model_dir).max_position_embeddings
+        encoder_config = load_encoder_config(model_dir)
+        positions = encoder_config.max_length  # RoBERTa's table starts at pad_token_id + 1
         if config.max_length > positions:  # past the position table a gather would silently clamp
             raise ValueError(f"config.max_length={config.max_length} exceeds the model's {positions} positions "
                              f"({config.model})")
+        if encoder_config.position_offset and self.tokenizer.pad_token_id != encoder_config.pad_token_id:
+            # RoBERTa positions count the ids that are not pad_token_id: another pad id would shift them.
+            raise ValueError(f"{config.model}: tokenizer pad id {self.tokenizer.pad_token_id} differs from "
+                             f"pad_token_id {encoder_config.pad_token_id} of config.json")
         self.vocab, self.train_ds, self.eval_ds = self._load_data(rundir)
         model = TextClassifier(config, len(self.vocab))
         if distributed.is_primary():

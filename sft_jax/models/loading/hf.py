@@ -1,8 +1,10 @@
-"""Load Hugging Face BERT checkpoints (safetensors, or pytorch_model.bin via torch).
+"""Load Hugging Face BERT-family checkpoints (safetensors, or pytorch_model.bin via torch).
 
 HF names are mapped onto ours by rules on the module path plus a leaf rename, so one table
-serves `BertModel` (no prefix; sentence-transformers), `BertFor*` ("bert.") and exports that
-use "model.".
+serves `BertModel` / `RobertaModel` / `XLMRobertaModel` (no prefix; sentence-transformers),
+`BertFor*` ("bert."), `RobertaFor*` / `XLMRobertaFor*` ("roberta.") and exports that use "model.".
+ModernBERT has its own table (fused Wqkv / Wi split into our query, key, value / gate, up); `load_encoder`
+picks the family from config.json's `model_type`.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from sft_jax.models.bert import MODEL_TYPES as BERT_MODEL_TYPES
 from sft_jax.models.bert import BertConfig, BertEncoder
+from sft_jax.models.modernbert import ModernBertConfig, ModernBertEncoder
 
 # Prefixes that wrap the encoder in published checkpoints, tried in this order.
-_PREFIXES = ("", "bert.", "model.")
+_PREFIXES = ("", "bert.", "roberta.", "model.")
 
 # (our module path regex, HF module name template); matched with re.fullmatch.
 _MODULE_RULES = (
@@ -102,19 +106,73 @@ def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
     }
 
 
-def _hf_module(path: str) -> str:
-    for pattern, template in _MODULE_RULES:
+# ModernBERT: (our module path regex, HF module name template, (chunk, of n) of HF's fused tensor or None).
+_MODERNBERT_PREFIXES = ("", "model.")
+_MODERNBERT_RULES = (
+    (r"embeddings/word_embeddings", r"embeddings.tok_embeddings", None),
+    (r"embeddings/norm", r"embeddings.norm", None),
+    (r"layers/(\d+)/attention_norm", r"layers.\1.attn_norm", None),
+    (r"layers/(\d+)/attention/query", r"layers.\1.attn.Wqkv", (0, 3)),
+    (r"layers/(\d+)/attention/key", r"layers.\1.attn.Wqkv", (1, 3)),
+    (r"layers/(\d+)/attention/value", r"layers.\1.attn.Wqkv", (2, 3)),
+    (r"layers/(\d+)/attention/out", r"layers.\1.attn.Wo", None),
+    (r"layers/(\d+)/mlp_norm", r"layers.\1.mlp_norm", None),
+    (r"layers/(\d+)/mlp/gate", r"layers.\1.mlp.Wi", (0, 2)),  # Wi = [gate (activated); up]
+    (r"layers/(\d+)/mlp/up", r"layers.\1.mlp.Wi", (1, 2)),
+    (r"layers/(\d+)/mlp/down", r"layers.\1.mlp.Wo", None),
+    (r"final_norm", r"final_norm", None),
+)
+
+
+def _hf_module(path: str, rules=None) -> tuple[str, tuple[int, int] | None]:
+    for pattern, template, *chunk in rules or _MODULE_RULES:
         match = re.fullmatch(pattern, path)
         if match:
-            return match.expand(template)
+            return match.expand(template), (chunk[0] if chunk else None)
     raise KeyError(f"no Hugging Face name rule for parameter {path!r}")
 
 
-def _detect_prefix(weights: dict[str, Any]) -> str:
-    for prefix in _PREFIXES:
-        if f"{prefix}embeddings.word_embeddings.weight" in weights:
+def _detect_prefix(weights: dict[str, Any], prefixes=_PREFIXES, probe="embeddings.word_embeddings.weight") -> str:
+    for prefix in prefixes:
+        if f"{prefix}{probe}" in weights:
             return prefix
     return ""  # Nothing matches; the missing-key report below names what was expected.
+
+
+def _fill_state(weights: dict[str, np.ndarray], abstract_state: nnx.State, *, prefix: str, rules, source: str,
+                family: str) -> nnx.State:
+    """`abstract_state` filled from HF-named `weights` by `rules`; one ValueError names every problem."""
+    missing, mismatched, filled = [], [], []
+    for path, variable in nnx.to_flat_state(abstract_state):
+        *module, leaf = (str(p) for p in path)
+        hf_module, chunk = _hf_module("/".join(module), rules)
+        names = [f"{prefix}{hf_module}.{name}" for name in _LEAF_NAMES[leaf]]
+        name = next((n for n in names if n in weights), None)
+        if name is None:
+            missing.append(names[0])
+            continue
+        value = weights[name]
+        if chunk is not None and value.shape[0] % chunk[1] == 0:  # a fused tensor: rows [k*n/N, (k+1)*n/N)
+            rows = value.shape[0] // chunk[1]
+            value = value[chunk[0] * rows:(chunk[0] + 1) * rows]
+        if leaf == "kernel":
+            value = value.T  # torch Linear stores [out, in]
+        if value.shape != tuple(variable.shape):
+            part = f" (part {chunk[0] + 1} of {chunk[1]})" if chunk else ""
+            mismatched.append(
+                f"{name}{part}: checkpoint {tuple(weights[name].shape)}, expected "
+                f"{tuple(variable.shape)}{' (transposed)' if leaf == 'kernel' else ''}"
+            )
+            continue
+        filled.append((path, variable.replace(value=jnp.asarray(value, jnp.float32))))
+    if missing or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if mismatched:
+            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+        raise ValueError(f"{source}: cannot load {family} weights; {'. '.join(problems)}")
+    return nnx.from_flat_state(filled)
 
 
 def bert_state_from_hf(
@@ -130,48 +188,48 @@ def bert_state_from_hf(
     Raises:
       ValueError: naming every expected key that is missing or whose shape does not match.
     """
-    prefix = _detect_prefix(weights)
-    missing, mismatched, filled = [], [], []
-    for path, variable in nnx.to_flat_state(abstract_state):
-        *module, leaf = (str(p) for p in path)
-        hf_module = prefix + _hf_module("/".join(module))
-        names = [f"{hf_module}.{name}" for name in _LEAF_NAMES[leaf]]
-        name = next((n for n in names if n in weights), None)
-        if name is None:
-            missing.append(names[0])
-            continue
-        value = weights[name]
-        if leaf == "kernel":
-            value = value.T  # torch Linear stores [out, in]
-        if value.shape != tuple(variable.shape):
-            mismatched.append(
-                f"{name}: checkpoint {tuple(weights[name].shape)}, expected "
-                f"{tuple(variable.shape)}{' (transposed)' if leaf == 'kernel' else ''}"
-            )
-            continue
-        filled.append((path, variable.replace(value=jnp.asarray(value, jnp.float32))))
-    if missing or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"missing keys: {', '.join(missing)}")
-        if mismatched:
-            problems.append(f"shape mismatches: {'; '.join(mismatched)}")
-        raise ValueError(f"{source}: cannot load BERT weights; {'. '.join(problems)}")
-    return nnx.from_flat_state(filled)
+    return _fill_state(weights, abstract_state, prefix=_detect_prefix(weights), rules=_MODULE_RULES,
+                       source=source, family="BERT-family")
 
 
-def load_bert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> BertConfig:
-    """The `BertConfig` of a Hugging Face BERT checkpoint directory (its config.json)."""
+def modernbert_state_from_hf(
+    weights: dict[str, np.ndarray], abstract_state: nnx.State, *, source: str = "checkpoint"
+) -> nnx.State:
+    """Fills a `ModernBertEncoder`'s `abstract_state` with HF-named `weights` (`ModernBertModel`, or
+    "model."-prefixed `ModernBertFor*`): the fused Wqkv and Wi are split, the MLM / classifier heads ignored.
+
+    Raises:
+      ValueError: naming every expected key that is missing or whose shape does not match.
+    """
+    prefix = _detect_prefix(weights, _MODERNBERT_PREFIXES, "embeddings.tok_embeddings.weight")
+    return _fill_state(weights, abstract_state, prefix=prefix, rules=_MODERNBERT_RULES, source=source,
+                       family="ModernBERT")
+
+
+def _read_config(model_dir: str | os.PathLike) -> tuple[pathlib.Path, dict]:
     config_path = pathlib.Path(model_dir) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json")
-    return BertConfig.from_hf(json.loads(config_path.read_text()), dtype=dtype)
+    return config_path, json.loads(config_path.read_text())
+
+
+def load_bert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> BertConfig:
+    """The `BertConfig` of a Hugging Face BERT, RoBERTa or XLM-RoBERTa checkpoint directory (its config.json).
+
+    Raises:
+      ValueError: one line naming the file and the unsupported key and value (e.g. `model_type 'gpt2'`).
+    """
+    config_path, hf_config = _read_config(model_dir)
+    try:
+        return BertConfig.from_hf(hf_config, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
 
 
 def load_bert(
     model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
 ) -> tuple[BertEncoder, BertConfig]:
-    """Loads a Hugging Face BERT checkpoint directory as a `BertEncoder`.
+    """Loads a Hugging Face BERT, RoBERTa or XLM-RoBERTa checkpoint directory as a `BertEncoder`.
 
     Args:
       model_dir: a directory with `config.json` and weights (see `read_weights`). Use
@@ -189,6 +247,65 @@ def load_bert(
     graphdef, abstract_state = nnx.split(abstract)
     state = bert_state_from_hf(weights, abstract_state, source=str(model_dir))
     return nnx.merge(graphdef, state), config
+
+
+def load_modernbert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> ModernBertConfig:
+    """The `ModernBertConfig` of a Hugging Face ModernBERT checkpoint directory (its config.json).
+
+    Raises:
+      ValueError: one line naming the file and the unsupported key and value.
+    """
+    config_path, hf_config = _read_config(model_dir)
+    try:
+        return ModernBertConfig.from_hf(hf_config, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+
+
+def load_modernbert(
+    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
+) -> tuple[ModernBertEncoder, ModernBertConfig]:
+    """Loads a Hugging Face ModernBERT checkpoint directory as a `ModernBertEncoder` (see `load_bert`)."""
+    config = load_modernbert_config(model_dir, dtype=dtype)
+    weights = read_weights(model_dir)
+    abstract = nnx.eval_shape(lambda: ModernBertEncoder(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    state = modernbert_state_from_hf(weights, abstract_state, source=str(model_dir))
+    return nnx.merge(graphdef, state), config
+
+
+ENCODER_MODEL_TYPES = (*BERT_MODEL_TYPES, "modernbert")
+
+
+def load_encoder_config(
+    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
+) -> BertConfig | ModernBertConfig:
+    """The config of any supported encoder checkpoint, by its `model_type` (none: BERT).
+
+    Raises:
+      ValueError: one line naming config.json and an unsupported `model_type` or option.
+    """
+    config_path, hf_config = _read_config(model_dir)
+    model_type = hf_config.get("model_type", "bert")
+    if model_type == "modernbert":
+        return load_modernbert_config(model_dir, dtype=dtype)
+    if model_type not in BERT_MODEL_TYPES:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not a supported encoder; "
+                         f"use one of {list(ENCODER_MODEL_TYPES)}")
+    return load_bert_config(model_dir, dtype=dtype)
+
+
+def load_encoder(
+    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
+) -> tuple[BertEncoder | ModernBertEncoder, BertConfig | ModernBertConfig]:
+    """Loads a BERT, RoBERTa, XLM-RoBERTa or ModernBERT checkpoint directory, by its `model_type`.
+
+    Returns the encoder (called as `encoder(input_ids, attention_mask, dropout_rng=...)`) and its config
+    (`hidden_size`, `num_hidden_layers`, `max_length`, `position_offset`, `pad_token_id`).
+    """
+    if isinstance(load_encoder_config(model_dir), ModernBertConfig):
+        return load_modernbert(model_dir, dtype=dtype)
+    return load_bert(model_dir, dtype=dtype)
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
