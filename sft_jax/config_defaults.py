@@ -15,11 +15,13 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "minilm-l6"  # short name, local Hugging Face directory, .gguf file, or hub id
     c.task = "text_classification"  # text_classification | language_modeling | sft | image_classification
-    c.strategy = "full"  # head | partial | full | lora (decoders)
+    c.strategy = "full"  # head | partial | full | lora
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
     c.pooling = "mean"  # cls | mean
     c.head_dropout = 0.1
-    # strategy=lora: low-rank adapters on the projections whose parameter path matches `targets`.
+    # strategy=lora: low-rank adapters on the projections whose module path matches `targets` (re.search). The
+    # default names a decoder's attention and MLP projections; text and image classification read it as their
+    # backbone's (tasks/classification.py: ENCODER_LORA_TARGETS). A classifier's head trains beside the adapters.
     c.lora = ml_collections.ConfigDict()
     c.lora.rank = 8
     c.lora.alpha = 16.0

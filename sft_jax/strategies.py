@@ -16,7 +16,8 @@ from sft_jax.models.layout import ParamLayout
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 STRATEGIES = ("head", "partial", "full", "lora")
-# strategy=lora: only the low-rank adapters learn (`sft_jax.models.lora` names them .../lora_a, .../lora_b).
+# strategy=lora: the low-rank adapters learn (`sft_jax.models.lora` names them .../lora_a, .../lora_b), and so does a
+# freshly added head (a classifier's), which has no pre-trained value to keep.
 LORA_PARAMS = r"/lora_(a|b)$"
 
 Rules = Sequence[tuple[str, str]]
@@ -26,13 +27,15 @@ def strategy_rules(strategy: str, layout: ParamLayout, frozen_layers: int = 0) -
     """The rules of a named strategy.
 
     head: only the added layers learn. partial: embeddings and blocks 0..K-1 are frozen, the rest learns.
-    full: everything learns. lora: only the LoRA adapters learn (the model must have them, see
-    `sft_jax.models.lora.apply_lora`); the pre-trained weights are all frozen.
+    full: everything learns. lora: the LoRA adapters learn (the model must have them, see
+    `sft_jax.models.lora.apply_lora`), and the freshly added layers (`layout.fresh`: a classifier's head) with
+    them; the pre-trained weights are all frozen.
     """
     if strategy == "full":
         return [(".*", TRAINABLE)]
     if strategy == "lora":
-        return [(LORA_PARAMS, TRAINABLE), (".*", FROZEN)]
+        fresh = [("^" + layout.fresh, TRAINABLE)] if layout.fresh else []
+        return [(LORA_PARAMS, TRAINABLE), *fresh, (".*", FROZEN)]
     if strategy == "head":
         return [("^" + layout.head, TRAINABLE), (".*", FROZEN)]
     if strategy == "partial":

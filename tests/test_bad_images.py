@@ -83,7 +83,7 @@ def test_bad_image_stops_the_run_before_training(image_config, tmp_path):
     ({"image.std": (0.5, 0.0, 0.5)}, "config.image.mean / std: three values each, std > 0"),
     ({"image.mean": (0.5, 0.5)}, "config.image.mean / std: three values each, std > 0"),
     ({"image.crop_padding": -1}, "config.image.crop_padding: must be >= 0, got -1"),
-    ({"strategy": "lora"}, "config.strategy: lora is implemented for decoder tasks"),
+    ({"strategy": "lora", "lora.dropout": 0.1}, "config.lora.dropout: adapter dropout is implemented for decoders"),
     ({"task": "text_classification", "forgetting.images": "x.jsonl"},
      "config.forgetting.images: the image forgetting probe needs task='image_classification'"),
 ])

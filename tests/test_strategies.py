@@ -70,6 +70,20 @@ def test_head_and_full():
     assert set(full.values()) == {TRAINABLE}
 
 
+def test_lora_trains_adapters_and_a_fresh_head_only():
+    from sft_jax.models.finetuned import decoder_layout
+
+    names = layout_names(2) + [f"encoder/layers/{i}/attention/query/lora_{ab}" for i in range(2) for ab in "ab"]
+    labels = strategies.label_params(names, strategies.strategy_rules("lora", bert_layout(2)))
+    assert strategies.trainable_names(labels) == tuple(sorted(
+        ["head/bias", "head/kernel"] + [n for n in names if "/lora_" in n]))
+    # A decoder has no fresh layers: its LM head and final norm stay frozen beside the adapters.
+    decoder = ["embed/embedding", "layers/0/attn/q/kernel", "layers/0/attn/q/lora_a", "layers/0/attn/q/lora_b",
+               "final_norm/scale", "lm_head/kernel"]
+    labels = strategies.label_params(decoder, strategies.strategy_rules("lora", decoder_layout(1)))
+    assert strategies.trainable_names(labels) == ("layers/0/attn/q/lora_a", "layers/0/attn/q/lora_b")
+
+
 def test_bad_strategy_or_frozen_layers_raise():
     with pytest.raises(ValueError, match="unknown strategy"):
         strategies.strategy_rules("lorax", bert_layout(6))

@@ -1,17 +1,25 @@
-"""Decoder-only language models in Flax NNX: the LLaMA family and Gemma 3, one implementation.
+"""Decoder-only language models in Flax NNX: LLaMA, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma 2 and Gemma 3,
+one implementation.
 
-The two families share everything but a few switches (see `DecoderConfig`): Gemma 3 adds QK norm,
-post-attention / post-MLP norms, RMSNorm weights stored as an offset from 1, a sqrt(hidden) embedding
-scale, and interleaved sliding-window / global attention layers with their own RoPE bases.
+The families share everything but a few switches (see `DecoderConfig`): Mistral (and Phi-3, whose fused
+projections are split on load) attends within a sliding window on every layer; Qwen2 adds biases to the
+q, k, v projections; Qwen3 normalises each query and key head (QK norm, before RoPE) and decouples
+head_dim from hidden / heads; Gemma 2 and 3 add post-attention / post-MLP norms, RMSNorm weights stored as
+an offset from 1, a sqrt(hidden) embedding scale, and interleaved sliding-window / global attention layers;
+Gemma 2 soft-caps attention and output logits, Gemma 3 adds QK norm and a RoPE base of its own on the
+sliding layers. RoPE scaling
+(`linear`, `dynamic` NTK, `llama3`, `longrope`) computes its frequencies as transformers'
+`ROPE_INIT_FUNCTIONS` do.
 
 Parameter paths (what strategy and sharding rules match on)::
 
     embed/embedding                                   [vocab, hidden]
     layers/{i}/attn_norm/scale, layers/{i}/mlp_norm/scale
-    layers/{i}/post_attn_norm/scale, layers/{i}/post_mlp_norm/scale      (Gemma 3)
+    layers/{i}/post_attn_norm/scale, layers/{i}/post_mlp_norm/scale      (Gemma 2, 3)
     layers/{i}/attn/{q,k,v,o}/kernel                  [in, out]
-    layers/{i}/attn/{q_norm,k_norm}/scale             (Gemma 3)
-    layers/{i}/mlp/{gate,up,down}/kernel
+    layers/{i}/attn/{q,k,v}/bias                      (Qwen2; LLaMA / Qwen3 with attention_bias, o too)
+    layers/{i}/attn/{q_norm,k_norm}/scale             (Qwen3, Gemma 3)
+    layers/{i}/mlp/{gate,up,down}/kernel              (and bias: LLaMA with mlp_bias)
     final_norm/scale
     lm_head/kernel                                    [hidden, vocab]; only when embeddings are untied
     layers/{i}/{attn,mlp}/*/lora_{a,b}                LoRA adapters, once `models.lora.apply_lora` added them
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -32,10 +41,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models.mixed import linear_dot, linear_kwargs
+from sft_jax.models.mixed import Linear, linear_dot, linear_kwargs
 from sft_jax.sharding import constrain, logical
 
-FAMILIES = ("llama", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -70,6 +79,17 @@ class DecoderConfig:
     query_pre_attn_scalar: float | None = None  # queries are scaled by its -1/2 power; None: head_dim
     sliding_window: int | None = None
     layer_types: tuple[str, ...] = ()  # per layer FULL or SLIDING; empty: all FULL
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2; attention_bias of LLaMA / Qwen3)
+    o_bias: bool = False  # bias on the output projection (attention_bias of LLaMA / Qwen3)
+    mlp_bias: bool = False  # biases on gate, up, down (mlp_bias of LLaMA)
+    qk_norm: bool = False  # RMSNorm over head_dim of each query / key head before RoPE (Qwen3; Gemma 3 always)
+    # RoPE scaling of the (global) layers: a type of transformers' ROPE_INIT_FUNCTIONS and its parameters as
+    # sorted (key, value) pairs (hashable: the config is static). Gemma 3's sliding layers never scale.
+    rope_type: str = "default"
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    attn_logit_softcapping: float | None = None  # Gemma 2: attention logits cap * tanh(logits / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: output logits cap * tanh(logits / cap)
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim dims of each head only (Phi's partial_rotary_factor)
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -86,10 +106,15 @@ class DecoderConfig:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ValueError("sliding_attention layers need a sliding_window")
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim):
+            raise ValueError(f"rotary_dim {self.rotary_dim} must be even and in (0, head_dim={self.head_dim}]")
+        if self.rope_type not in _ROPE_KEYS:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; use one of {sorted(_ROPE_KEYS)}")
 
     @property
     def gemma(self) -> bool:
-        return self.family == "gemma3"
+        """Gemma's layout: norm weights as offsets from 1, post-sub-block norms, sqrt(hidden) embedding scale."""
+        return self.family in ("gemma2", "gemma3")
 
     def layer_type(self, i: int) -> str:
         return self.layer_types[i] if self.layer_types else FULL
@@ -102,46 +127,95 @@ class DecoderConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], **overrides: Any) -> DecoderConfig:
-        """From a Hugging Face `config.json` dict of `LlamaForCausalLM` or `Gemma3ForCausalLM`."""
+        """From a Hugging Face `config.json` dict of `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+        `Qwen3ForCausalLM`, `Phi3ForCausalLM`, `Gemma2ForCausalLM` or `Gemma3ForCausalLM`. An option this
+        implementation lacks is refused with one ValueError line naming the key, never loaded as something else."""
         model_type = hf.get("model_type", "")
         if model_type in ("gemma3", "gemma3_text"):
             hf = hf.get("text_config", hf) if model_type == "gemma3" else hf
             family = "gemma3"
-        elif model_type in ("llama", "mistral") or "LlamaForCausalLM" in hf.get("architectures", ()):
+        elif model_type in ("mistral", "qwen2", "qwen3", "phi3", "gemma2"):
+            family = model_type
+        elif model_type == "llama" or "LlamaForCausalLM" in hf.get("architectures", ()):
             family = "llama"
         else:
-            raise ValueError(f"model_type {model_type!r} is not a supported decoder (llama, gemma3_text)")
-        for key in ("attention_bias", "mlp_bias"):
-            if hf.get(key):
-                raise ValueError(f"{key}=True is not supported")
-        rope = _rope_parameters(hf)
+            raise ValueError(f"model_type {model_type!r} is not a supported decoder "
+                             "(llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text)")
+        n = hf["num_hidden_layers"]
+        # Which projections carry biases: transformers reads attention_bias / mlp_bias for some families and
+        # hard-codes the rest (Qwen2: q, k, v always; Mistral: none).
+        attention_bias, mlp_bias = bool(hf.get("attention_bias")), bool(hf.get("mlp_bias"))
+        if family in ("gemma2", "gemma3") and (attention_bias or mlp_bias):
+            raise ValueError(f"{'attention_bias' if attention_bias else 'mlp_bias'}=True is not supported")
+        if family == "qwen3" and mlp_bias:
+            raise ValueError("mlp_bias=True is not supported for qwen3 (transformers' Qwen3 has no MLP biases)")
+        full_rope, local_rope = _rope_parameters(hf)
+        if family == "phi3":
+            # transformers' Phi3Config: original_max_position_embeddings is an attribute (default 4096) that wins
+            # over the RoPE dict's, and the pre-release names "su" / "yarn" mean longrope.
+            hf = dict(hf, original_max_position_embeddings=hf.get("original_max_position_embeddings", 4096))
+            if full_rope["rope_type"] in ("su", "yarn"):
+                full_rope["rope_type"] = "longrope"
         heads = hf["num_attention_heads"]
         kwargs = dict(
             family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"], num_heads=heads,
+            num_layers=n, num_heads=heads,
             num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
             intermediate_size=hf["intermediate_size"],
             hidden_act=hf.get("hidden_activation") or hf.get("hidden_act", "silu"),
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_embeddings=hf.get("tie_word_embeddings", family == "gemma3"),
+            tie_embeddings=hf.get("tie_word_embeddings", family in ("gemma2", "gemma3")),
             bos_token_id=hf.get("bos_token_id"), eos_token_id=_ids(hf.get("eos_token_id")),
             pad_token_id=hf.get("pad_token_id"),
+            qkv_bias=family == "qwen2" or (family in ("llama", "qwen3") and attention_bias),
+            o_bias=family in ("llama", "qwen3") and attention_bias,
+            mlp_bias=family == "llama" and mlp_bias, qk_norm=family == "qwen3",
         )
+        kwargs["rope_type"], kwargs["rope_scaling"], partial = _rope_scaling(full_rope, hf)
+        if partial != 1.0:
+            if family != "phi3":  # only Phi's attention rotates part of each head in transformers
+                raise ValueError(f"{full_rope['_source']}: partial_rotary_factor={partial!r} is not supported "
+                                 f"for {model_type} (RoPE on the whole head only)")
+            kwargs["rotary_dim"] = int(kwargs["head_dim"] * partial)
         if family == "gemma3":
             window = hf.get("sliding_window")
             types = hf.get("layer_types") or [
-                SLIDING if (i + 1) % hf.get("sliding_window_pattern", 6) else FULL
-                for i in range(hf["num_hidden_layers"])]
-            kwargs.update(rope_theta=rope.get(FULL, {}).get("rope_theta", 1e6),
-                          rope_local_theta=rope.get(SLIDING, {}).get("rope_theta", 1e4),
+                SLIDING if (i + 1) % hf.get("sliding_window_pattern", 6) else FULL for i in range(n)]
+            if _rope_scaling(local_rope, hf)[0] != "default":
+                raise ValueError(f"rope_parameters.{SLIDING}.rope_type {local_rope.get('rope_type')!r} is not "
+                                 "supported (Gemma 3's sliding layers use plain RoPE)")
+            kwargs.update(rope_theta=full_rope.get("rope_theta", 1e6),
+                          rope_local_theta=local_rope.get("rope_theta", 1e4),
                           query_pre_attn_scalar=hf.get("query_pre_attn_scalar", kwargs["head_dim"]),
                           sliding_window=window, layer_types=tuple(types))
             if hf.get("final_logit_softcapping") or hf.get("attn_logit_softcapping"):
                 raise ValueError("logit soft-capping is not supported (Gemma 3 does not use it)")
+        elif family == "gemma2":
+            # One RoPE for all layers; sliding on even layers; transformers' defaults for absent keys.
+            if local_rope["_source"].endswith(SLIDING) and (
+                    _rope_scaling(local_rope, hf)[:2], local_rope.get("rope_theta")) != (
+                    (kwargs["rope_type"], kwargs["rope_scaling"]), full_rope.get("rope_theta")):
+                raise ValueError(f"rope_parameters.{SLIDING}: differs from {FULL}'s (Gemma 2 has one RoPE)")
+            types = hf.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(n)]
+            window = hf.get("sliding_window", 4096)
+            kwargs.update(rope_theta=full_rope.get("rope_theta", 10000.0),
+                          query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+                          sliding_window=window, layer_types=tuple(types) if window else (),
+                          attn_logit_softcapping=hf.get("attn_logit_softcapping", 50.0),
+                          final_logit_softcapping=hf.get("final_logit_softcapping", 30.0))
         else:
-            kwargs["rope_theta"] = rope.get("rope_theta", 10000.0)
+            kwargs["rope_theta"] = full_rope.get("rope_theta", 10000.0)
+            window = hf.get("sliding_window")
+            if family in ("mistral", "phi3") and window:  # every layer attends within the window
+                kwargs.update(sliding_window=window, layer_types=(SLIDING,) * n)
+            elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and window:
+                # transformers: layers from max_window_layers on slide (unless layer_types says otherwise)
+                types = hf.get("layer_types") or [
+                    SLIDING if i >= hf.get("max_window_layers", 28) else FULL for i in range(n)]
+                if SLIDING in types:
+                    kwargs.update(sliding_window=window, layer_types=tuple(types))
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -155,17 +229,58 @@ class DecoderConfig:
             bos_token_id=self.bos_token_id, eos_token_id=_json_ids(self.eos_token_id),
             pad_token_id=self.pad_token_id, torch_dtype="float32",
         )
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta,
+                **{k: list(v) if isinstance(v, tuple) else v for k, v in self.rope_scaling}}
+        if self.rotary_dim is not None and self.rotary_dim != self.head_dim:
+            if self.family != "phi3":
+                raise ValueError(f"{self.family}: rotary_dim {self.rotary_dim} has no Hugging Face config")
+            rope["partial_rotary_factor"] = self.rotary_dim / self.head_dim
+        if self.family == "gemma2":
+            return dict(common, architectures=["Gemma2ForCausalLM"], model_type="gemma2",
+                        hidden_activation=self.hidden_act, sliding_window=self.sliding_window,
+                        layer_types=list(self.layer_types) or [FULL] * self.num_layers,
+                        query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim, rope_parameters=rope,
+                        final_logit_softcapping=self.final_logit_softcapping,
+                        attn_logit_softcapping=self.attn_logit_softcapping)
         if self.gemma:
             return dict(common, architectures=["Gemma3ForCausalLM"], model_type="gemma3_text",
                         hidden_activation=self.hidden_act, sliding_window=self.sliding_window,
                         layer_types=list(self.layer_types) or [FULL] * self.num_layers,
                         query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
-                        rope_parameters={FULL: {"rope_type": "default", "rope_theta": self.rope_theta},
+                        rope_parameters={FULL: rope,
                                          SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_theta}},
                         final_logit_softcapping=None, attn_logit_softcapping=None)
-        return dict(common, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act=self.hidden_act,
-                    attention_bias=False, mlp_bias=False,
-                    rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta})
+        # A family whose fixed layout transformers hard-codes can hold only that layout.
+        fixed = {"mistral": (False, False, False, False), "phi3": (False, False, False, False),
+                 "qwen2": (True, False, False, False),
+                 "qwen3": (self.o_bias, self.o_bias, False, True)}.get(self.family)
+        layout = (self.qkv_bias, self.o_bias, self.mlp_bias, self.qk_norm)
+        if fixed is not None and layout != fixed or self.family == "llama" and (
+                self.qkv_bias != self.o_bias or self.qk_norm):
+            raise ValueError(f"{self.family}: (qkv_bias, o_bias, mlp_bias, qk_norm) = {layout} has no Hugging Face "
+                             "config of that model_type")
+        sliding = SLIDING in self.layer_types
+        out = dict(common, hidden_act=self.hidden_act, rope_parameters=rope)
+        if self.family in ("mistral", "phi3"):
+            if sliding and set(self.layer_types) != {SLIDING}:
+                raise ValueError(f"{self.family}: a mix of sliding and full layers has no Hugging Face config")
+            out = dict(out, sliding_window=self.sliding_window if sliding else None)
+            if self.family == "mistral":
+                return dict(out, architectures=["MistralForCausalLM"], model_type="mistral")
+            original = dict(self.rope_scaling).get("original_max_position_embeddings", self.max_position_embeddings)
+            return dict(out, architectures=["Phi3ForCausalLM"], model_type="phi3",
+                        original_max_position_embeddings=original)
+        if self.family in ("qwen2", "qwen3"):
+            name = "Qwen2ForCausalLM" if self.family == "qwen2" else "Qwen3ForCausalLM"
+            out = dict(out, architectures=[name], model_type=self.family, use_sliding_window=sliding,
+                       sliding_window=self.sliding_window if sliding else None,
+                       layer_types=list(self.layer_types) or [FULL] * self.num_layers,
+                       max_window_layers=self.layer_types.index(SLIDING) if sliding else self.num_layers)
+            return dict(out, attention_bias=self.o_bias) if self.family == "qwen3" else out
+        if sliding:
+            raise ValueError("llama: sliding-window layers have no Hugging Face LLaMA config")
+        return dict(out, architectures=["LlamaForCausalLM"], model_type="llama",
+                    attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
 
 
 def _ids(value):
@@ -176,19 +291,69 @@ def _json_ids(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _rope_parameters(hf: Mapping[str, Any]) -> dict:
-    """RoPE settings from either the transformers 5 `rope_parameters` or the older `rope_theta` keys."""
-    rope = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling")
-    if not rope:
-        rope = {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": (scaling or {}).get("rope_type", "default")}
+# rope_type -> (required keys, optional keys) of its parameters; transformers' ROPE_INIT_FUNCTIONS names.
+_ROPE_KEYS = {
+    "default": ((), ()),
+    "linear": (("factor",), ()),
+    "dynamic": (("factor",), ()),
+    "llama3": (("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"), ()),
+    "longrope": (("short_factor", "long_factor", "original_max_position_embeddings"), ("factor", "attention_factor")),
+}
+
+
+def _rope_parameters(hf: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(RoPE parameters of the global layers, of Gemma 3's sliding layers), each a dict with `rope_theta`
+    (where given), `rope_type` and the scaling keys, from transformers 5's `rope_parameters` (flat or per
+    layer type) or the older `rope_theta` + `rope_scaling` keys. `_source` names where they came from."""
+    rope = hf.get("rope_parameters")
+    if rope:
+        if FULL in rope or SLIDING in rope:
+            full = dict(rope.get(FULL) or {}, _source=f"rope_parameters.{FULL}")
+            local = dict(rope.get(SLIDING) or {}, _source=f"rope_parameters.{SLIDING}")
+        else:
+            full, local = dict(rope, _source="rope_parameters"), {"_source": "rope_parameters"}
+    else:
+        full = dict(hf.get("rope_scaling") or {}, _source="rope_scaling")
+        local = {"_source": "rope_local_base_freq"}
         if "rope_local_base_freq" in hf:
-            rope = {FULL: rope, SLIDING: {"rope_theta": hf["rope_local_base_freq"], "rope_type": "default"}}
-    for params in (rope.values() if FULL in rope else [rope]):
-        kind = params.get("rope_type", params.get("type", "default"))
-        if kind != "default":
-            raise ValueError(f"rope_type {kind!r} is not supported (only 'default')")
-    return rope
+            local["rope_theta"] = hf["rope_local_base_freq"]
+    if "rope_theta" not in full and "rope_theta" in hf:
+        full["rope_theta"] = hf["rope_theta"]
+    for params in (full, local):  # transformers: `rope_type`, else the older `type`, else default
+        params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return full, local
+
+
+def _rope_scaling(params: Mapping[str, Any], hf: Mapping[str, Any]) -> tuple[str, tuple[tuple[str, Any], ...], float]:
+    """(rope_type, sorted (key, value) scaling parameters, partial_rotary_factor) as transformers resolves
+    them; refuses, one line naming the key, any type or option that the frequencies below do not implement."""
+    source, kind = params["_source"], params["rope_type"]
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"{source}: rope_type {kind!r} is not supported (supported: {', '.join(_ROPE_KEYS)})")
+    required, optional = _ROPE_KEYS[kind]
+    p = {k: v for k, v in params.items() if k not in ("_source", "rope_type", "type", "rope_theta")}
+    partial = float(p.pop("partial_rotary_factor", None) or hf.get("partial_rotary_factor") or 1.0)
+    if kind in ("llama3", "longrope"):
+        # transformers: a top-level original_max_position_embeddings (Phi-3) wins, else max_position_embeddings
+        if "original_max_position_embeddings" in hf:
+            p["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+        p.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
+    for key in p:
+        if key not in required + optional:
+            raise ValueError(f"{source}: {key}={p[key]!r} is not supported with rope_type {kind!r}")
+    for key in required:
+        if p.get(key) is None:
+            raise ValueError(f"{source}: rope_type {kind!r} needs {key!r}")
+    if kind == "longrope":
+        original = p["original_max_position_embeddings"]
+        if p.get("factor") is None:
+            p["factor"] = hf.get("max_position_embeddings", 2048) / original
+        if p.get("attention_factor") is None:
+            f = p["factor"]
+            p["attention_factor"] = 1.0 if f <= 1.0 else math.sqrt(1 + math.log(f) / math.log(original))
+        if len(p["short_factor"]) != len(p["long_factor"]):
+            raise ValueError(f"{source}: short_factor and long_factor differ in length")
+    return kind, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in p.items())), partial
 
 
 class RMSNorm(nnx.Module):
@@ -206,19 +371,73 @@ class RMSNorm(nnx.Module):
         return y * w
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding (the half-split layout of Hugging Face) of x [B, T, N, D] at positions [B, T]."""
+def rope_frequencies(dim: int, theta: float, rope_type: str = "default", scaling: tuple = (),
+                     positions: jax.Array | None = None, max_position_embeddings: int = 2048):
+    """(inverse frequencies float32 [dim / 2], attention factor) of a RoPE type, computed as transformers'
+    `ROPE_INIT_FUNCTIONS` compute them (float32, same operation order).
+
+    `dynamic` (NTK) and `longrope` depend on the sequence length seen, max(positions) + 1 over the batch,
+    as transformers' `dynamic_rope_update` does for a call. transformers also keeps a grown dynamic base
+    between calls of one module instance; here every call starts afresh (the same as a fresh model, and as
+    generation, whose lengths only grow). The attention factor multiplies cos and sin (longrope's).
+    """
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    inv_freq = 1.0 / (theta ** exponents)
+    p = dict(scaling)
+    if rope_type == "default":
+        return inv_freq, 1.0
+    if rope_type == "linear":
+        return inv_freq / p["factor"], 1.0
+    if rope_type == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old = p["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old / low, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+        return jnp.where(medium, smoothed, scaled), 1.0
+    seq_len = jnp.max(positions) + 1
+    if rope_type == "dynamic":
+        factor, m = p["factor"], max_position_embeddings
+        seq = jnp.maximum(seq_len, m).astype(jnp.float32)
+        base = theta * ((factor * seq / m) - (factor - 1)) ** (dim / (dim - 2))
+        return jnp.where(seq_len > m, 1.0 / (base ** exponents), inv_freq), 1.0
+    if rope_type == "longrope":
+        pows = theta ** exponents
+        short = 1.0 / (jnp.asarray(p["short_factor"], jnp.float32) * pows)
+        long = 1.0 / (jnp.asarray(p["long_factor"], jnp.float32) * pows)
+        return jnp.where(seq_len > p["original_max_position_embeddings"], long, short), p["attention_factor"]
+    raise ValueError(f"rope_type {rope_type!r} is not supported")
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, inv_freq: jax.Array | None = None,
+         attention_factor: float = 1.0) -> jax.Array:
+    """Rotary embedding (the half-split layout of Hugging Face) of x [B, T, N, D] at positions [B, T];
+    `inv_freq` [R / 2] (default: plain RoPE of base `theta`, R = D), cos and sin times `attention_factor`.
+    With R < D only the first R dims of each head rotate (Phi's partial rotary), the rest pass through."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    if inv_freq is not None and 2 * inv_freq.shape[-1] < d:
+        r = 2 * inv_freq.shape[-1]
+        return jnp.concatenate([rope(x[..., :r], positions, theta, inv_freq, attention_factor), x[..., r:]], -1)
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
+    if attention_factor != 1.0:
+        cos, sin = cos * attention_factor, sin * attention_factor
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
 
 
-def _linear(n_in: int, n_out: int, config: DecoderConfig, rngs: nnx.Rngs, axes: tuple[str, str]) -> nnx.Linear:
+def _linear(n_in: int, n_out: int, config: DecoderConfig, rngs: nnx.Rngs, axes: tuple[str, str],
+            bias: bool = False) -> nnx.Linear:
+    if bias:  # mixed.Linear: in bfloat16 the bias is added inside the float32-accumulating dot
+        return Linear(n_in, n_out, use_bias=True, dtype=config.dtype, param_dtype=jnp.float32,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs, kernel_metadata=logical(*axes),
+                      bias_metadata=logical(axes[1]), **linear_kwargs(config.dtype))
     return nnx.Linear(n_in, n_out, use_bias=False, dtype=config.dtype, param_dtype=jnp.float32,
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs, kernel_metadata=logical(*axes),
                       **linear_kwargs(config.dtype))
@@ -268,8 +487,22 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: flo
 ATTENTION_BLOCK = 128
 
 
+def capped_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                  softcap: float | None = None) -> jax.Array:
+    """`attend` with Gemma 2's soft-capped logits, cap * tanh(logits * scale / cap), capped before the mask
+    as transformers does; without a cap it is `attend`. The capped form is differentiated by autodiff (the
+    hand-written backward of `attend` knows no tanh)."""
+    if not softcap:
+        return attend(q, k, v, mask, scale)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap * jnp.tanh(logits / softcap)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, _NEG), axis=-1)
+    return jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v, preferred_element_type=jnp.float32
+                      ).astype(q.dtype)
+
+
 def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                  window: int | None = None, block: int | None = None) -> jax.Array:
+                  window: int | None = None, block: int | None = None, softcap: float | None = None) -> jax.Array:
     """`attend` for self-attention whose mask is causal by array index (mask[:, t, s] is False for s > t,
     and for t - s >= window if set), in blocks of query rows that read only the keys the mask can let
     through: [start - window + 1, end) for rows [start, end). Causal attention over T tokens then costs
@@ -278,13 +511,13 @@ def causal_attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, sca
     block = block or ATTENTION_BLOCK
     t = q.shape[1]
     if t <= block:
-        return attend(q, k, v, mask, scale)
+        return capped_attend(q, k, v, mask, scale, softcap)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
         first = max(0, start - window + 1) if window else 0
-        outs.append(attend(q[:, start:end], k[:, first:end], v[:, first:end], mask[:, start:end, first:end],
-                           scale))
+        outs.append(capped_attend(q[:, start:end], k[:, first:end], v[:, first:end],
+                                  mask[:, start:end, first:end], scale, softcap))
     return jnp.concatenate(outs, axis=1)
 
 
@@ -319,21 +552,26 @@ attend.defvjp(_attend_fwd, _attend_bwd)
 
 
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE (and Gemma's QK norm)."""
+    """Grouped-query attention with RoPE (and the QK norm of Qwen3 and Gemma 3)."""
 
     def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
         h, n, k, d = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, d
         self.scale = float(config.query_pre_attn_scalar or d) ** -0.5
         self.window = config.sliding_window if layer_type == SLIDING else None
-        self.theta = config.rope_local_theta if layer_type == SLIDING and config.gemma else config.rope_theta
-        self.q = _linear(h, n * d, config, rngs, ("embed", "heads"))
-        self.k = _linear(h, k * d, config, rngs, ("embed", "kv_heads"))
-        self.v = _linear(h, k * d, config, rngs, ("embed", "kv_heads"))
-        self.o = _linear(n * d, h, config, rngs, ("heads", "embed"))
-        if config.gemma:
-            self.q_norm = RMSNorm(d, config.rms_norm_eps, offset=True, axis="head_dim")
-            self.k_norm = RMSNorm(d, config.rms_norm_eps, offset=True, axis="head_dim")
+        local = layer_type == SLIDING and config.family == "gemma3"  # own base, no scaling
+        self.theta = config.rope_local_theta if local else config.rope_theta
+        self.rope_type, self.rope_scaling = ("default", ()) if local else (config.rope_type, config.rope_scaling)
+        self.max_position_embeddings = config.max_position_embeddings
+        self.rotary_dim = config.rotary_dim or d
+        self.q = _linear(h, n * d, config, rngs, ("embed", "heads"), config.qkv_bias)
+        self.k = _linear(h, k * d, config, rngs, ("embed", "kv_heads"), config.qkv_bias)
+        self.v = _linear(h, k * d, config, rngs, ("embed", "kv_heads"), config.qkv_bias)
+        self.o = _linear(n * d, h, config, rngs, ("heads", "embed"), config.o_bias)
+        self.softcap = config.attn_logit_softcapping
+        if config.family == "gemma3" or config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps, offset=config.gemma, axis="head_dim")
+            self.k_norm = RMSNorm(d, config.rms_norm_eps, offset=config.gemma, axis="head_dim")
         else:
             self.q_norm = self.k_norm = None
 
@@ -345,7 +583,12 @@ class Attention(nnx.Module):
         v = constrain(_project(self.v, x, rng, 2).reshape(b, t, self.num_kv_heads, self.head_dim), *_KV_HEADS)
         if self.q_norm is not None:
             q, k = self.q_norm(q).astype(q.dtype), self.k_norm(k).astype(k.dtype)
-        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        if self.rope_type == "default" and self.rotary_dim == self.head_dim:
+            q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        else:
+            freq, factor = rope_frequencies(self.rotary_dim, self.theta, self.rope_type, self.rope_scaling, positions,
+                                            self.max_position_embeddings)
+            q, k = rope(q, positions, self.theta, freq, factor), rope(k, positions, self.theta, freq, factor)
         if cache is None:
             k_all, v_all, k_segments, k_index = k, v, segments, index
             new_cache = None
@@ -364,9 +607,10 @@ class Attention(nnx.Module):
         mask = attention_mask(segments, index, k_segments, k_index, self.window)
         q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         if cache is None:  # slot index = sequence index: causal by position in the arrays
-            ctx = causal_attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, self.scale, self.window)
+            ctx = causal_attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, self.scale, self.window,
+                                softcap=self.softcap)
         else:
-            ctx = attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, self.scale)
+            ctx = capped_attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, self.scale, self.softcap)
         return _project(self.o, ctx.reshape(b, t, -1), rng, 3), new_cache
 
 
@@ -375,9 +619,10 @@ class Mlp(nnx.Module):
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.activation = _ACTIVATIONS[config.hidden_act]
-        self.gate = _linear(config.hidden_size, config.intermediate_size, config, rngs, ("embed", "mlp"))
-        self.up = _linear(config.hidden_size, config.intermediate_size, config, rngs, ("embed", "mlp"))
-        self.down = _linear(config.intermediate_size, config.hidden_size, config, rngs, ("mlp", "embed"))
+        h, m, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate = _linear(h, m, config, rngs, ("embed", "mlp"), bias)
+        self.up = _linear(h, m, config, rngs, ("embed", "mlp"), bias)
+        self.down = _linear(m, h, config, rngs, ("mlp", "embed"), bias)
 
     def __call__(self, x, rng=None):
         h = constrain(self.activation(_project(self.gate, x, rng, 0)) * _project(self.up, x, rng, 1),
@@ -386,7 +631,7 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm block; Gemma 3 also normalises each sub-block's output before the residual add."""
+    """Pre-norm block; Gemma 2 and 3 also normalise each sub-block's output before the residual add."""
 
     def __init__(self, config: DecoderConfig, layer_type: str, *, rngs: nnx.Rngs):
         norm = dict(dim=config.hidden_size, eps=config.rms_norm_eps, offset=config.gemma)
@@ -471,6 +716,9 @@ class DecoderLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 [.., vocab] logits of final hidden states (matmul in the compute dtype)."""
         out = self._logits(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap:
+            out = cap * jnp.tanh(out / cap)
         return constrain(out, "batch", "length", "vocab") if out.ndim == 3 else out
 
     def _logits(self, hidden: jax.Array) -> jax.Array:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.dropout import dropout
+from sft_jax.models.mixed import Linear, linear_bias_dot
 from sft_jax.sharding import logical
 
 DEFAULT_TARGETS = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
@@ -65,8 +66,8 @@ class LoraConfig:
 class LoRALinear(nnx.Module):
     """A pre-trained `nnx.Linear` (frozen by strategy=lora) plus a low-rank update; see the module docstring.
 
-    The base product is computed exactly as `nnx.Linear` computes it, so with `lora_b` = 0 the output is
-    bit-identical to the base layer's.
+    The base product is computed exactly as the base layer (`nnx.Linear` or `mixed.Linear`) computes it, so
+    with `lora_b` = 0 the output is bit-identical to the base layer's.
     """
 
     def __init__(self, base: nnx.Linear, rank: int, alpha: float, dropout: float = 0.0, *, rngs: nnx.Rngs):
@@ -88,16 +89,23 @@ class LoRALinear(nnx.Module):
         self.dtype, self.precision = base.dtype, base.precision
         self.dot_general, self.promote_dtype = base.dot_general, base.promote_dtype
         self.preferred_element_type = base.preferred_element_type
+        # mixed.Linear (encoders, biased decoder projections) adds a bfloat16 layer's bias in float32.
+        self.bias_in_float32 = isinstance(base, Linear)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """x [..., in] -> [..., out]; `rng` switches adapter dropout on (no key: no dropout)."""
         bias = self.bias.value if self.bias is not None else None
-        x, kernel, bias = self.promote_dtype((x, self.kernel.value, bias), dtype=self.dtype)
         kwargs = {} if self.preferred_element_type is None else {"preferred_element_type": self.preferred_element_type}
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        y = self.dot_general(x, kernel, dims, precision=self.precision, **kwargs)
-        if bias is not None:
-            y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+        if (self.bias_in_float32 and bias is not None and self.preferred_element_type is None
+                and self.dtype is not None and jnp.dtype(self.dtype) == jnp.bfloat16):
+            x = x.astype(self.dtype)  # mixed.Linear's bfloat16 path: one rounding, after the float32 bias
+            y = linear_bias_dot(x, self.kernel.value, bias)
+        else:
+            x, kernel, bias = self.promote_dtype((x, self.kernel.value, bias), dtype=self.dtype)
+            y = self.dot_general(x, kernel, dims, precision=self.precision, **kwargs)
+            if bias is not None:
+                y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         h = x
         if rng is not None and self.dropout > 0.0:
             h = dropout(h, self.dropout, rng)
@@ -169,7 +177,8 @@ def merge_lora(target: nnx.Module | Mapping[str, Any], alpha: float | None = Non
         model = nnx.clone(target)
         for path, layer in [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)]:
             # eval_shape: the placeholder kernel is never materialised before being replaced.
-            linear = nnx.eval_shape(lambda layer=layer: nnx.Linear(
+            cls = Linear if layer.bias_in_float32 else nnx.Linear  # the base layer's own computation
+            linear = nnx.eval_shape(lambda layer=layer, cls=cls: cls(
                 layer.in_features, layer.out_features, use_bias=layer.bias is not None, dtype=layer.dtype,
                 precision=layer.precision, dot_general=layer.dot_general, promote_dtype=layer.promote_dtype,
                 preferred_element_type=layer.preferred_element_type, rngs=nnx.Rngs(0)))

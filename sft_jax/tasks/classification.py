@@ -1,24 +1,37 @@
-"""What text and image classification share: the label vocabulary of a run and the evaluation loop."""
+"""What text and image classification share: the label vocabulary of a run, LoRA adapters on the backbone and
+the evaluation loop."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from sft_jax.data import batching
 from sft_jax.data.sources import DataError
 from sft_jax.evaluate import metrics as metrics_lib
+from sft_jax.models import lora
 from sft_jax.rundir import RunDir
 from sft_jax.tasks.base import Task
 
 METRICS = ("eval/accuracy", "eval/f1", "eval/loss")
+# strategy=lora with `lora.targets` left at its default (which names a decoder's projections): every block's
+# attention and MLP projections. BERT / RoBERTa / XLM-R name them attention/{query,key,value,out} and
+# mlp/{up,down}, ModernBERT adds mlp/gate, and the ViT reuses BERT's modules.
+ENCODER_LORA_TARGETS = r"layers/\d+/(attention/(query|key|value|out)|mlp/(gate|up|down))$"
+HEAD = "head"  # the classifier's own layer (module path), trained whole beside the adapters
 
 
 class ClassificationTask(Task):
-    """A classifier's metrics (`METRICS`); LoRA is refused (its adapters are written for decoder layers)."""
+    """A classifier's metrics (`METRICS`); strategy=lora puts adapters on the backbone's projections
+    (`add_lora`) and trains them with the head."""
+
+    strategies = ("head", "partial", "full", "lora")
 
     @classmethod
     def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -26,10 +39,41 @@ class ClassificationTask(Task):
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
-        if config.strategy == "lora":
-            raise ValueError("config.strategy: lora is implemented for decoder tasks (language_modeling, sft); "
-                             f"use head, partial or full for {config.task}")
         super().check_config(config)
+        if config.strategy == "lora":
+            targets = lora_targets(config.lora)
+            try:
+                matches_head = re.search(targets, HEAD)
+            except re.error as e:
+                raise ValueError(f"config.lora.targets: {targets!r} is not a regex ({e})") from None
+            if matches_head:
+                raise ValueError(f"config.lora.targets: {targets!r} matches the classifier head, which trains whole "
+                                 "under strategy=lora; name backbone projections only")
+            if config.lora.dropout:
+                # The encoders and the ViT call their projections without a key (only decoders pass one).
+                raise ValueError(f"config.lora.dropout: adapter dropout is implemented for decoders only; set 0 for "
+                                 f"{config.task}")
+
+
+def lora_targets(lora_config: Mapping[str, Any]) -> str:
+    """The regex choosing the adapted projections: `lora.targets` as given, or `ENCODER_LORA_TARGETS` when it
+    is left at its default (`sft_jax.models.lora.DEFAULT_TARGETS`, a decoder's module names)."""
+    targets = lora_config["targets"]
+    return ENCODER_LORA_TARGETS if targets == lora.DEFAULT_TARGETS else targets
+
+
+def add_lora(module: nnx.Module, config: Mapping[str, Any]) -> list[str]:
+    """For `config["strategy"] == "lora"` (a run's config, or its config.json), replaces the backbone
+    projections of the classifier `module` chosen by `lora_targets` with adapters, in place; the head stays
+    as it is. Returns the adapted module paths ([] for another strategy)."""
+    if config["strategy"] != "lora":
+        return []
+    targets = lora_targets(config["lora"])
+    try:
+        cfg = lora.LoraConfig.from_any(config["lora"])
+        return lora.apply_lora(module, targets, cfg.rank, cfg.alpha, cfg.dropout, rngs=nnx.Rngs(config["seed"]))
+    except ValueError as e:  # "lora.targets: ... matches no linear layer of ...", for the config key
+        raise ValueError(f"config.{e}") from None
 
 
 def label_vocab(data_spec: str, rundir: RunDir, train_examples: Sequence) -> batching.LabelVocab:

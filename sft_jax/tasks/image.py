@@ -60,14 +60,17 @@ class ImageClassification(classification.ClassificationTask):
             if value and self.source is None:
                 raise ValueError(f"{key}: {config.model} has no classification head of its own to probe; give "
                                  "the workdir of an image run or a ViTForImageClassification")
-        if self.source is not None:
-            probe = ImageClassifier(vit, len(self.source.labels), pooling=self.source.pooling, rngs=nnx.Rngs(0))
-            self._source_def = ModelDef.split(probe)[0]
         if config.forgetting.images:
             self.source_ds = self._source_images(config.forgetting.images)
-            self._source_eval = make_eval_step(self._source_def, image_classification_loss)
         module = image_model.build_classifier(vit, self.vocab.labels, self.source, pooling=config.pooling,
                                               dropout=config.head_dropout, seed=config.seed)
+        classification.add_lora(module, config)
+        if self.source is not None:  # the backbone as it trains (adapters included) under the source head
+            probe = ImageClassifier(module.vit, len(self.source.labels), pooling=self.source.pooling,
+                                    rngs=nnx.Rngs(0))
+            self._source_def = ModelDef.split(probe)[0]
+        if self.source_ds is not None:
+            self._source_eval = make_eval_step(self._source_def, image_classification_loss)
         if distributed.is_primary():
             rundir.write_labels(self.vocab)
         self.model_def, self.params = ModelDef.split(module)

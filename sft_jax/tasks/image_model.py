@@ -19,9 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sft_jax.models.lora import LoraConfig, merge_lora
 from sft_jax.models.vit import ImageClassifier, ViT, ViTConfig
 from sft_jax.rundir import RunDir
 from sft_jax.state import ModelDef
+from sft_jax.tasks.classification import add_lora
 
 VIT_SCRATCH = "vit-scratch"
 
@@ -70,10 +72,13 @@ def resolve_image_model(model: str, vit: Mapping[str, Any], image: Mapping[str, 
     return ImageModelSpec("hf", model_dir, config, *(image_normalisation(model_dir) or default_norm))
 
 
-def load_image_run(workdir: str, which: str = "best", *, seed: int = 0
+def load_image_run(workdir: str, which: str = "best", *, seed: int = 0, merge: bool = False
                    ) -> tuple[ImageClassifier, SourceHead, ImageModelSpec]:
     """The classifier of an image run's workdir with its `which` checkpoint ("best", falling back to
-    "latest" while a run has not evaluated yet), its head and labels, and its resolved spec."""
+    "latest" while a run has not evaluated yet), its head and labels, and its resolved spec.
+
+    A strategy=lora run comes back with its adapters as trained; with `merge` they are folded into the
+    kernels (a plain ViT again, as an earlier run's backbone is for the next run)."""
     rundir = RunDir(workdir)
     if not rundir.is_run(labels=True):
         raise FileNotFoundError(f"{workdir}: not the workdir of a run (needs config.json, labels.json, "
@@ -81,10 +86,18 @@ def load_image_run(workdir: str, which: str = "best", *, seed: int = 0
     run = rundir.read_config()
     spec = resolve_image_model(workdir, run["vit"], run["image"])
     labels = rundir.read_labels().labels
-    module = ImageClassifier(ViT(spec.vit_config, rngs=nnx.Rngs(seed)), len(labels), pooling=run["pooling"],
-                             dropout=run["head_dropout"], rngs=nnx.Rngs(seed))
+
+    def classifier() -> ImageClassifier:
+        return ImageClassifier(ViT(spec.vit_config, rngs=nnx.Rngs(seed)), len(labels), pooling=run["pooling"],
+                               dropout=run["head_dropout"], rngs=nnx.Rngs(seed))
+
+    module = classifier()
+    adapted = add_lora(module, run)
     model_def, params = ModelDef.split(module)
     params = rundir.restore_params(params, which)
+    if adapted and merge:
+        params = merge_lora(params, alpha=LoraConfig.from_any(run["lora"]).alpha)
+        model_def = ModelDef.split(nnx.eval_shape(classifier))[0]  # the plain layers, no weights drawn
     head = SourceHead(labels, run["pooling"], np.asarray(params["head/kernel"]), np.asarray(params["head/bias"]))
     return model_def.merge(params), head, spec
 
@@ -94,7 +107,7 @@ def load_backbone(spec: ImageModelSpec, seed: int = 0) -> tuple[ViT, SourceHead 
     if spec.kind == "scratch":
         return ViT(spec.vit_config, rngs=nnx.Rngs(seed)), None
     if spec.kind == "run":
-        classifier, head, _ = load_image_run(spec.path, seed=seed)
+        classifier, head, _ = load_image_run(spec.path, seed=seed, merge=True)
         return classifier.vit, head
     from sft_jax.models.loading.hf import read_weights
     from sft_jax.models.loading.vit import load_vit, load_vit_head

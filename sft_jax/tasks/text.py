@@ -26,7 +26,8 @@ from sft_jax.tasks.registry import register
 
 class TextClassifier:
     """An encoder classifier as `config` describes it, with pre-trained encoder weights and a fresh head of
-    `num_labels` classes: `model_def`, `params`, `layout`, `tokenizer`, `max_length`."""
+    `num_labels` classes (and, for strategy=lora, adapters on the encoder's projections): `model_def`, `params`,
+    `layout`, `tokenizer`, `max_length`. `config` may be a run's config.json (`sft_jax.predict`)."""
 
     def __init__(self, config: ml_collections.ConfigDict, num_labels: int):
         self.model_dir = resolve_model_dir(config.model)
@@ -35,6 +36,7 @@ class TextClassifier:
         self.max_length = min(config.max_length, encoder_config.max_length)
         module = EncoderClassifier(encoder, encoder_config.hidden_size, num_labels, pooling=config.pooling,
                                    dropout=config.head_dropout, rngs=nnx.Rngs(config.seed))
+        classification.add_lora(module, config)
         self.model_def, self.params = ModelDef.split(module)
         # ModernBERT keeps BERT's embeddings / layers paths; its final norm, outside both, learns unless `head`.
         self.layout = bert_layout(encoder_config.num_hidden_layers)

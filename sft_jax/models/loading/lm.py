@@ -1,7 +1,9 @@
-"""Load decoder LMs (LLaMA family, Gemma 3) from GGUF files or HF safetensors directories; export to HF.
+"""Load decoder LMs (LLaMA, Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma 2, Gemma 3) from GGUF files or HF safetensors
+directories; export to HF.
 
 Both sources go through Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`), so one
-name table serves loading and export.
+name table serves loading and export. Phi-3's fused `qkv_proj` / `gate_up_proj` weights are split into
+those names on load and fused again on export.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from sft_jax.models.lora import has_lora, merge_lora
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
 from sft_jax.state import ModelDef
 
-# (our module path regex, HF module template, family or None for both). re.fullmatch on the module path.
+# (our module path regex, HF module template, family or None for all). re.fullmatch on the module path.
+# "llama" rules hold for every family with LLaMA's norm names; "gemma3" ones for Gemma 2 and 3.
 _MODULE_RULES = (
     (r"embed", r"model.embed_tokens", None),
     (r"final_norm", r"model.norm", None),
@@ -43,16 +46,58 @@ _MODULE_RULES = (
 def hf_name(path: str, family: str) -> tuple[str, bool]:
     """Our parameter path ("layers/0/attn/q/kernel") -> (HF tensor name, whether to transpose)."""
     module, leaf = path.rsplit("/", 1)
+    norms = "gemma3" if family in ("gemma2", "gemma3") else "llama"
     for pattern, template, only in _MODULE_RULES:
-        if only in (None, family):
+        if only in (None, norms):
             match = re.fullmatch(pattern, module)
             if match:
-                return match.expand(template) + ".weight", leaf == "kernel"
+                return match.expand(template) + (".bias" if leaf == "bias" else ".weight"), leaf == "kernel"
     raise KeyError(f"no Hugging Face name for parameter {path!r}")
 
 
+_FUSED = re.compile(r"model\.layers\.(\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight")
+
+
+def _fused_parts(config: DecoderConfig, fused: str) -> tuple[tuple[str, int], ...]:
+    """(unfused projection, rows) of a Phi-3 fused weight, in the order transformers slices it."""
+    if fused == "self_attn.qkv_proj":
+        q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        return ("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)
+    return ("mlp.gate_proj", config.intermediate_size), ("mlp.up_proj", config.intermediate_size)
+
+
+def split_fused(config: DecoderConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Phi-3's fused `qkv_proj` / `gate_up_proj` weights split into LLaMA's q, k, v / gate, up (by rows)."""
+    out = {}
+    for name, value in weights.items():
+        match = _FUSED.fullmatch(name)
+        if not match:
+            out[name] = value
+            continue
+        parts = _fused_parts(config, match.group(2))
+        if value.shape[0] != sum(rows for _, rows in parts):
+            out[name] = value  # left for the shape check to report
+            continue
+        for (part, _), chunk in zip(parts, np.split(value, np.cumsum([r for _, r in parts])[:-1]), strict=True):
+            out[f"model.layers.{match.group(1)}.{part}.weight"] = chunk
+    return out
+
+
+def fuse(config: DecoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `split_fused`: q, k, v / gate, up weights concatenated into Phi-3's fused ones."""
+    out = dict(tensors)
+    for i in range(config.num_layers):
+        for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+            names = [f"model.layers.{i}.{part}.weight" for part, _ in _fused_parts(config, fused)]
+            out[f"model.layers.{i}.{fused}.weight"] = np.concatenate([out.pop(n) for n in names], axis=0)
+    return out
+
+
 def decoder_from_hf_weights(config: DecoderConfig, weights: dict[str, np.ndarray], *, source: str) -> DecoderLM:
-    """A `DecoderLM` filled with HF-named weights; names every missing or mis-shaped tensor on failure."""
+    """A `DecoderLM` filled with HF-named weights; names every missing or mis-shaped tensor on failure.
+    Phi-3's fused projections are split first (our model keeps LLaMA's separate q, k, v, gate, up)."""
+    if config.family == "phi3":
+        weights = split_fused(config, weights)
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     missing, mismatched, filled = [], [], []
@@ -84,7 +129,9 @@ def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, n
 
 def load_decoder(name_or_path: str | Checkpoint, *, dtype: Any = jnp.float32) -> tuple[DecoderLM, DecoderConfig]:
     """Loads a decoder LM from a short name, a .gguf path or a HF directory (LlamaForCausalLM,
-    Gemma3ForCausalLM). Parameters are float32; `dtype` is the compute dtype."""
+    MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM,
+    Gemma3ForCausalLM). Parameters are float32;
+    `dtype` is the compute dtype."""
     checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
     hf_config, weights = read_checkpoint(checkpoint)
     config = DecoderConfig.from_hf(hf_config, dtype=dtype)
@@ -138,6 +185,8 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
         name, transpose = hf_name(path, config.family)
         value = np.asarray(jax.device_get(value), np.float32)
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+    if config.family == "phi3":
+        tensors = fuse(config, tensors)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config.to_hf(), indent=1))
     if tokenizer is not None:

@@ -1,0 +1,234 @@
+"""Load a HF safetensors checkpoint straight onto a device mesh, one slice per device.
+
+`hf.read_weights` reads every tensor whole into host memory as float32; for an 8B model on a host that feeds
+8 accelerators that is 32 GB before anything is placed. Here each parameter is built with
+`jax.make_array_from_callback`, whose callback reads only the slice its device holds, straight from the file
+(safetensors' `get_slice` over a memory map), cast to the parameter dtype. So host memory holds the sharded
+arrays plus one tensor's slices in flight, and each process of a multi-host run reads only its own devices'
+slices (the callback is called for addressable devices only).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from sft_jax import sharding
+from sft_jax.models.decoder import DecoderConfig, DecoderLM
+from sft_jax.models.loading.lm import hf_name
+from sft_jax.models.registry import Checkpoint, resolve_checkpoint
+
+# safetensors dtype names -> numpy (bfloat16 and the float8s through ml_dtypes; numpy has none of them).
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+Index = tuple[slice, ...]
+
+
+def _header(path: pathlib.Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}} (+ "__metadata__")."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    header["__data_start__"] = 8 + length
+    return header
+
+
+class SafetensorsIndex:
+    """Every tensor of a HF directory (`model.safetensors`, or shards listed by `model.safetensors.index.json`):
+    its file, dtype and shape from the headers alone; `read(name, index)` reads one slice.
+
+    `bytes_read` counts the bytes of the slices read, per tensor name; `reads` lists (name, index, bytes):
+    what tests look at to check that a device read only its own slice."""
+
+    def __init__(self, model_dir: str | os.PathLike):
+        self.model_dir = pathlib.Path(model_dir)
+        single = self.model_dir / "model.safetensors"
+        index = self.model_dir / "model.safetensors.index.json"
+        if single.is_file():
+            files = [single]
+        elif index.is_file():
+            files = [self.model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        else:
+            raise FileNotFoundError(f"{self.model_dir}: no model.safetensors or model.safetensors.index.json")
+        self._where: dict[str, tuple[pathlib.Path, dict[str, Any], int]] = {}
+        for path in files:
+            header = _header(path)
+            start = header.pop("__data_start__")
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                self._where[name] = (path, entry, start)
+        self.bytes_read: collections.Counter[str] = collections.Counter()
+        self.reads: list[tuple[str, tuple, int]] = []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(_DTYPES[self._where[name][1]["dtype"]])
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self._where[name][1]["data_offsets"]
+        return end - begin
+
+    def open(self, name: str) -> _TensorReader:
+        """A reader of tensor `name` (a context manager): `reader[index]` is one slice as numpy. The file's
+        memory map lives as long as the reader, so the pages it touched leave this process when it closes."""
+        return _TensorReader(self, name)
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        """One slice of tensor `name`, read from its file alone."""
+        with self.open(name) as reader:
+            return reader[index]
+
+
+class _TensorReader:
+    def __init__(self, index: SafetensorsIndex, name: str):
+        self.index, self.name = index, name
+        self._file = self._slice = None
+
+    def __enter__(self) -> _TensorReader:
+        path, _, _ = self.index._where[self.name]
+        self._file = safe_open(str(path), framework="numpy")
+        self._file.__enter__()
+        try:
+            self._slice = self._file.get_slice(self.name)
+        except TypeError:  # a safetensors whose numpy framework lacks this dtype (bfloat16 before 0.6)
+            self._slice = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._slice = None
+        self._file.__exit__(*exc)
+        self._file = None
+
+    def __getitem__(self, index: Index) -> np.ndarray:
+        value = self._memmap()[index] if self._slice is None else self._slice[index]
+        value = np.array(value, dtype=self.index.dtype(self.name), copy=True)
+        self.index.bytes_read[self.name] += value.nbytes
+        self.index.reads.append((self.name, _key(index, self.index.shape(self.name)), value.nbytes))
+        return value
+
+    def _memmap(self) -> np.ndarray:
+        path, entry, start = self.index._where[self.name]
+        return np.memmap(path, dtype=self.index.dtype(self.name), mode="r", offset=start + entry["data_offsets"][0],
+                         shape=tuple(entry["shape"]))
+
+
+def _key(index: Index, shape: tuple[int, ...]) -> tuple:
+    """A hashable, normalised form of a device index (slices with None resolved against `shape`)."""
+    return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
+
+
+def load_sharded(model_dir: str | os.PathLike | SafetensorsIndex, names: Mapping[str, tuple[str, bool]],
+                 shapes: Mapping[str, tuple[int, ...]], shardings: Mapping[str, jax.sharding.NamedSharding],
+                 dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+    """{our path: global array with `shardings[path]`}, each device's part read straight from the checkpoint.
+
+    Args:
+      model_dir: a HF directory with safetensors files, or a `SafetensorsIndex` of one.
+      names: {our path: (HF tensor name, whether the stored tensor is the transpose of ours)}.
+      shapes: {our path: shape of our parameter}.
+      shardings: {our path: NamedSharding}.
+      dtype: the dtype of the arrays (float32 or bfloat16); each slice is cast on the host as it is read.
+
+    Each distinct slice is read once (devices holding replicas of it share the read). A transposed tensor is
+    read with the device's index reversed, and the slice transposed.
+
+    Raises:
+      ValueError: naming every tensor that is missing or whose shape does not match, before anything is read.
+    """
+    index = model_dir if isinstance(model_dir, SafetensorsIndex) else SafetensorsIndex(model_dir)
+    missing, mismatched = [], []
+    for path, (name, transpose) in names.items():
+        if name not in index:
+            missing.append(name)
+            continue
+        stored = index.shape(name)
+        expected = tuple(shapes[path])
+        if (stored[::-1] if transpose else stored) != expected:
+            mismatched.append(f"{name}: checkpoint {stored}, expected {expected}{' (transposed)' if transpose else ''}")
+    if missing or mismatched:
+        problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + (
+            [f"shape mismatches: {'; '.join(mismatched)}"] if mismatched else [])
+        raise ValueError(f"{index.model_dir}: cannot load weights; {'. '.join(problems)}")
+    dtype = np.dtype(dtype)
+    out = {}
+    for path, (name, transpose) in names.items():
+        shape = tuple(shapes[path])
+        cache: dict[tuple, np.ndarray] = {}
+        with index.open(name) as reader:
+
+            def callback(device_index: Index, reader=reader, transpose=transpose, shape=shape, cache=cache):
+                key = _key(device_index, shape)
+                if key not in cache:
+                    value = reader[device_index[::-1]] if transpose else reader[device_index]
+                    cache[key] = np.ascontiguousarray((value.T if transpose else value).astype(dtype, copy=False))
+                return cache[key]
+
+            out[path] = jax.make_array_from_callback(shape, shardings[path], callback)
+        del cache  # the device arrays hold the data now (on CPU they may alias these buffers)
+    return out
+
+
+def decoder_names_and_axes(config: DecoderConfig) -> tuple[Any, list[tuple[tuple, nnx.Variable]], dict, dict, dict]:
+    """(graphdef, flat abstract state, {path: (HF name, transpose)}, {path: shape}, {path: logical axes}) of a
+    `DecoderLM` with `config`, built abstractly (`nnx.eval_shape`: no parameter is materialised)."""
+    abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    flat = list(nnx.to_flat_state(abstract_state))
+    names, shapes, axes = {}, {}, {}
+    for path, variable in flat:
+        key = "/".join(str(p) for p in path)
+        names[key] = hf_name(key, config.family)
+        shapes[key] = tuple(variable.shape)
+        logical = variable.get_metadata().get("out_sharding")
+        if logical:
+            axes[key] = tuple(logical)
+    return graphdef, flat, names, shapes, axes
+
+
+def load_decoder_sharded(name_or_path: str | os.PathLike | Checkpoint, mesh: jax.sharding.Mesh, *,
+                         dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
+                         logical_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
+                         ) -> tuple[DecoderLM, DecoderConfig]:
+    """`load_decoder` for a HF safetensors directory, with every parameter read straight onto `mesh`.
+
+    Parameters are laid out as `sharding.param_shardings` gives for their logical axes under `logical_rules`
+    (what the trainer would do with them) and stored as `param_dtype`; `dtype` is the compute dtype. In
+    float32 they are bit-identical to `load_decoder`'s. Phi-3's fused projections are not supported here.
+    """
+    checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
+    if checkpoint.kind == "gguf":
+        raise ValueError(f"{checkpoint.path}: load_decoder_sharded reads safetensors directories, not GGUF files")
+    hf_config = json.loads((pathlib.Path(checkpoint.path) / "config.json").read_text())
+    config = DecoderConfig.from_hf(hf_config, dtype=dtype)
+    if config.family == "phi3":
+        raise ValueError(f"{checkpoint.path}: Phi-3's fused qkv / gate_up projections are not supported by "
+                         "load_decoder_sharded; use load_decoder")
+    graphdef, flat, names, shapes, axes = decoder_names_and_axes(config)
+    shardings = sharding.param_shardings(list(names), mesh, shapes=shapes, axes=axes, logical_rules=logical_rules)
+    arrays = load_sharded(checkpoint.path, names, shapes, shardings, param_dtype)
+    filled = [(path, variable.replace(value=arrays["/".join(str(p) for p in path)])) for path, variable in flat]
+    return nnx.merge(graphdef, nnx.from_flat_state(filled)), config
