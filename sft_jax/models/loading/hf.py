@@ -219,11 +219,7 @@ def load_bert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) 
     Raises:
       ValueError: one line naming the file and the unsupported key and value (e.g. `model_type 'gpt2'`).
     """
-    config_path, hf_config = _read_config(model_dir)
-    try:
-        return BertConfig.from_hf(hf_config, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from None
+    return _config_from_hf(BertConfig, model_dir, dtype)
 
 
 def load_bert(
@@ -239,14 +235,8 @@ def load_bert(
     Returns:
       The module holding the checkpoint's weights, and its config.
     """
-    model_dir = pathlib.Path(model_dir)
     config = load_bert_config(model_dir, dtype=dtype)
-    weights = read_weights(model_dir)
-    # Shapes only: the random init would be thrown away, and for big models it is not free.
-    abstract = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
-    state = bert_state_from_hf(weights, abstract_state, source=str(model_dir))
-    return nnx.merge(graphdef, state), config
+    return _encoder_from_hf(BertEncoder, config, bert_state_from_hf, model_dir), config
 
 
 def load_modernbert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> ModernBertConfig:
@@ -255,11 +245,7 @@ def load_modernbert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.flo
     Raises:
       ValueError: one line naming the file and the unsupported key and value.
     """
-    config_path, hf_config = _read_config(model_dir)
-    try:
-        return ModernBertConfig.from_hf(hf_config, dtype=dtype)
-    except ValueError as e:
-        raise ValueError(f"{config_path}: {e}") from None
+    return _config_from_hf(ModernBertConfig, model_dir, dtype)
 
 
 def load_modernbert(
@@ -267,11 +253,25 @@ def load_modernbert(
 ) -> tuple[ModernBertEncoder, ModernBertConfig]:
     """Loads a Hugging Face ModernBERT checkpoint directory as a `ModernBertEncoder` (see `load_bert`)."""
     config = load_modernbert_config(model_dir, dtype=dtype)
+    return _encoder_from_hf(ModernBertEncoder, config, modernbert_state_from_hf, model_dir), config
+
+
+def _config_from_hf(config_cls, model_dir: str | os.PathLike, dtype: Any):
+    """`config_cls.from_hf` of the directory's config.json; its errors name the file."""
+    config_path, hf_config = _read_config(model_dir)
+    try:
+        return config_cls.from_hf(hf_config, dtype=dtype)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: {e}") from None
+
+
+def _encoder_from_hf(module_cls, config, state_from_hf, model_dir: str | os.PathLike):
+    """`module_cls(config)` holding the directory's weights, mapped by `state_from_hf`."""
     weights = read_weights(model_dir)
-    abstract = nnx.eval_shape(lambda: ModernBertEncoder(config, rngs=nnx.Rngs(0)))
+    # Shapes only: the random init would be thrown away, and for big models it is not free.
+    abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    state = modernbert_state_from_hf(weights, abstract_state, source=str(model_dir))
-    return nnx.merge(graphdef, state), config
+    return nnx.merge(graphdef, state_from_hf(weights, abstract_state, source=str(model_dir)))
 
 
 ENCODER_MODEL_TYPES = (*BERT_MODEL_TYPES, "modernbert")
