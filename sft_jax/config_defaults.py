@@ -27,7 +27,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.lora.alpha = 16.0
     c.lora.dropout = 0.0
     c.lora.targets = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
-    c.dtype = "float32"  # compute dtype; parameters stay float32
+    c.dtype = "float32"  # compute dtype of the matmuls
+    # Storage dtype of the pre-trained parameters (frozen or not); new ones (a classifier head, LoRA adapters)
+    # stay float32. bfloat16 halves the weights' memory; trained in bfloat16, their AdamW moments are too.
+    c.param_dtype = "float32"
     # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
     # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
     # GPU or TPU.
@@ -177,6 +180,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.strategy: unknown strategy {config.strategy!r}; expected one of {STRATEGIES}")
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
+    _check_choice(config, "param_dtype", DTYPES)
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
     _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)

@@ -204,6 +204,21 @@ def param_shardings(names: Sequence[str], mesh: Mesh, rules: Sequence[tuple[str,
     return out
 
 
+def run_param_shardings(config, mesh: Mesh, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+                        axes: Mapping[str, tuple]) -> dict:
+    """The parameter layout a run's config asks for: its regex `sharding_rules` first; then, with
+    `sharding_preset="auto"`, the parameters' logical `axes` under its `logical_axis_rules`; else replicated.
+    The trainer lays out its state with it, and a task that loads weights straight onto the mesh does too."""
+    logical_rules = run_logical_rules(config)
+    return param_shardings(names, mesh, tuple(config.sharding_rules), shapes=shapes,
+                           axes=axes if logical_rules is not None else None, logical_rules=logical_rules or ())
+
+
+def run_logical_rules(config) -> LogicalRules | None:
+    """A run's logical axis rules (None where `sharding_preset` is not "auto": regex rules only)."""
+    return tuple(config.logical_axis_rules) if config.sharding_preset == "auto" else None
+
+
 def _divides(mesh: Mesh, axes, size: int) -> bool:
     if axes is None:
         return True
@@ -285,9 +300,10 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
 
 
 def put_global(value, sharding: NamedSharding) -> jax.Array:
-    """A value every process holds in full (e.g. pre-trained weights) -> a global array with `sharding`."""
-    if jax.process_count() == 1:
-        return jax.device_put(value, sharding)
+    """A value every process holds in full (e.g. pre-trained weights), or a global array already (weights
+    streamed onto the mesh) -> a global array with `sharding`."""
+    if jax.process_count() == 1 or (isinstance(value, jax.Array) and not value.is_fully_addressable):
+        return jax.device_put(value, sharding)  # a global array already: resharded (a no-op if it matches)
     host = np.asarray(value)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -209,6 +209,31 @@ def tiny_gemma3_dir(tmp_path_factory) -> pathlib.Path:
     return _tiny_decoder_dir(tmp_path_factory, "gemma3")
 
 
+LM_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+           "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n")
+
+
+def lm_config(model_dir, tmp_path, strategy):
+    """A 2-step language_modeling run of `model_dir` on a few lines of text (3/4 train, 1/4 eval)."""
+    from sft_jax.config_defaults import defaults
+
+    train = tmp_path / "train.txt"
+    train.write_text(LM_TEXT * 4)
+    c = defaults()
+    c.task = "language_modeling"
+    c.model = str(model_dir)
+    c.strategy = strategy
+    c.frozen_layers = 1
+    c.data.train, c.data.eval = str(train) + "[:75%]", str(train) + "[75%:]"
+    c.max_length, c.buckets = 16, (16,)
+    c.batch_size, c.eval_batch_size = 4, 4
+    c.max_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
+    c.learning_rate = 1e-2
+    c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
+    return c
+
+
 TINY_VIT_SIZES = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=32)
 

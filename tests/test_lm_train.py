@@ -8,14 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import LM_TEXT as TEXT
 from conftest import CrashAfterSave, crash_after_save
+from conftest import lm_config as _lm_config
 
 from sft_jax.data import lm as lm_data
 from sft_jax.data.sources import DataError
 from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
-
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n")
 
 
 @pytest.fixture(scope="module")
@@ -90,26 +89,6 @@ def test_lm_loss_matches_transformers(tiny_llama_dir, llama_tokenizer):
         expected = ref(input_ids=ids, labels=ids).loss.item()  # HF shifts labels inside
     assert abs(float(loss) - expected) < 1e-5
     assert int(aux["count"]) == len(ds.tokens[0]) - 1
-
-
-def _lm_config(model_dir, tmp_path, strategy):
-    from sft_jax.config_defaults import defaults
-
-    train = tmp_path / "train.txt"
-    train.write_text(TEXT * 4)
-    c = defaults()
-    c.task = "language_modeling"
-    c.model = str(model_dir)
-    c.strategy = strategy
-    c.frozen_layers = 1
-    c.data.train, c.data.eval = str(train) + "[:75%]", str(train) + "[75%:]"
-    c.max_length, c.buckets = 16, (16,)
-    c.batch_size, c.eval_batch_size = 4, 4
-    c.max_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
-    c.learning_rate = 1e-2
-    c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-    c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
-    return c
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

@@ -93,6 +93,32 @@ def test_bfloat16(dirs):
         np.testing.assert_array_equal(np.asarray(value), np.asarray(jnp.asarray(want32[name]).astype(jnp.bfloat16)))
 
 
+def test_phi3_fused_projections_read_by_rows(tmp_path):
+    """Phi-3 stores q, k, v in one `qkv_proj` (gate and up in `gate_up_proj`): each device reads its rows of
+    the fused tensor, and nothing else, and gets load_decoder's values."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    transformers.Phi3ForCausalLM(transformers.Phi3Config(**config)).save_pretrained(tmp_path, max_shard_size="40KB")
+    mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+    _, want = _reference(tmp_path)
+    model, _ = stream.load_decoder_sharded(tmp_path, mesh)
+    for name, value in ModelDef.split(model)[1].items():
+        np.testing.assert_array_equal(np.asarray(value), want[name], err_msg=name)
+    index = stream.SafetensorsIndex(tmp_path)
+    names = stream.decoder_names_and_axes(model.config)[2]
+    assert names["layers/0/attn/k/kernel"] == ("model.layers.0.self_attn.qkv_proj.weight", True, (32, 48))
+    assert names["layers/1/mlp/up/kernel"] == ("model.layers.1.mlp.gate_up_proj.weight", True, (64, 128))
+    shardings = sharding.param_shardings(list(names), mesh, shapes={k: v.shape for k, v in want.items()},
+                                         axes=ModelDef.split(model)[0].axes)
+    attention = {k: v for k, v in names.items() if "qkv" in v.name}
+    stream.load_sharded(index, attention, {k: want[k].shape for k in attention}, shardings)
+    # q, k and v each read once in all (replicas share a read), from the fused tensor alone.
+    assert set(index.bytes_read) == {v.name for v in attention.values()}
+    assert sum(index.bytes_read.values()) == sum(want[k].nbytes for k in attention)
+
+
 def test_raw_bytes_fallback_for_bfloat16(dirs, monkeypatch):
     """Where safetensors' numpy framework cannot give bfloat16, the slice is read through a memory map of the
     tensor's bytes (header offsets + ml_dtypes), with the same result."""
@@ -128,7 +154,7 @@ def test_each_device_reads_only_its_slice(dirs, shape):
     shardings = sharding.param_shardings(list(names), mesh, shapes=shapes, axes=axes)
     index = stream.SafetensorsIndex(dirs["sharded"])
     arrays = stream.load_sharded(index, names, shapes, shardings)
-    for path, (name, _) in names.items():
+    for path, (name, _, _) in names.items():
         # Each tensor is read once in all: 8 slices of an 8-way split one, 1 read for a replicated one.
         indices = shardings[path].devices_indices_map(shapes[path]).values()
         distinct = len({stream._key(i, shapes[path]) for i in indices})

@@ -12,16 +12,28 @@ from flax import nnx
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.layout import ParamLayout
 from sft_jax.models.loading.lm import load_decoder
+from sft_jax.models.loading.stream import Placement, load_decoder_sharded
 from sft_jax.models.lora import LoraConfig, apply_lora
+from sft_jax.models.registry import resolve_checkpoint
 
 
 def build_lm(model: str, strategy: str, dtype: str = "float32", lora: LoraConfig | Mapping[str, Any] | None = None,
-             seed: int = 0) -> tuple[DecoderLM, DecoderConfig]:
+             seed: int = 0, *, param_dtype: str = "float32", placement: Placement | None = None
+             ) -> tuple[DecoderLM, DecoderConfig]:
     """The pre-trained model of a run. For `strategy=head` a tied model gets its own LM head
     (initialised to the embedding), the one thing that then trains. For `strategy=lora` the projections
     matching `lora["targets"]` get adapters (rank, alpha, dropout from `lora`; `lora_a` drawn from `seed`),
-    which leave the outputs unchanged until they learn."""
-    lm, config = load_decoder(model, dtype=jnp.dtype(dtype))
+    which leave the outputs unchanged until they learn.
+
+    With a `placement` ({path: NamedSharding} of the parameters, from their names, shapes and logical axes), a
+    HF safetensors directory streams straight onto the devices as `param_dtype` (each process reading only
+    its own devices' slices); other checkpoints (GGUF) load on the host in float32."""
+    checkpoint = resolve_checkpoint(model)
+    if placement is not None and checkpoint.kind != "gguf":
+        lm, config = load_decoder_sharded(checkpoint, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
+                                          placement=placement)
+    else:
+        lm, config = load_decoder(checkpoint, dtype=jnp.dtype(dtype))
     if strategy == "head" and lm.lm_head is None:
         lm.untie_head()
     if strategy == "lora":

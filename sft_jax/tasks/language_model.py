@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from sft_jax import distributed, generate, regularizers
+from sft_jax import distributed, generate, regularizers, sharding
 from sft_jax.data import batching
 from sft_jax.data import lm as lm_data
 from sft_jax.data import sft as sft_data
@@ -66,8 +66,12 @@ class LanguageModel(Task):
         self.config, self.rundir = config, rundir
         self.tokenizer = load_lm_tokenizer(config.model)
         self.train_ds, self.eval_ds = self._load_data()
-        model, model_config = build_lm(config.model, config.strategy, config.dtype, lora=config.lora,
-                                       seed=config.seed)
+        # Safetensors weights go straight to where the trainer will keep them: the run's mesh and layout.
+        mesh = sharding.make_mesh(config.mesh.to_dict())
+        model, model_config = build_lm(
+            config.model, config.strategy, config.dtype, lora=config.lora, seed=config.seed,
+            param_dtype=config.param_dtype,
+            placement=lambda names, shapes, axes: sharding.run_param_shardings(config, mesh, names, shapes, axes))
         longest = max(config.max_length, max(config.buckets))
         if longest > model_config.max_position_embeddings:
             raise ValueError(f"config.max_length={longest} exceeds the model's "

@@ -6,7 +6,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 import tqdm
 
 from sft_jax import distributed, sharding, tasks
@@ -28,10 +27,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rundir.check_resume(config.to_dict())
 
     task = task_cls(config, rundir)
+    task.params = setup.in_storage_dtype(task.params, config.param_dtype, task.layout)
     if distributed.is_primary():
         rundir.write_config(config.to_dict())
     # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).
-    pretrained = {k: np.asarray(v) for k, v in task.params.items()} if config.wise_ft.alphas else None
+    pretrained = {k: sharding.to_host(v) for k, v in task.params.items()} if config.wise_ft.alphas else None
     ckpt = Checkpoints(workdir)
     run = setup.prepare(config, task, ckpt, workdir)
     state, meta = run.state, run.meta

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -37,6 +38,23 @@ def init_state(params: dict, tx, p_shard: dict | None = None, mesh: jax.sharding
                        opt_state=opt_state,
                        rng=sharding.put_global(jax.random.key_data(jax.random.key(seed)), replicated))
     return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+
+
+def in_storage_dtype(params: dict, param_dtype: str, layout: strategies.ParamLayout) -> dict:
+    """The pre-trained floating-point parameters stored as `param_dtype`; new ones (`layout.fresh`: a new
+    head; LoRA adapters) stay float32, so that what starts from zero learns at full precision."""
+    if param_dtype == "float32":
+        return params
+    fresh = re.compile("^" + layout.fresh) if layout.fresh else None
+    target = jnp.dtype(param_dtype)
+
+    def stored(name, value):
+        new = (fresh and fresh.search(name)) or name.endswith(("/lora_a", "/lora_b"))
+        if new or not jnp.issubdtype(value.dtype, jnp.floating) or value.dtype == target:
+            return value
+        return value.astype(target)
+
+    return {name: stored(name, value) for name, value in params.items()}
 
 
 def make_optimizer(config: ml_collections.ConfigDict, labels: dict[str, str], layout: strategies.ParamLayout,
@@ -93,12 +111,9 @@ def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, wo
     tx, phase_list, anchored = make_optimizer(config, labels, task.layout, schedule)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
-    # Regex rules win; then (preset auto) the parameters' logical axes under the logical rules; else replicated.
-    logical_rules = tuple(config.logical_axis_rules) if config.sharding_preset == "auto" else None
-    p_shard = sharding.param_shardings(task.model_def.names, mesh, tuple(config.sharding_rules),
-                                       shapes={k: v.shape for k, v in task.params.items()},
-                                       axes=task.model_def.axes if logical_rules is not None else None,
-                                       logical_rules=logical_rules or ())
+    logical_rules = sharding.run_logical_rules(config)
+    p_shard = sharding.run_param_shardings(config, mesh, task.model_def.names,
+                                           {k: v.shape for k, v in task.params.items()}, task.model_def.axes)
     b_shard = sharding.batch_sharding(mesh)
     state, state_shard = init_state(task.params, tx, p_shard, mesh, config.seed)
 

@@ -66,6 +66,23 @@ def _fused_parts(config: DecoderConfig, fused: str) -> tuple[tuple[str, int], ..
     return ("mlp.gate_proj", config.intermediate_size), ("mlp.up_proj", config.intermediate_size)
 
 
+_PART = re.compile(r"model\.layers\.(\d+)\.(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.weight")
+
+
+def fused_rows(config: DecoderConfig, name: str) -> tuple[str, tuple[int, int]] | None:
+    """For Phi-3: (the fused tensor that holds the unfused HF tensor `name`, its rows there); else None."""
+    match = _PART.fullmatch(name) if config.family == "phi3" else None
+    if not match:
+        return None
+    fused = "self_attn.qkv_proj" if match.group(2).startswith("self_attn") else "mlp.gate_up_proj"
+    start = 0
+    for part, rows in _fused_parts(config, fused):
+        if part == match.group(2):
+            return f"model.layers.{match.group(1)}.{fused}.weight", (start, start + rows)
+        start += rows
+    raise AssertionError(name)
+
+
 def split_fused(config: DecoderConfig, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Phi-3's fused `qkv_proj` / `gate_up_proj` weights split into LLaMA's q, k, v / gate, up (by rows)."""
     out = {}

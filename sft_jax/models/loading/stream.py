@@ -15,8 +15,8 @@ import json
 import os
 import pathlib
 import struct
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 from sft_jax import sharding
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
-from sft_jax.models.loading.lm import hf_name
+from sft_jax.models.loading.lm import fused_rows, hf_name
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
 
 # safetensors dtype names -> numpy (bfloat16 and the float8s through ml_dtypes; numpy has none of them).
@@ -141,49 +141,68 @@ def _key(index: Index, shape: tuple[int, ...]) -> tuple:
     return tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
 
 
-def load_sharded(model_dir: str | os.PathLike | SafetensorsIndex, names: Mapping[str, tuple[str, bool]],
+class Source(NamedTuple):
+    """Where one of our parameters is stored: HF tensor `name`, whether it is stored transposed, and (for a
+    part of a fused tensor, Phi-3's `qkv_proj` / `gate_up_proj`) the rows [start, stop) of the stored tensor."""
+
+    name: str
+    transpose: bool
+    rows: tuple[int, int] | None = None
+
+
+def load_sharded(model_dir: str | os.PathLike | SafetensorsIndex, names: Mapping[str, tuple],
                  shapes: Mapping[str, tuple[int, ...]], shardings: Mapping[str, jax.sharding.NamedSharding],
                  dtype: Any = jnp.float32) -> dict[str, jax.Array]:
     """{our path: global array with `shardings[path]`}, each device's part read straight from the checkpoint.
 
     Args:
       model_dir: a HF directory with safetensors files, or a `SafetensorsIndex` of one.
-      names: {our path: (HF tensor name, whether the stored tensor is the transpose of ours)}.
+      names: {our path: `Source` (or a (HF tensor name, transposed) pair)}.
       shapes: {our path: shape of our parameter}.
       shardings: {our path: NamedSharding}.
       dtype: the dtype of the arrays (float32 or bfloat16); each slice is cast on the host as it is read.
 
     Each distinct slice is read once (devices holding replicas of it share the read). A transposed tensor is
-    read with the device's index reversed, and the slice transposed.
+    read with the device's index reversed, and the slice transposed; a part of a fused tensor is read with its
+    row index shifted to the part's rows.
 
     Raises:
       ValueError: naming every tensor that is missing or whose shape does not match, before anything is read.
     """
     index = model_dir if isinstance(model_dir, SafetensorsIndex) else SafetensorsIndex(model_dir)
+    sources = {path: Source(*source) for path, source in names.items()}
     missing, mismatched = [], []
-    for path, (name, transpose) in names.items():
+    for path, (name, transpose, rows) in sources.items():
         if name not in index:
             missing.append(name)
             continue
         stored = index.shape(name)
+        part = stored if rows is None or not stored else (rows[1] - rows[0], *stored[1:])
         expected = tuple(shapes[path])
-        if (stored[::-1] if transpose else stored) != expected:
-            mismatched.append(f"{name}: checkpoint {stored}, expected {expected}{' (transposed)' if transpose else ''}")
+        if (part[::-1] if transpose else part) != expected or (rows is not None and stored[0] < rows[1]):
+            what = f" rows {rows[0]}:{rows[1]} of" if rows is not None else ""
+            mismatched.append(f"{name}:{what} checkpoint {stored}, expected {expected}"
+                              f"{' (transposed)' if transpose else ''}")
     if missing or mismatched:
-        problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + (
+        problems = ([f"missing keys: {', '.join(sorted(set(missing)))}"] if missing else []) + (
             [f"shape mismatches: {'; '.join(mismatched)}"] if mismatched else [])
         raise ValueError(f"{index.model_dir}: cannot load weights; {'. '.join(problems)}")
     dtype = np.dtype(dtype)
     out = {}
-    for path, (name, transpose) in names.items():
+    for path, (name, transpose, rows) in sources.items():
         shape = tuple(shapes[path])
         cache: dict[tuple, np.ndarray] = {}
         with index.open(name) as reader:
 
-            def callback(device_index: Index, reader=reader, transpose=transpose, shape=shape, cache=cache):
+            def callback(device_index: Index, reader=reader, transpose=transpose, rows=rows, shape=shape,
+                         cache=cache):
                 key = _key(device_index, shape)
                 if key not in cache:
-                    value = reader[device_index[::-1]] if transpose else reader[device_index]
+                    stored_index = device_index[::-1] if transpose else device_index
+                    if rows is not None:  # our rows 0.. are the stored rows start..
+                        first = slice(*key[::-1][0][:2]) if transpose else slice(*key[0][:2])
+                        stored_index = (slice(first.start + rows[0], first.stop + rows[0]), *stored_index[1:])
+                    value = reader[stored_index]
                     cache[key] = np.ascontiguousarray((value.T if transpose else value).astype(dtype, copy=False))
                 return cache[key]
 
@@ -193,15 +212,17 @@ def load_sharded(model_dir: str | os.PathLike | SafetensorsIndex, names: Mapping
 
 
 def decoder_names_and_axes(config: DecoderConfig) -> tuple[Any, list[tuple[tuple, nnx.Variable]], dict, dict, dict]:
-    """(graphdef, flat abstract state, {path: (HF name, transpose)}, {path: shape}, {path: logical axes}) of a
-    `DecoderLM` with `config`, built abstractly (`nnx.eval_shape`: no parameter is materialised)."""
+    """(graphdef, flat abstract state, {path: Source}, {path: shape}, {path: logical axes}) of a `DecoderLM`
+    with `config`, built abstractly (`nnx.eval_shape`: no parameter is materialised)."""
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(abstract_state))
     names, shapes, axes = {}, {}, {}
     for path, variable in flat:
         key = "/".join(str(p) for p in path)
-        names[key] = hf_name(key, config.family)
+        name, transpose = hf_name(key, config.family)
+        fused = fused_rows(config, name)
+        names[key] = Source(name, transpose) if fused is None else Source(fused[0], transpose, fused[1])
         shapes[key] = tuple(variable.shape)
         logical = variable.get_metadata().get("out_sharding")
         if logical:
@@ -209,26 +230,34 @@ def decoder_names_and_axes(config: DecoderConfig) -> tuple[Any, list[tuple[tuple
     return graphdef, flat, names, shapes, axes
 
 
-def load_decoder_sharded(name_or_path: str | os.PathLike | Checkpoint, mesh: jax.sharding.Mesh, *,
+Placement = Callable[[Sequence[str], Mapping[str, tuple[int, ...]], Mapping[str, tuple]],
+                     Mapping[str, jax.sharding.NamedSharding]]
+
+
+def load_decoder_sharded(name_or_path: str | os.PathLike | Checkpoint, mesh: jax.sharding.Mesh | None = None, *,
                          dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                          logical_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
-                         ) -> tuple[DecoderLM, DecoderConfig]:
-    """`load_decoder` for a HF safetensors directory, with every parameter read straight onto `mesh`.
+                         placement: Placement | None = None) -> tuple[DecoderLM, DecoderConfig]:
+    """`load_decoder` for a HF safetensors directory, with every parameter read straight onto the devices.
 
-    Parameters are laid out as `sharding.param_shardings` gives for their logical axes under `logical_rules`
-    (what the trainer would do with them) and stored as `param_dtype`; `dtype` is the compute dtype. In
-    float32 they are bit-identical to `load_decoder`'s. Phi-3's fused projections are not supported here.
+    Parameters are laid out by `placement(names, shapes, logical axes)` -> {path: NamedSharding} (a run's own
+    layout, say) or else, on `mesh`, as `sharding.param_shardings` gives for their logical axes under
+    `logical_rules`; they are stored as `param_dtype`, and `dtype` is the compute dtype. In float32 they are
+    bit-identical to `load_decoder`'s.
     """
     checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
     if checkpoint.kind == "gguf":
         raise ValueError(f"{checkpoint.path}: load_decoder_sharded reads safetensors directories, not GGUF files")
     hf_config = json.loads((pathlib.Path(checkpoint.path) / "config.json").read_text())
     config = DecoderConfig.from_hf(hf_config, dtype=dtype)
-    if config.family == "phi3":
-        raise ValueError(f"{checkpoint.path}: Phi-3's fused qkv / gate_up projections are not supported by "
-                         "load_decoder_sharded; use load_decoder")
     graphdef, flat, names, shapes, axes = decoder_names_and_axes(config)
-    shardings = sharding.param_shardings(list(names), mesh, shapes=shapes, axes=axes, logical_rules=logical_rules)
+    if placement is not None:
+        shardings = placement(list(names), shapes, axes)
+    elif mesh is not None:
+        shardings = sharding.param_shardings(list(names), mesh, shapes=shapes, axes=axes,
+                                             logical_rules=logical_rules)
+    else:
+        raise TypeError("load_decoder_sharded: give a mesh or a placement")
     arrays = load_sharded(checkpoint.path, names, shapes, shardings, param_dtype)
     filled = [(path, variable.replace(value=arrays["/".join(str(p) for p in path)])) for path, variable in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(filled)), config
