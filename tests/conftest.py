@@ -172,12 +172,27 @@ TINY_GEMMA3 = dict(vocab_size=262144, hidden_size=32, intermediate_size=64, num_
                    eos_token_id=1, pad_token_id=0)
 
 
+# The other decoder families on SmolLM2's tokenizer (the vocabulary is all they share with it), each with what
+# makes it that family switched on: (transformers config class, model class, config beside TINY_LLAMA's).
+TINY_FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=4,
+                                                      max_window_layers=1)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=16, tie_word_embeddings=False)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=4, tie_word_embeddings=False,
+                                                   rope_parameters={"rope_type": "default", "rope_theta": 1e4})),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        num_hidden_layers=3, hidden_activation="gelu_pytorch_tanh")),
+}
+
+
 def _tiny_decoder_dir(tmp_path_factory, family: str) -> pathlib.Path:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     from sft_jax.models.loading.lm import load_lm_tokenizer
 
-    real = "smollm2-135m-instruct" if family == "llama" else "gemma3-270m"
+    real = "gemma3-270m" if family == "gemma3" else "smollm2-135m-instruct"
     try:
         tokenizer = load_lm_tokenizer(real)
     except ValueError as e:
@@ -186,27 +201,48 @@ def _tiny_decoder_dir(tmp_path_factory, family: str) -> pathlib.Path:
     torch.manual_seed(0)
     if family == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA))
-    else:
+    elif family == "gemma3":
         model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**TINY_GEMMA3))
-        with torch.no_grad():  # Gemma norms init to 0 (= scale 1); randomise them so the offset is tested
-            for name, p in model.named_parameters():
-                if "norm" in name:
-                    p.normal_(0.0, 0.1)
+    else:
+        config_cls, model_cls, extra = TINY_FAMILIES[family]
+        model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**dict(TINY_LLAMA, **extra)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if family == "llama":
+                break
+            if "norm" in name:  # Gemma norms init to 0 (= scale 1), the others to 1: randomise so they matter
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.2)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
-    """A random 2-layer LLaMA (GQA 4/2 heads, tied embeddings) with SmolLM2's tokenizer, as a HF directory."""
-    return _tiny_decoder_dir(tmp_path_factory, "llama")
+def tiny_decoder_dir(tmp_path_factory):
+    """A factory: `tiny_decoder_dir(family)` -> a random tiny decoder of that family (llama, gemma3 or one of
+    TINY_FAMILIES) saved as a HF directory with a real tokenizer; made once per session."""
+    made: dict[str, pathlib.Path] = {}
+
+    def make(family: str) -> pathlib.Path:
+        if family not in made:
+            made[family] = _tiny_decoder_dir(tmp_path_factory, family)
+        return made[family]
+
+    return make
 
 
 @pytest.fixture(scope="session")
-def tiny_gemma3_dir(tmp_path_factory) -> pathlib.Path:
+def tiny_llama_dir(tiny_decoder_dir) -> pathlib.Path:
+    """A random 2-layer LLaMA (GQA 4/2 heads, tied embeddings) with SmolLM2's tokenizer, as a HF directory."""
+    return tiny_decoder_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tiny_decoder_dir) -> pathlib.Path:
     """A random 3-layer Gemma 3 (sliding window 4 on layers 0-1, global layer 2) with Gemma's tokenizer."""
-    return _tiny_decoder_dir(tmp_path_factory, "gemma3")
+    return tiny_decoder_dir("gemma3")
 
 
 LM_TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

@@ -259,13 +259,17 @@ def _run_config(model_dir: pathlib.Path, tmp_path: pathlib.Path):
 
 
 @pytest.mark.parametrize("family", ["roberta", "modernbert"])
-def test_partial_run_freezes_embeddings_and_first_block(tiny_roberta_dir, tmp_path, family):
+@pytest.mark.parametrize("strategy", ["head", "partial", "full"])
+def test_strategies_freeze_what_they_say(tiny_roberta_dir, tmp_path, family, strategy):
+    """3 steps of each strategy: head trains the head alone; partial also the blocks after the first; full all.
+    Everything else stays bit-identical."""
     from sft_jax.checkpoint import Checkpoints
     from sft_jax.tasks.text import TextClassifier
     from sft_jax.train import train_and_evaluate
 
     model_dir = tiny_roberta_dir if family == "roberta" else _tiny_with_tokenizer(tmp_path / "model", family)
     config = _run_config(model_dir, tmp_path)
+    config.strategy = strategy
     before = TextClassifier(config, num_labels=2)  # the model as the run starts it (same seed, same head)
     assert before.layout == bert_layout(TINY_MODERNBERT["num_hidden_layers"] if family == "modernbert" else 2)
     results = train_and_evaluate(config, str(tmp_path / "run"))
@@ -273,7 +277,7 @@ def test_partial_run_freezes_embeddings_and_first_block(tiny_roberta_dir, tmp_pa
     ckpt = Checkpoints(str(tmp_path / "run"))
     after, _ = ckpt.restore_params(before.params, "latest")
     ckpt.close()
-    frozen = ("encoder/embeddings/", "encoder/layers/0/")
+    frozen = {"head": ("encoder/",), "partial": ("encoder/embeddings/", "encoder/layers/0/"), "full": ()}[strategy]
     assert any(n.startswith("encoder/layers/1/") for n in before.params)
     for name, value in before.params.items():
         same = np.asarray(after[name]).tobytes() == np.asarray(value).tobytes()

@@ -207,3 +207,53 @@ def test_cli(llama, tiny_llama_dir):
     r = _cli("--model=/no/such/model", "--prompt=hi", "--max_new_tokens=2")
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
+
+
+FAMILIES = ["llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "gemma2"]
+
+
+def _sharpened_copy(model_dir, out):
+    """The tiny model with larger projections (as `_load` does), saved by transformers: greedy text that
+    depends on the context rather than one repeated token, so a wrong position or mask shows."""
+    import shutil
+
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name and name.endswith("weight"):
+                p.mul_(6.0)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in os.listdir(model_dir):
+        if f.startswith(("tokenizer", "special_tokens")) or f.endswith((".jinja", ".model")):
+            shutil.copy(os.path.join(model_dir, f), out)
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cli_greedy_equals_transformers(family, tiny_decoder_dir, tmp_path):
+    """`python -m sft_jax.generate --model=DIR --json` (greedy) completes as transformers' own `generate` does,
+    for each decoder family, prompts past the sliding window included."""
+    torch = pytest.importorskip("torch")
+    reference = _sharpened_copy(tiny_decoder_dir(family), tmp_path)
+    tokenizer = load_lm_tokenizer(str(tmp_path))
+    prompts, n = PROMPTS[:2], 10
+    r = _cli(f"--model={tmp_path}", *(f"--prompt={p}" for p in prompts), f"--max_new_tokens={n}", "--json")
+    assert r.returncode == 0, r.stderr
+    ours = [json.loads(line)["completion"] for line in r.stdout.splitlines()]
+    eos = set(reference.generation_config.eos_token_id if isinstance(reference.generation_config.eos_token_id, list)
+              else [reference.generation_config.eos_token_id]) | {tokenizer.eos_token_id}
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer(prompt).input_ids
+        with torch.no_grad():
+            out = reference.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     max_new_tokens=n, do_sample=False, eos_token_id=sorted(eos),
+                                     pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
+        new = out[: next((i for i, t in enumerate(out) if t in eos), len(out))]
+        full = tokenizer.decode(ids + new, skip_special_tokens=True)
+        expected.append(full[len(tokenizer.decode(ids, skip_special_tokens=True)):])
+    assert ours == expected
+    assert len(set(tokenizer(expected[1]).input_ids)) > 2  # not one repeated token

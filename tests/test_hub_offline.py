@@ -39,9 +39,33 @@ def _cache_repo(cache: pathlib.Path, repo_id: str, src: pathlib.Path) -> pathlib
     return snapshot
 
 
+_DECODER = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+_ENCODER = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=34)
+# Every family sft_jax loads: hub id -> (transformers config class, model class, config).
+HUB_MODELS = {
+    "tiny-org/tiny-mistral": ("MistralConfig", "MistralForCausalLM", dict(_DECODER, sliding_window=4)),
+    "tiny-org/tiny-qwen2": ("Qwen2Config", "Qwen2ForCausalLM", _DECODER),
+    "tiny-org/tiny-qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _DECODER),
+    "tiny-org/tiny-phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e4})),
+    "tiny-org/tiny-gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_DECODER, sliding_window=4)),
+    "tiny-org/tiny-gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_DECODER, sliding_window=4)),
+    "tiny-org/tiny-roberta": ("RobertaConfig", "RobertaModel", dict(_ENCODER, pad_token_id=1)),
+    "tiny-org/tiny-xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", dict(_ENCODER, pad_token_id=1)),
+    "tiny-org/tiny-modernbert": ("ModernBertConfig", "ModernBertModel", dict(
+        _ENCODER, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    "tiny-org/tiny-vit": ("ViTConfig", "ViTModel", dict(image_size=8, patch_size=4, hidden_size=16,
+                                                        num_hidden_layers=2, num_attention_heads=2,
+                                                        intermediate_size=32)),
+}
+
+
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory) -> pathlib.Path:
-    """An HF_HOME whose hub cache holds a tiny random LLaMA and a tiny random BERT, saved by transformers."""
+    """An HF_HOME whose hub cache holds a tiny random model of every family, saved by transformers."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("hub")
@@ -57,6 +81,10 @@ def hf_home(tmp_path_factory) -> pathlib.Path:
     home = root / "hf_home"
     _cache_repo(home / "hub", LLAMA_ID, root / "llama")
     _cache_repo(home / "hub", BERT_ID, root / "bert")
+    for repo_id, (config_cls, model_cls, config) in HUB_MODELS.items():
+        src = root / repo_id.split("/")[1]
+        getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config)).save_pretrained(src)
+        _cache_repo(home / "hub", repo_id, src)
     return home
 
 
@@ -126,6 +154,35 @@ def test_hub_ids_load_offline(offline_hub):
     saved = load_file(str(bert_dir / "model.safetensors"))
     word = next(v for k, v in saved.items() if k.endswith("word_embeddings.weight"))
     assert any(np.array_equal(np.asarray(leaf), word) for leaf in _leaves(encoder))
+
+
+@pytest.mark.parametrize("repo_id", list(HUB_MODELS))
+def test_every_family_loads_offline_by_hub_id(offline_hub, repo_id):
+    """Each family's hub id, found only in the cache, loads as that family with the cached weights."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from sft_jax.models.loading.hf import load_encoder
+    from sft_jax.models.loading.lm import load_decoder
+    from sft_jax.models.loading.vit import load_vit
+    from sft_jax.models.registry import resolve_model_dir
+
+    model_dir = resolve_model_dir(repo_id)
+    assert model_dir == _snapshot(offline_hub, repo_id)
+    family = repo_id.removeprefix("tiny-org/tiny-")
+    if HUB_MODELS[repo_id][1].endswith("ForCausalLM"):
+        model, config = load_decoder(repo_id)
+        assert config.family == family and config.num_layers == 2
+    elif family == "vit":
+        model, config = load_vit(model_dir)
+    else:
+        model, config = load_encoder(model_dir)
+        assert config.model_type == family
+    saved = load_file(str(model_dir / "model.safetensors"))
+    embedding = next(v for k, v in saved.items() if k.endswith(
+        ("embed_tokens.weight", "word_embeddings.weight", "tok_embeddings.weight", "patch_embeddings.projection.bias")))
+    leaves = [np.asarray(leaf) for leaf in _leaves(model)]
+    assert any(leaf.shape == embedding.shape and np.array_equal(leaf, embedding) for leaf in leaves)
 
 
 def _leaves(module):

@@ -91,14 +91,15 @@ def test_lm_loss_matches_transformers(tiny_llama_dir, llama_tokenizer):
     assert int(aux["count"]) == len(ds.tokens[0]) - 1
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-@pytest.mark.parametrize("strategy", ["full", "partial", "head"])
-def test_strategies_on_decoders(family, strategy, tiny_llama_dir, tiny_gemma3_dir, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma3", "mistral", "qwen2", "qwen3", "phi3", "gemma2"])
+@pytest.mark.parametrize("strategy", ["full", "partial", "head", "lora"])
+def test_strategies_on_decoders(family, strategy, tiny_decoder_dir, tmp_path):
+    """Each decoder family trains 2 steps with each strategy; what the strategy freezes stays bit-identical."""
     from sft_jax.state import ModelDef
     from sft_jax.tasks.language_model import load_finetuned_lm
     from sft_jax.train import train_and_evaluate
 
-    model_dir = tiny_llama_dir if family == "llama" else tiny_gemma3_dir
+    model_dir = tiny_decoder_dir(family)
     workdir = tmp_path / "run"
     results = train_and_evaluate(_lm_config(model_dir, tmp_path, strategy), str(workdir))
     assert np.isfinite(results["eval/loss"]) and results["eval/perplexity"] > 1
@@ -109,16 +110,24 @@ def test_strategies_on_decoders(family, strategy, tiny_llama_dir, tiny_gemma3_di
         return not np.array_equal(np.asarray(before[name]), np.asarray(after[name]))
 
     if strategy == "head":
-        # "head" on a decoder = its output side: a separate LM head (initialised from the tied embedding) and
-        # the final norm learn; the embedding and every block stay bit-identical.
+        # "head" on a decoder = its output side: the LM head (for a tied model a separate one, initialised from
+        # the embedding) and the final norm learn; the embedding and every block stay bit-identical.
         assert "lm_head/kernel" in after and moved("final_norm/scale")
-        assert not np.array_equal(np.asarray(after["lm_head/kernel"]), np.asarray(before["embed/embedding"]).T)
-        assert not any(moved(n) for n in before if n not in ("final_norm/scale",))
+        if "lm_head/kernel" in before:
+            assert moved("lm_head/kernel")
+        else:
+            assert not np.array_equal(np.asarray(after["lm_head/kernel"]), np.asarray(before["embed/embedding"]).T)
+        assert not any(moved(n) for n in before if n not in ("final_norm/scale", "lm_head/kernel"))
         assert results["trainable_params"] == after["lm_head/kernel"].size + after["final_norm/scale"].size
     elif strategy == "partial":
         frozen = [n for n in before if n.startswith(("embed/", "layers/0/"))]
         assert frozen and not any(moved(n) for n in frozen)
         assert all(moved(n) for n in before if n.startswith("layers/1/"))
+    elif strategy == "lora":
+        assert not any(moved(n) for n in before)  # the base, biases and norms included
+        adapters = [n for n in after if n.endswith("/lora_b")]
+        assert len(adapters) == 7 * len([n for n in before if n.endswith("attn/q/kernel")])
+        assert all(np.abs(np.asarray(after[n])).max() > 0 for n in adapters)  # lora_b starts at zero
     else:
         assert all(moved(n) for n in before)
 

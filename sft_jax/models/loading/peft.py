@@ -45,6 +45,9 @@ def save_adapters(params: Mapping[str, Any], config: LoraConfig | Mapping[str, A
     """
     from safetensors.numpy import save_file
 
+    if family == "phi3":  # its q/k/v (gate/up) adapters would have to be fused into rank-stacked ones
+        raise ValueError("save_adapters: Phi-3 fuses its q, k, v and gate, up projections; PEFT adapter files "
+                         "for it are not written (export_hf writes the model with the adapters merged)")
     cfg = LoraConfig.from_any(config)
     modules = sorted(name[: -len("/lora_a")] for name in params if name.endswith("/lora_a"))
     if not modules:
@@ -104,6 +107,8 @@ def load_adapters(model: nnx.Module, adapter_dir: str | os.PathLike, *, family: 
             raise ValueError(f"{path / ADAPTER_CONFIG}: {key}=true is not supported")
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
     family = family or getattr(getattr(model, "config", None), "family", "llama")
+    if family == "phi3":
+        raise ValueError(f"{path}: PEFT adapters of Phi-3's fused projections are not supported")
     # Our module path of each linear layer, through its Hugging Face name.
     ours = {}
     for module_path, m in nnx.iter_modules(model):
