@@ -43,10 +43,14 @@ def _losses(workdir: pathlib.Path) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(make_tiny_config, tmp_path_factory):
     """The same 3-step run by 2 processes x 2 devices (CLI) and by this process on 4 of its 8 devices."""
+    tmp = tmp_path_factory.mktemp("multihost")
+    return _two_and_one(make_tiny_config(tmp), tmp)
+
+
+def _two_and_one(c, tmp: pathlib.Path):
+    """(config, 1-process workdir, its results, 2-process workdir, its results) of `c` run for STEPS steps."""
     from sft_jax.train import train_and_evaluate
 
-    tmp = tmp_path_factory.mktemp("multihost")
-    c = make_tiny_config(tmp)
     c.max_steps, c.eval_every, c.checkpoint_every, c.log_every = STEPS, STEPS, STEPS, 1
     c.mesh = MESH
     config_file = tmp / "config.py"
@@ -96,6 +100,20 @@ def test_two_processes_train_like_one(runs):
     assert [row["step"] for row in _lines(two) if "train/loss" in row] == [1, 2, 3]  # one writer, not two
     assert len(list(two.glob("events.out.tfevents*"))) == 1
     assert two_results["total_params"] == one_results["total_params"]
+
+
+def test_two_processes_stream_a_decoder_and_train_like_one(tiny_llama_dir, tmp_path):
+    """A safetensors decoder streamed onto the 2-process mesh (each process reading its own devices' slices,
+    `models/loading/stream.py`) trains as in one process."""
+    from conftest import lm_config
+
+    c = lm_config(tiny_llama_dir, tmp_path, "full")
+    c.batch_size = c.eval_batch_size = 8
+    _, one, one_results, two, two_results = _two_and_one(c, tmp_path)
+    reference = _losses(one)
+    assert len(reference) == STEPS and len(set(reference)) == STEPS
+    np.testing.assert_allclose(_losses(two), reference, rtol=1e-5)
+    np.testing.assert_allclose(two_results["eval/loss"], one_results["eval/loss"], rtol=1e-5)
 
 
 def test_checkpoint_of_two_processes_restores_in_one(runs, tmp_path):
