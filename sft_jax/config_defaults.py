@@ -31,6 +31,12 @@ def defaults() -> ml_collections.ConfigDict:
     # Storage dtype of the pre-trained parameters (frozen or not); new ones (a classifier head, LoRA adapters)
     # stay float32. bfloat16 halves the weights' memory; trained in bfloat16, their AdamW moments are too.
     c.param_dtype = "float32"
+    # Activation rematerialisation per block (models/remat.py): none | full (keep only block inputs) | dots (also
+    # keep projection outputs) | offload (dots, kept in pinned host memory: GPU / TPU, and XLA:CPU).
+    c.remat = "none"
+    # Language models: compute the vocabulary logits this many target positions per row at a time (0: all at
+    # once). With a large vocabulary the [batch, targets, vocab] float32 logits dominate memory otherwise.
+    c.lm_loss_chunk = 0
     # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
     # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
     # GPU or TPU.
@@ -181,12 +187,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
     _check_choice(config, "param_dtype", DTYPES)
+    _check_choice(config, "remat", ("none", "full", "dots", "offload"))
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
     _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)
     _check_choice(config, "data.too_long", ("truncate", "error"))
     for key in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm", "head_dropout", "max_train_seconds",
-                "data.max_train_examples", "data.max_eval_examples", "lora.dropout"):
+                "data.max_train_examples", "data.max_eval_examples", "lora.dropout", "lm_loss_chunk"):
         if _get(config, key) < 0:
             raise ValueError(f"config.{key}: must be >= 0, got {_get(config, key)}")
     for axis, size in config.mesh.items():

@@ -25,6 +25,7 @@ from flax import nnx
 
 from sft_jax.models.dropout import dropout
 from sft_jax.models.mixed import Linear, linear_kwargs
+from sft_jax.models.remat import run_block
 from sft_jax.sharding import constrain, logical
 
 _SQRT_HALF = 0.7071067811865476
@@ -301,6 +302,7 @@ class BertEncoder(nnx.Module):
         self.layers = nnx.List(
             [BertLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
         )
+        self.remat = "none"  # per-block activation rematerialisation (models/remat.py)
 
     def __call__(
         self,
@@ -334,5 +336,5 @@ class BertEncoder(nnx.Module):
             layer_key = (
                 None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             )
-            x = constrain(layer(x, bias, dropout_rng=layer_key), "batch", "length", "embed")
+            x = constrain(run_block(layer, self.remat, x, bias, dropout_rng=layer_key), "batch", "length", "embed")
         return x.astype(jnp.float32)

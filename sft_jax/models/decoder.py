@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sft_jax.models.mixed import Linear, linear_dot, linear_kwargs
+from sft_jax.models.remat import run_block
 from sft_jax.sharding import constrain, logical
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
@@ -668,6 +669,7 @@ class DecoderLM(nnx.Module):
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=config.gemma)
         self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs,
                                                                   ("embed", "vocab"))
+        self.remat = "none"  # per-block activation rematerialisation in training (models/remat.py)
 
     def hidden(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
@@ -706,7 +708,10 @@ class DecoderLM(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else dict(cache, layer=i)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-            x, layer_cache = layer(x, positions, segment_ids, index, layer_cache, rng)
+            if cache is None:  # training and scoring; decoding keeps everything (no backward pass)
+                x, layer_cache = run_block(layer, self.remat, x, positions, segment_ids, index, None, rng)
+            else:
+                x, layer_cache = layer(x, positions, segment_ids, index, layer_cache, rng)
             x = constrain(x, "batch", "length", "embed")
             if cache is not None:
                 cache = {k: v for k, v in layer_cache.items() if k != "layer"}

@@ -22,6 +22,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
+
+# The name of every projection's output, for remat policies that keep them (models/remat.py).
+PROJECTION = "projection"
 
 _F32 = jnp.float32
 
@@ -109,18 +113,19 @@ class Linear(nnx.Linear):
         if (self.bias is None or out_sharding is not None or self.preferred_element_type is not None
                 or self.dtype is None or jnp.dtype(self.dtype) != jnp.bfloat16):
             return super().__call__(inputs, out_sharding)
-        return linear_bias_dot(inputs.astype(self.dtype), self.kernel[...], self.bias[...])
+        return checkpoint_name(linear_bias_dot(inputs.astype(self.dtype), self.kernel[...], self.bias[...]), PROJECTION)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
     """Drop-in `dot_general` for `nnx.Linear`: `linear_dot` for a bfloat16 or float32 layer's x @ kernel
-    (default precision, no output sharding), `lax.dot_general` for anything else."""
+    (default precision, no output sharding), `lax.dot_general` for anything else. The output is named
+    `PROJECTION` for the remat policies that keep projections (`sft_jax.models.remat`)."""
     if (lhs.dtype == rhs.dtype and lhs.dtype in (jnp.bfloat16, jnp.float32) and rhs.ndim == 2
             and preferred_element_type is None and precision is None and kwargs.get("out_sharding") is None
             and tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,)) and not dimension_numbers[1][0]):
-        return linear_dot(lhs, rhs)
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type, **kwargs)
+        return checkpoint_name(linear_dot(lhs, rhs), PROJECTION)
+    return checkpoint_name(lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                                           preferred_element_type=preferred_element_type, **kwargs), PROJECTION)
 
 
 def linear_kwargs(dtype) -> dict:

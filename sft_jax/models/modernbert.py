@@ -27,6 +27,7 @@ from flax import nnx
 from sft_jax.models.bert import _ACTIVATIONS, attention_bias
 from sft_jax.models.dropout import dropout
 from sft_jax.models.mixed import Linear, linear_kwargs
+from sft_jax.models.remat import run_block
 from sft_jax.sharding import constrain, logical
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -249,6 +250,7 @@ class ModernBertEncoder(nnx.Module):
         self.embeddings = ModernBertEmbeddings(config, rngs=rngs)
         self.layers = nnx.List([ModernBertLayer(config, i, rngs=rngs) for i in range(config.num_hidden_layers)])
         self.final_norm = _layer_norm(config, rngs)
+        self.remat = "none"  # per-block activation rematerialisation (models/remat.py)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *,
                  dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -271,5 +273,5 @@ class ModernBertEncoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_key = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             bias = full if layer.is_global else local
-            x = constrain(layer(x, bias, dropout_rng=layer_key), "batch", "length", "embed")
+            x = constrain(run_block(layer, self.remat, x, bias, dropout_rng=layer_key), "batch", "length", "embed")
         return self.final_norm(x).astype(jnp.float32)

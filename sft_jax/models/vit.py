@@ -25,6 +25,7 @@ from sft_jax.models.bert import _ACTIVATIONS, BertAttention, BertMlp, layer_norm
 from sft_jax.models.dropout import dropout
 from sft_jax.models.layout import ParamLayout
 from sft_jax.models.pooling import check_pooling
+from sft_jax.models.remat import run_block
 from sft_jax.sharding import constrain, logical
 
 
@@ -132,13 +133,15 @@ class ViT(nnx.Module):
         self.embeddings = ViTEmbeddings(config, rngs=rngs)
         self.layers = nnx.List([ViTLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)])
         self.norm = layer_norm(config.hidden_size, config.layer_norm_eps, rngs)
+        self.remat = "none"  # per-block activation rematerialisation (models/remat.py)
 
     def __call__(self, pixel_values: jax.Array, *, dropout_rng: jax.Array | None = None) -> jax.Array:
         x = constrain(self.embeddings(pixel_values), "batch", "length", "embed")
         if dropout_rng is not None:  # layer i uses fold_in(key, i); embedding dropout the index after the last
             x = dropout(x, self.config.hidden_dropout_prob, jax.random.fold_in(dropout_rng, len(self.layers)))
         for i, layer in enumerate(self.layers):
-            x = layer(x, dropout_rng=None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+            x = run_block(layer, self.remat, x, dropout_rng=None if dropout_rng is None else
+                          jax.random.fold_in(dropout_rng, i))
             x = constrain(x, "batch", "length", "embed")
         return self.norm(x).astype(jnp.float32)
 

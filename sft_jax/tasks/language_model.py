@@ -5,6 +5,7 @@ The forgetting probe is WikiText-2 perplexity; EWC's Fisher is that of next-toke
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -50,6 +51,7 @@ class LanguageModel(Task):
     strategies = ("head", "partial", "full", "lora")
     decoder = True
     higher_is_better = {"wikitext2_ppl": False, "wikitext2_word_ppl": False}
+    exclusive_options = {"lm_loss_chunk": "the chunked language-model loss"}
 
     @classmethod
     def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -78,7 +80,7 @@ class LanguageModel(Task):
                              f"{model_config.max_position_embeddings} positions ({config.model})")
         self.model_def, self.params = ModelDef.split(model)
         self.layout = decoder_layout(model_config.num_layers)
-        self.loss_fn = lm_loss
+        self.loss_fn = functools.partial(lm_loss, chunk=config.lm_loss_chunk)
         self.pad_id = self.tokenizer.pad_token_id
         if config.packing:
             packed = lm_data.pack(self.train_ds, max(config.buckets))
@@ -160,7 +162,8 @@ class LanguageModel(Task):
             raise DataError(f"{r.fisher_data}: {len(ds)} blocks of text, fewer than fisher_batch_size={size}")
         batches = [lm_data.make_lm_batch(ds, order[i * size:(i + 1) * size], size, self.config.buckets,
                                          self.pad_id) for i in range(count)]
-        return regularizers.empirical_fisher(self.model_def, params, names, lm_loss, batches, seed=self.config.seed)
+        return regularizers.empirical_fisher(self.model_def, params, names, self.loss_fn, batches,
+                                             seed=self.config.seed)
 
     def probes(self, params: dict) -> dict[str, float]:
         f = self.config.forgetting

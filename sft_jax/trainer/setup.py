@@ -17,7 +17,8 @@ import tqdm
 
 from sft_jax import groups, optim, regularizers, sharding, strategies
 from sft_jax.checkpoint import Checkpoints
-from sft_jax.state import TrainState
+from sft_jax.models import remat as remat_lib
+from sft_jax.state import ModelDef, TrainState
 from sft_jax.tasks.base import Task
 from sft_jax.train_step import compiler_options, compute_cast_plan, make_eval_step, make_train_step, with_compute_params
 
@@ -55,6 +56,17 @@ def in_storage_dtype(params: dict, param_dtype: str, layout: strategies.ParamLay
         return value.astype(target)
 
     return {name: stored(name, value) for name, value in params.items()}
+
+
+def with_remat(model_def: ModelDef, params: dict, remat: str) -> ModelDef:
+    """`model_def` with every block running under the `remat` policy (`sft_jax.models.remat`)."""
+    if remat == "none":
+        return model_def
+    remat_lib.check_backend(remat)
+    model = model_def.merge(params)
+    if not remat_lib.set_remat(model, remat):
+        raise ValueError(f"config.remat={remat!r}: this model has no blocks that support it")
+    return ModelDef.split(model)[0]
 
 
 def make_optimizer(config: ml_collections.ConfigDict, labels: dict[str, str], layout: strategies.ParamLayout,
