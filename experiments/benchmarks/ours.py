@@ -3,14 +3,13 @@ and the FLOP count of one step (the MFU numerator)."""
 
 from __future__ import annotations
 
-import re
-
 import jax
 import numpy as np
 import optax
 
 from sft_jax import optim, sharding, strategies
 from sft_jax.config_defaults import defaults
+from sft_jax.flops import step_flops
 from sft_jax.losses import classification_loss, lm_loss
 from sft_jax.state import ModelDef
 from sft_jax.train_step import compiler_options, compute_cast_plan, make_train_step, with_compute_params
@@ -88,42 +87,6 @@ class OursStep:
     def flops_per_step(self, seq_len: int) -> float:
         return step_flops(self.shapes, self.trainable, self.attn, seq_len, self.tokens,
                           tied_head=self.tied)
-
-
-def _unit(name: str) -> float:
-    """Position of a parameter along the network: -1 embeddings, i for block i, inf for the head."""
-    m = re.search(r"layers/(\d+)/", name)
-    if m:
-        return int(m.group(1))
-    return -1 if re.search(r"embed", name) else float("inf")
-
-
-def step_flops(shapes: dict, trainable, attn: dict, seq_len: int, tokens: int, tied_head: bool = False) -> float:
-    """Model FLOPs of one train step (the MFU convention, stated in RESULTS.md).
-
-    Per token, each matmul weight of N entries costs 2N forward, 2N for the gradient of its input when any
-    trainable parameter lies at or below its block (backprop must pass through it), and 2N for its own
-    gradient when it trains: 6N for `full`, as in the usual 6 * params * tokens. Embedding lookups cost
-    nothing, except a tied embedding that is also the LM head (counted as a matmul there). Attention scores
-    and the weighted sum add 4 * seq_len * width per layer forward (halved when causal: only the lower
-    triangle is needed) and twice that backward in blocks the gradient passes through."""
-    trainable = set(trainable)
-    lowest = min((_unit(n) for n in trainable), default=float("inf"))
-    total = 0.0
-    for name, shape in shapes.items():
-        matmul = len(shape) == 2 and not re.search(r"embed", name)
-        if tied_head and name == "embed/embedding":
-            matmul, unit = True, float("inf")  # the LM head: at the top of the network
-        else:
-            unit = _unit(name)
-        if not matmul:
-            continue
-        n = float(np.prod(shape))
-        total += 2 * n + (2 * n if unit >= lowest else 0) + (2 * n if name in trainable else 0)
-    per_layer = 4.0 * seq_len * attn["width"] * (0.5 if attn["causal"] else 1.0)
-    for layer in range(attn["layers"]):
-        total += per_layer * (3 if layer >= lowest else 1)
-    return total * tokens
 
 
 def matmul_peak(dtype: str, n: int, repeats: int = 5, library: str | None = None) -> float:

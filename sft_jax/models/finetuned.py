@@ -34,12 +34,20 @@ def build_lm(model: str, strategy: str, dtype: str = "float32", lora: LoraConfig
                                           placement=placement)
     else:
         lm, config = load_decoder(checkpoint, dtype=jnp.dtype(dtype))
+    adapt_lm(lm, strategy, lora, seed)
+    return lm, lm.config
+
+
+def adapt_lm(lm: DecoderLM, strategy: str, lora: LoraConfig | Mapping[str, Any] | None = None, seed: int = 0
+             ) -> DecoderLM:
+    """What a strategy changes in a pre-trained decoder, in place: its own LM head for `head` on a tied model,
+    adapters for `lora` (see `build_lm`). Works on an abstract model (`nnx.eval_shape`) too."""
     if strategy == "head" and lm.lm_head is None:
         lm.untie_head()
     if strategy == "lora":
         cfg = LoraConfig.from_any(lora)
         apply_lora(lm, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout, rngs=nnx.Rngs(seed))
-    return lm, lm.config
+    return lm
 
 
 def with_dtype(lm: DecoderLM, dtype) -> DecoderLM:
