@@ -37,6 +37,9 @@ def defaults() -> ml_collections.ConfigDict:
     # Language models: compute the vocabulary logits this many target positions per row at a time (0: all at
     # once). With a large vocabulary the [batch, targets, vocab] float32 logits dominate memory otherwise.
     c.lm_loss_chunk = 0
+    # QLoRA (strategy=lora, language models): the frozen base kernels of the adapted projections stored as
+    # none | int8 | nf4 (4-bit NormalFloat, double-quantised scales), dequantised inside each matmul.
+    c.quantize_base = "none"
     # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
     # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
     # GPU or TPU.
@@ -188,6 +191,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
     _check_choice(config, "param_dtype", DTYPES)
     _check_choice(config, "remat", ("none", "full", "dots", "offload"))
+    _check_choice(config, "quantize_base", ("none", "int8", "nf4"))
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
     _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)

@@ -28,6 +28,7 @@ from flax import nnx
 
 from sft_jax.models.dropout import dropout
 from sft_jax.models.mixed import Linear, linear_bias_dot
+from sft_jax.models.quant import KINDS, QuantizedKernel
 from sft_jax.sharding import logical
 
 DEFAULT_TARGETS = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
@@ -97,7 +98,12 @@ class LoRALinear(nnx.Module):
         bias = self.bias.value if self.bias is not None else None
         kwargs = {} if self.preferred_element_type is None else {"preferred_element_type": self.preferred_element_type}
         dims = (((x.ndim - 1,), (0,)), ((), ()))
-        if (self.bias_in_float32 and bias is not None and self.preferred_element_type is None
+        if isinstance(self.kernel, QuantizedKernel):  # QLoRA: dequantised inside the product (models/quant.py)
+            x = x.astype(self.dtype or x.dtype)
+            y = self.kernel.matmul(x, x.dtype)
+            if bias is not None:
+                y = (y.astype(jnp.float32) + bias).astype(x.dtype)
+        elif (self.bias_in_float32 and bias is not None and self.preferred_element_type is None
                 and self.dtype is not None and jnp.dtype(self.dtype) == jnp.bfloat16):
             x = x.astype(self.dtype)  # mixed.Linear's bfloat16 path: one rounding, after the float32 bias
             y = linear_bias_dot(x, self.kernel.value, bias)
@@ -120,7 +126,8 @@ class LoRALinear(nnx.Module):
     def merged_kernel(self) -> jax.Array:
         """kernel + lora_a @ lora_b * scale, float32 (full-precision product: merging must not round)."""
         delta = jnp.matmul(self.lora_a.value, self.lora_b.value, precision=jax.lax.Precision.HIGHEST)
-        return self.kernel.value + delta * self.scale
+        base = self.kernel.dequantize() if isinstance(self.kernel, QuantizedKernel) else self.kernel.value
+        return base + delta * self.scale
 
 
 def _module_path(path: tuple) -> str:
@@ -159,6 +166,22 @@ def apply_lora(model: nnx.Module, targets: str, rank: int, alpha: float, dropout
     return names
 
 
+def quantize_bases(model: nnx.Module, kind: str) -> list[str]:
+    """QLoRA: stores the frozen base kernel of every `LoRALinear` of `model` quantised (`models/quant.py`), in
+    place; returns their module paths. The adapters and biases are unchanged."""
+    if kind not in KINDS:
+        raise ValueError(f"config.quantize_base: {kind!r} is not one of {KINDS}")
+    done = []
+    for path, layer in nnx.iter_modules(model):
+        if isinstance(layer, LoRALinear) and not isinstance(layer.kernel, QuantizedKernel):
+            layer.kernel = QuantizedKernel(layer.kernel, kind)
+            done.append(_module_path(path))
+    if not done:
+        raise ValueError("config.quantize_base: the model has no LoRA layers whose base to quantise "
+                         "(QLoRA needs strategy=lora)")
+    return done
+
+
 def has_lora(target: nnx.Module | Mapping[str, Any]) -> bool:
     """Whether a model or a flat {path: array} dict holds LoRA adapters."""
     if isinstance(target, nnx.Module):
@@ -182,7 +205,10 @@ def merge_lora(target: nnx.Module | Mapping[str, Any], alpha: float | None = Non
                 layer.in_features, layer.out_features, use_bias=layer.bias is not None, dtype=layer.dtype,
                 precision=layer.precision, dot_general=layer.dot_general, promote_dtype=layer.promote_dtype,
                 preferred_element_type=layer.preferred_element_type, rngs=nnx.Rngs(0)))
-            linear.kernel = layer.kernel.replace(value=layer.merged_kernel())
+            if isinstance(layer.kernel, QuantizedKernel):  # the merged kernel is a plain float32 one again
+                linear.kernel = nnx.Param(layer.merged_kernel(), **logical(*layer.kernel.axes))
+            else:
+                linear.kernel = layer.kernel.replace(value=layer.merged_kernel())
             if layer.bias is not None:
                 linear.bias = layer.bias
             _replace(model, path, linear)

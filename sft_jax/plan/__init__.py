@@ -37,7 +37,7 @@ from sft_jax.models.finetuned import adapt_lm, decoder_layout
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.state import ModelDef, TrainState
 from sft_jax.train_step import compute_cast_plan, make_train_step
-from sft_jax.trainer.setup import make_optimizer
+from sft_jax.trainer.setup import make_optimizer, storage_dtype
 
 GB = 1e9
 TASKS = ("language_modeling", "sft")
@@ -139,15 +139,15 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
     model_config = dataclasses.replace(read_model_config(config.model), dtype=jnp.dtype(config.dtype))
 
     def build():
-        lm = adapt_lm(DecoderLM(model_config, rngs=nnx.Rngs(0)), config.strategy, config.lora, config.seed)
+        lm = adapt_lm(DecoderLM(model_config, rngs=nnx.Rngs(0)), config.strategy, config.lora, config.seed,
+                      quantize_base=config.quantize_base)
         remat_lib.set_remat(lm, config.remat)
         return lm
 
     model_def, params = ModelDef.split(nnx.eval_shape(build))
     tied = model_def.merge(params).lm_head is None
     layout = decoder_layout(model_config.num_layers)
-    storage = jnp.dtype(config.param_dtype)  # as trainer.setup.in_storage_dtype: adapters stay float32
-    params = {k: jax.ShapeDtypeStruct(v.shape, storage if not k.endswith(("/lora_a", "/lora_b")) else v.dtype)
+    params = {k: jax.ShapeDtypeStruct(v.shape, storage_dtype(k, v.dtype, config.param_dtype))
               for k, v in params.items()}
 
     rules = strategies.strategy_rules(config.strategy, layout, config.frozen_layers)

@@ -51,7 +51,8 @@ class LanguageModel(Task):
     strategies = ("head", "partial", "full", "lora")
     decoder = True
     higher_is_better = {"wikitext2_ppl": False, "wikitext2_word_ppl": False}
-    exclusive_options = {"lm_loss_chunk": "the chunked language-model loss"}
+    exclusive_options = {"lm_loss_chunk": "the chunked language-model loss",
+                         "quantize_base": "a quantised base (QLoRA)"}
 
     @classmethod
     def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -62,6 +63,9 @@ class LanguageModel(Task):
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         if config.eval_generation.metrics and config.task != "sft":
             raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
+        if config.quantize_base != "none" and config.strategy != "lora":
+            raise ValueError(f"config.quantize_base={config.quantize_base!r}: a quantised base is frozen; it needs "
+                             f"strategy='lora', not {config.strategy!r}")
         super().check_config(config)
 
     def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
@@ -72,7 +76,7 @@ class LanguageModel(Task):
         mesh = sharding.make_mesh(config.mesh.to_dict())
         model, model_config = build_lm(
             config.model, config.strategy, config.dtype, lora=config.lora, seed=config.seed,
-            param_dtype=config.param_dtype,
+            param_dtype=config.param_dtype, quantize_base=config.quantize_base,
             placement=lambda names, shapes, axes: sharding.run_param_shardings(config, mesh, names, shapes, axes))
         longest = max(config.max_length, max(config.buckets))
         if longest > model_config.max_position_embeddings:
@@ -184,7 +188,7 @@ def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
     rundir = RunDir(workdir)
     run = rundir.read_config()
     lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
-                          seed=run.get("seed", 0))
+                          seed=run.get("seed", 0), quantize_base=run.get("quantize_base", "none"))
     model_def, params = ModelDef.split(lm)
     lm = model_def.merge(rundir.restore_params(params, which))
     return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"])

@@ -44,7 +44,7 @@ def check_config(config) -> type[Task]:
             value = config
             for part in key.split("."):
                 value = value[part]
-            if value:
+            if value and value != "none":  # set: not empty, zero, False or "none"
                 owners = " or ".join(f"task={n!r}" for n, c in _TASKS.items() if c is other)
                 raise ValueError(f"config.{key}: {what} needs {owners}")
     cls.check_config(config)

@@ -18,6 +18,7 @@ import tqdm
 from sft_jax import groups, optim, regularizers, sharding, strategies
 from sft_jax.checkpoint import Checkpoints
 from sft_jax.models import remat as remat_lib
+from sft_jax.models.quant import QUANTIZED
 from sft_jax.state import ModelDef, TrainState
 from sft_jax.tasks.base import Task
 from sft_jax.train_step import compiler_options, compute_cast_plan, make_eval_step, make_train_step, with_compute_params
@@ -41,19 +42,23 @@ def init_state(params: dict, tx, p_shard: dict | None = None, mesh: jax.sharding
     return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
 
 
+def storage_dtype(name: str, dtype, param_dtype: str, fresh: re.Pattern | None = None):
+    """The dtype parameter `name` (now `dtype`) is stored in: `param_dtype` for pre-trained floating-point
+    weights; new ones (`fresh`: a new head; LoRA adapters) and quantised ones (codes and scales, QLoRA) keep
+    theirs, so that what starts from zero learns at full precision."""
+    new = (fresh is not None and fresh.search(name)) or name.endswith(QUANTIZED + ("/lora_a", "/lora_b"))
+    return dtype if new or not jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(param_dtype)
+
+
 def in_storage_dtype(params: dict, param_dtype: str, layout: strategies.ParamLayout) -> dict:
-    """The pre-trained floating-point parameters stored as `param_dtype`; new ones (`layout.fresh`: a new
-    head; LoRA adapters) stay float32, so that what starts from zero learns at full precision."""
+    """`params` stored as `storage_dtype` says."""
     if param_dtype == "float32":
         return params
     fresh = re.compile("^" + layout.fresh) if layout.fresh else None
-    target = jnp.dtype(param_dtype)
 
     def stored(name, value):
-        new = (fresh and fresh.search(name)) or name.endswith(("/lora_a", "/lora_b"))
-        if new or not jnp.issubdtype(value.dtype, jnp.floating) or value.dtype == target:
-            return value
-        return value.astype(target)
+        dtype = storage_dtype(name, value.dtype, param_dtype, fresh)
+        return value if dtype == value.dtype else value.astype(dtype)
 
     return {name: stored(name, value) for name, value in params.items()}
 
