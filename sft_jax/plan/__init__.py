@@ -190,7 +190,11 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
 
 def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float = 80.0, devices=None) -> Plan:
     """The memory and FLOPs of `config`'s train step per device (see the module docstring)."""
-    step = compile_step(config, devices)
+    return plan_of(compile_step(config, devices), device_memory_gb)
+
+
+def plan_of(step: CompiledStep, device_memory_gb: float = 80.0) -> Plan:
+    """The `Plan` of a compiled step."""
     memory = step.compiled.memory_analysis()
     state = step.state
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from sft_jax.plan import compile_step
+from sft_jax.plan import CompiledStep, compile_step
 
 
 def _status(key: str) -> int:
@@ -33,17 +33,7 @@ def measure(config: ml_collections.ConfigDict, steps: int = 2, devices=None) -> 
     """Peak resident bytes of `steps` train steps of `config` beyond what the process held before its state
     was built (Linux only)."""
     step = compile_step(config, devices)
-
-    def filled(tree, ones=()):  # compiled before the measurement starts: compiling takes memory too
-        shardings = jax.tree.map(lambda x: x.sharding, tree)
-
-        def build():
-            return {k: (jnp.ones if k in ones else jnp.zeros)(x.shape, x.dtype) for k, x in tree.items()} \
-                if isinstance(tree, dict) else jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
-
-        return jax.jit(build, out_shardings=shardings).lower().compile()
-
-    make_state, make_batch = filled(step.state), filled(step.batch, ones=("loss_mask", "target_weight"))
+    make_state, make_batch = builders(step)
     _reset_peak()
     before = _status("VmRSS")
     state, batch = make_state(), make_batch()
@@ -51,3 +41,20 @@ def measure(config: ml_collections.ConfigDict, steps: int = 2, devices=None) -> 
         state, metrics = step.compiled(state, batch)
     jax.block_until_ready((state, metrics))
     return _status("VmHWM") - before
+
+
+def builders(step: CompiledStep):
+    """(make_state, make_batch): compiled functions building a state of zeros and a full batch (every position
+    a target) for `step`, laid out on its devices. Compiled here, so that running them allocates only arrays."""
+
+    def compiled(tree, ones=()):
+        shardings = jax.tree.map(lambda x: x.sharding, tree)
+
+        def build():
+            if isinstance(tree, dict):
+                return {k: (jnp.ones if k in ones else jnp.zeros)(x.shape, x.dtype) for k, x in tree.items()}
+            return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+        return jax.jit(build, out_shardings=shardings).lower().compile()
+
+    return compiled(step.state), compiled(step.batch, ones=("loss_mask", "target_weight"))
