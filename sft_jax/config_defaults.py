@@ -40,6 +40,9 @@ def defaults() -> ml_collections.ConfigDict:
     # QLoRA (strategy=lora, language models): the frozen base kernels of the adapted projections stored as
     # none | int8 | nf4 (4-bit NormalFloat, double-quantised scales), dequantised inside each matmul.
     c.quantize_base = "none"
+    # AdamW's moments stored as float32 | bfloat16 | int8 (block-wise 8-bit, as 8-bit Adam): 8, 4 or ~2 bytes
+    # per trained parameter (sft_jax/optim_states.py). The arithmetic stays float32.
+    c.optimizer_state_dtype = "float32"
     # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
     # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
     # GPU or TPU.
@@ -192,6 +195,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "param_dtype", DTYPES)
     _check_choice(config, "remat", ("none", "full", "dots", "offload"))
     _check_choice(config, "quantize_base", ("none", "int8", "nf4"))
+    _check_choice(config, "optimizer_state_dtype", ("float32", "bfloat16", "int8"))
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
     _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)

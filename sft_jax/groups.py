@@ -132,14 +132,15 @@ def group_schedule(schedule: optax.Schedule, group: Group, warmup_steps: int,
 
 def grouped_optimizer(labels: Mapping[str, str], plan: Mapping[str, Group], schedule: optax.Schedule, *,
                       warmup_steps: int, weight_decay: float, clip_norm: float | None, head_ratio: float = 1.0,
-                      lp_steps: int = 0) -> optax.GradientTransformation:
+                      lp_steps: int = 0, state_dtype: str = "float32") -> optax.GradientTransformation:
     """Global-norm clipping, then per group (labels from `group_labels`) a delayed AdamW on its own schedule;
     frozen parameters get `set_to_zero` (no state)."""
     transforms = {FROZEN: optax.set_to_zero()}
     for group in sorted(set(labels.values()) - {FROZEN}):
         g = plan[group]
         lr = group_schedule(schedule, g, warmup_steps, head_ratio if group == HEAD else 1.0, lp_steps)
-        transforms[group] = delayed(optim.adamw(lr, weight_decay=weight_decay, clip_norm=None), g.start)
+        transforms[group] = delayed(optim.adamw(lr, weight_decay=weight_decay, clip_norm=None,
+                                                state_dtype=state_dtype), g.start)
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
     return optax.chain(*parts, optax.partition(transforms, dict(labels)))
 

@@ -6,6 +6,8 @@ import re
 
 import optax
 
+from sft_jax import optim_states
+
 # Biases and normalisation parameters are not decayed (as in BERT and most fine-tuning recipes).
 NO_DECAY = re.compile(r"(^|/)bias$|(^|/)(scale|norm[^/]*)$|norm/")
 
@@ -32,8 +34,14 @@ def make_schedule(learning_rate: float, max_steps: int, warmup_steps: int, decay
 
 
 def adamw(schedule: optax.Schedule, *, weight_decay: float = 0.01, clip_norm: float | None = 1.0,
-          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
-    """Clip by global norm (of the trainable gradients), then AdamW with biases and norms undecayed."""
+          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, state_dtype: str = "float32"
+          ) -> optax.GradientTransformation:
+    """Clip by global norm (of the trainable gradients), then AdamW with biases and norms undecayed; the
+    moments stored as `state_dtype` (float32, bfloat16 or int8: `sft_jax.optim_states`)."""
     parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    if state_dtype == "float32":
+        parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    else:  # optax.adamw's chain with the moments stored narrower
+        parts += [optim_states.scale_by_adam(state_dtype, b1=b1, b2=b2, eps=eps),
+                  optax.add_decayed_weights(weight_decay, decay_mask), optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts)

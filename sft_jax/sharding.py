@@ -257,9 +257,18 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(names, rules, mesh, x.shape)))
 
 
+def _fits(sharding: NamedSharding, shape: tuple[int, ...]) -> bool:
+    try:
+        sharding.shard_shape(shape)
+    except Exception:  # noqa: BLE001 (jax's IndivisibleError): the mesh axes do not divide this shape
+        return False
+    return True
+
+
 def tree_shardings(tree, params_sharding: Mapping[str, NamedSharding], mesh: Mesh):
     """Shardings for a pytree (e.g. optimizer state) whose leaves sit under parameter names: they follow
-    that parameter when the shapes agree; everything else (counts, scalars) is replicated."""
+    that parameter where its layout divides the leaf (moments, 8-bit codes); everything else (counts, scalars,
+    per-block scales) is replicated."""
     replicated = NamedSharding(mesh, P())
 
     def pick(path, leaf):
@@ -267,7 +276,8 @@ def tree_shardings(tree, params_sharding: Mapping[str, NamedSharding], mesh: Mes
             name = getattr(key, "key", None)
             if name in params_sharding:
                 sharding = params_sharding[name]
-                if len(sharding.spec) <= len(getattr(leaf, "shape", ())):
+                shape = tuple(getattr(leaf, "shape", ()))
+                if len(sharding.spec) <= len(shape) and _fits(sharding, shape):
                     return sharding
         return replicated
 

@@ -91,11 +91,13 @@ def make_optimizer(config: ml_collections.ConfigDict, labels: dict[str, str], la
             config.learning_rate else 1.0
         tx = groups.grouped_optimizer(glabels, plan, schedule, warmup_steps=config.warmup_steps,
                                       weight_decay=config.weight_decay, clip_norm=config.clip_norm,
-                                      head_ratio=head_ratio, lp_steps=lp.head_steps)
+                                      head_ratio=head_ratio, lp_steps=lp.head_steps,
+                                      state_dtype=config.optimizer_state_dtype)
         phase_list = groups.phases(glabels, plan)
     else:
         tx = strategies.partition(labels, optim.adamw(schedule, weight_decay=config.weight_decay,
-                                                      clip_norm=config.clip_norm))
+                                                      clip_norm=config.clip_norm,
+                                                      state_dtype=config.optimizer_state_dtype))
     fresh = re.compile("^" + layout.fresh) if layout.fresh else None
     anchored = tuple(n for n in strategies.trainable_names(labels) if not (fresh and fresh.search(n)))
     weight = config.regularizer.l2sp or config.regularizer.ewc
