@@ -43,6 +43,10 @@ def defaults() -> ml_collections.ConfigDict:
     # AdamW's moments stored as float32 | bfloat16 | int8 (block-wise 8-bit, as 8-bit Adam): 8, 4 or ~2 bytes
     # per trained parameter (sft_jax/optim_states.py). The arithmetic stays float32.
     c.optimizer_state_dtype = "float32"
+    # Language models: run the decoder's blocks under one scan over stacked parameters (models/scan.py): compile
+    # time and program size flat in depth, and remat effective on every backend. Per-layer optimizer groups
+    # (llrd, gradual_unfreeze, lp_ft) need it off.
+    c.scan_layers = False
     # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
     # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
     # GPU or TPU.

@@ -40,6 +40,7 @@ LOGICAL_AXES: dict[str, str] = {
     "patch": "the pixels x channels of one flattened image patch",
     "classes": "outputs of a classification head",
     "lora_rank": "the rank of a LoRA adapter",
+    "layers": "the layers of a scanned stack of blocks (their parameters stacked along it)",
 }
 
 # Megatron-style layouts. FSDP shards every matrix along its model-width dimension (gathered for the matmul, its
@@ -64,6 +65,7 @@ DEFAULT_LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("classes", None),
     ("lora_rank", None),
+    ("layers", None),
 )
 
 LogicalRules = Sequence[tuple[str, "str | Sequence[str] | None"]]

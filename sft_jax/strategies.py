@@ -7,6 +7,7 @@ no optimizer state, and the train step differentiates only the trainable subtree
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -43,8 +44,12 @@ def strategy_rules(strategy: str, layout: ParamLayout, frozen_layers: int = 0) -
             raise ValueError(f"frozen_layers={frozen_layers} must be between 0 and the model's "
                              f"{layout.num_layers} layers")
         rules = [("^" + layout.embeddings, FROZEN)]
+        ends = list(itertools.accumulate(layout.unit_sizes or (1,) * layout.num_layers))
+        if frozen_layers and frozen_layers not in ends:
+            raise ValueError(f"frozen_layers={frozen_layers} cuts through a scanned stack of layers "
+                             f"{layout.unit_sizes}; freeze whole stacks")
         if frozen_layers:
-            blocks = "|".join(str(i) for i in range(frozen_layers))
+            blocks = "|".join(str(i) for i in range(ends.index(frozen_layers) + 1))
             rules.append(("^" + layout.layer.format(i=f"({blocks})"), FROZEN))
         return rules + [(".*", TRAINABLE)]
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")

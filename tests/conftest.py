@@ -175,6 +175,7 @@ TINY_GEMMA3 = dict(vocab_size=262144, hidden_size=32, intermediate_size=64, num_
 # The other decoder families on SmolLM2's tokenizer (the vocabulary is all they share with it), each with what
 # makes it that family switched on: (transformers config class, model class, config beside TINY_LLAMA's).
 TINY_FAMILIES = {
+    "llama4": ("LlamaConfig", "LlamaForCausalLM", dict(num_hidden_layers=4)),  # enough layers to scan in stacks
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, tie_word_embeddings=False)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=4,
                                                       max_window_layers=1)),

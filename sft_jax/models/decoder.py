@@ -670,6 +670,7 @@ class DecoderLM(nnx.Module):
         self.lm_head = None if config.tie_embeddings else _linear(config.hidden_size, config.vocab_size, config, rngs,
                                                                   ("embed", "vocab"))
         self.remat = "none"  # per-block activation rematerialisation in training (models/remat.py)
+        self.segments = nnx.List([])  # the layers, when scanned (models/scan.py); then `layers` is empty
 
     def hidden(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, attention_mask: jax.Array | None = None,
@@ -705,7 +706,11 @@ class DecoderLM(nnx.Module):
         if self.config.gemma:
             x = x * jnp.float32(self.config.hidden_size**0.5)
         x = constrain(x, "batch", "length", "embed")
-        for i, layer in enumerate(self.layers):
+        if self.segments and cache is None:  # scanned layers (models/scan.py)
+            for segment in self.segments:
+                x = segment(x, positions, segment_ids, index, dropout_rng, self.remat)
+            return self.final_norm(x), None
+        for i, layer in enumerate(self._blocks()):
             layer_cache = None if cache is None else dict(cache, layer=i)
             rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
             if cache is None:  # training and scoring; decoding keeps everything (no backward pass)
@@ -717,6 +722,13 @@ class DecoderLM(nnx.Module):
                 cache = {k: v for k, v in layer_cache.items() if k != "layer"}
         new_cache = None if cache is None else dict(cache, end=offset + t)
         return self.final_norm(x), new_cache
+
+    def _blocks(self) -> list[Block]:
+        """The blocks in order; those of scanned segments sliced out of their stacks (decoding runs them
+        one at a time with the KV cache)."""
+        if not self.segments:
+            return list(self.layers)
+        return [segment.layer(i) for segment in self.segments for i in range(segment.shape.size)]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 [.., vocab] logits of final hidden states (matmul in the compute dtype)."""

@@ -14,3 +14,6 @@ class ParamLayout:
     head: str  # the freshly added layers, e.g. r"head/"
     num_layers: int
     fresh: str = ""  # freshly initialised parameters (no pre-trained value), e.g. r"head/"; "" for none
+    # Layers per unit that `layer` numbers, where a unit holds several (scanned segments: models/scan.py);
+    # empty: one layer each.
+    unit_sizes: tuple[int, ...] = ()

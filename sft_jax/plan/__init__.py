@@ -35,6 +35,7 @@ from sft_jax.models import remat as remat_lib
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import adapt_lm, decoder_layout
 from sft_jax.models.registry import resolve_model_dir
+from sft_jax.models.scan import segment_sizes
 from sft_jax.state import ModelDef, TrainState
 from sft_jax.train_step import compute_cast_plan, make_train_step
 from sft_jax.trainer.setup import make_optimizer, storage_dtype
@@ -123,6 +124,10 @@ class CompiledStep:
     model_config: DecoderConfig
     trainable: tuple[str, ...]
     tied_head: bool
+    # The model's parameters as plain per-layer float arrays (not scanned, not quantised), and the trained ones
+    # among them: what FLOPs and parameter counts are counted on.
+    logical_shapes: dict[str, tuple[int, ...]]
+    logical_trainable: tuple[str, ...]
 
 
 def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledStep:
@@ -140,13 +145,15 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
 
     def build():
         lm = adapt_lm(DecoderLM(model_config, rngs=nnx.Rngs(0)), config.strategy, config.lora, config.seed,
-                      quantize_base=config.quantize_base)
+                      quantize_base=config.quantize_base, scan_layers=config.scan_layers,
+                      frozen_layers=config.frozen_layers)
         remat_lib.set_remat(lm, config.remat)
         return lm
 
-    model_def, params = ModelDef.split(nnx.eval_shape(build))
-    tied = model_def.merge(params).lm_head is None
-    layout = decoder_layout(model_config.num_layers)
+    model = nnx.eval_shape(build)
+    model_def, params = ModelDef.split(model)
+    tied = model.lm_head is None
+    layout = decoder_layout(model_config.num_layers, segment_sizes(model))
     params = {k: jax.ShapeDtypeStruct(v.shape, storage_dtype(k, v.dtype, config.param_dtype))
               for k, v in params.items()}
 
@@ -185,7 +192,14 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
     step = make_train_step(model_def, tx, loss_fn, trainable, state_sharding=state_shard, batch_sharding=b_shard,
                            accum_steps=config.grad_accum_steps, logical_rules=sharding.run_logical_rules(config))
     state, batch = _abstract(state, state_shard), _abstract(batch, {k: b_shard for k in batch})
-    return CompiledStep(step.lower(state, batch).compile(), state, batch, mesh, model_config, tuple(trainable), tied)
+    plain = nnx.eval_shape(lambda: adapt_lm(DecoderLM(model_config, rngs=nnx.Rngs(0)), config.strategy,
+                                            config.lora, config.seed))
+    plain_def, plain_params = ModelDef.split(plain)
+    plain_labels = strategies.label_params(plain_def.names, strategies.strategy_rules(
+        config.strategy, decoder_layout(model_config.num_layers), config.frozen_layers))
+    return CompiledStep(step.lower(state, batch).compile(), state, batch, mesh, model_config, tuple(trainable), tied,
+                        {k: tuple(v.shape) for k, v in plain_params.items()},
+                        tuple(strategies.trainable_names(plain_labels)))
 
 
 def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float = 80.0, devices=None) -> Plan:
@@ -208,14 +222,14 @@ def plan_of(step: CompiledStep, device_memory_gb: float = 80.0) -> Plan:
                  compute_copies=nbytes(state.compute_params), batch=nbytes(step.batch))
     c = step.model_config
     attn = {"layers": c.num_layers, "width": c.num_heads * c.head_dim, "causal": True}
-    shapes = {k: tuple(v.shape) for k, v in state.params.items()}
+    shapes = step.logical_shapes
     rows, length = step.batch["input_ids"].shape
     return Plan(devices=step.mesh.devices.size, mesh=dict(step.mesh.shape), **parts, temporaries=temporaries,
                 total=sum(parts.values()) + temporaries, device_memory=int(device_memory_gb * GB),
-                flops_per_step=step_flops(shapes, step.trainable, attn, length, rows * length,
+                flops_per_step=step_flops(shapes, step.logical_trainable, attn, length, rows * length,
                                           tied_head=step.tied_head),
                 tokens_per_step=rows * length, total_params=sum(int(np.prod(s)) for s in shapes.values()),
-                trainable_params=sum(int(np.prod(shapes[k])) for k in step.trainable),
+                trainable_params=sum(int(np.prod(shapes[k])) for k in step.logical_trainable),
                 attention=f"blocked XLA attention ({step.mesh.devices.flat[0].platform})")
 
 

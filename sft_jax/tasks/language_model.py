@@ -27,6 +27,7 @@ from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import build_lm, decoder_layout, with_dtype
 from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
 from sft_jax.models.lora import merge_lora
+from sft_jax.models.scan import segment_sizes, unscan_decoder
 from sft_jax.rundir import RunDir
 from sft_jax.state import ModelDef
 from sft_jax.tasks.base import Task
@@ -52,7 +53,7 @@ class LanguageModel(Task):
     decoder = True
     higher_is_better = {"wikitext2_ppl": False, "wikitext2_word_ppl": False}
     exclusive_options = {"lm_loss_chunk": "the chunked language-model loss",
-                         "quantize_base": "a quantised base (QLoRA)"}
+                         "quantize_base": "a quantised base (QLoRA)", "scan_layers": "scanned layers"}
 
     @classmethod
     def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -63,6 +64,13 @@ class LanguageModel(Task):
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
         if config.eval_generation.metrics and config.task != "sft":
             raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
+        if config.scan_layers:
+            for key, value, off in (("llrd", config.llrd, 1.0),
+                                    ("gradual_unfreeze.every", config.gradual_unfreeze.every, 0),
+                                    ("lp_ft.head_steps", config.lp_ft.head_steps, 0)):
+                if value != off:
+                    raise ValueError(f"config.{key}={value}: per-layer optimizer groups need unscanned layers; "
+                                     "set scan_layers=False")
         if config.quantize_base != "none" and config.strategy != "lora":
             raise ValueError(f"config.quantize_base={config.quantize_base!r}: a quantised base is frozen; it needs "
                              f"strategy='lora', not {config.strategy!r}")
@@ -76,14 +84,15 @@ class LanguageModel(Task):
         mesh = sharding.make_mesh(config.mesh.to_dict())
         model, model_config = build_lm(
             config.model, config.strategy, config.dtype, lora=config.lora, seed=config.seed,
-            param_dtype=config.param_dtype, quantize_base=config.quantize_base,
+            param_dtype=config.param_dtype, quantize_base=config.quantize_base, scan_layers=config.scan_layers,
+            frozen_layers=config.frozen_layers,
             placement=lambda names, shapes, axes: sharding.run_param_shardings(config, mesh, names, shapes, axes))
         longest = max(config.max_length, max(config.buckets))
         if longest > model_config.max_position_embeddings:
             raise ValueError(f"config.max_length={longest} exceeds the model's "
                              f"{model_config.max_position_embeddings} positions ({config.model})")
         self.model_def, self.params = ModelDef.split(model)
-        self.layout = decoder_layout(model_config.num_layers)
+        self.layout = decoder_layout(model_config.num_layers, segment_sizes(model))
         self.loss_fn = functools.partial(lm_loss, chunk=config.lm_loss_chunk)
         self.pad_id = self.tokenizer.pad_token_id
         if config.packing:
@@ -188,9 +197,10 @@ def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
     rundir = RunDir(workdir)
     run = rundir.read_config()
     lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
-                          seed=run.get("seed", 0), quantize_base=run.get("quantize_base", "none"))
+                          seed=run.get("seed", 0), quantize_base=run.get("quantize_base", "none"),
+                          scan_layers=run.get("scan_layers", False), frozen_layers=run.get("frozen_layers", 0))
     model_def, params = ModelDef.split(lm)
-    lm = model_def.merge(rundir.restore_params(params, which))
+    lm = unscan_decoder(model_def.merge(rundir.restore_params(params, which)))  # per-layer again
     return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"])
 
 

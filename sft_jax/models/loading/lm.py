@@ -24,6 +24,7 @@ from sft_jax.models.loading.gguf import load_gguf_tokenizer, read_gguf
 from sft_jax.models.loading.hf import read_weights
 from sft_jax.models.lora import has_lora, merge_lora
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
+from sft_jax.models.scan import unscan_decoder
 from sft_jax.state import ModelDef
 
 # (our module path regex, HF module template, family or None for all). re.fullmatch on the module path.
@@ -189,6 +190,8 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
             raise ValueError("export_hf: params hold LoRA adapters but the model has none; pass the LoRA model")
         # The scale (alpha / r) of each adapter lives in its module: merge through the module.
         model, params = ModelDef.split(model)[0].merge(params), None
+    if getattr(model, "segments", None):  # scanned: per-layer parameters again, under their HF names
+        model = unscan_decoder(nnx.clone(model))
     if has_lora(model):
         model = merge_lora(model)
     out = pathlib.Path(out_dir)
