@@ -47,9 +47,15 @@ def lm_loss(model, batch: dict, rng: jax.Array | None, *, chunk: int = 0) -> tup
     the same; the gradient equal within float32 rounding.
     """
     if "target_index" not in batch:  # a hand-made batch: score every position
+        targets, weights = batch["targets"], batch["loss_mask"].astype(jnp.float32)
+        if not chunk:
+            logits = model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                           dropout_rng=rng)
+            loss_sum, correct = _sums(logits, targets, weights)
+            count = jnp.sum(weights)
+            return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "correct": correct, "count": count}
         hidden, _ = model.hidden(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"],
                                  dropout_rng=rng)
-        targets, weights = batch["targets"], batch["loss_mask"]
     else:  # vocabulary logits only at the target positions (see data.lm.add_target_index)
         hidden, _ = model.hidden(batch["input_ids"], segment_ids=batch["segment_ids"],
                                  positions=batch["positions"], dropout_rng=rng)
