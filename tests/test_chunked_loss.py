@@ -37,7 +37,7 @@ def _batch(t=24, seed=0):
             "targets": rng.integers(0, VOCAB, (3, t)).astype(np.int32), "loss_mask": loss_mask}
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 5, 7, 64])  # 5 and 7 leave a padded last chunk; 64 is one chunk
+@pytest.mark.parametrize("chunk", [1, 5, 64])  # 5 leaves a padded last chunk; 64 is one chunk
 @pytest.mark.parametrize("targets", ["all positions", "target_index"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_chunked_equals_unchunked(chunk, targets, tied):

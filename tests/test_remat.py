@@ -19,7 +19,6 @@ from sft_jax.models.modernbert import ModernBertConfig, ModernBertEncoder
 from sft_jax.models.vit import ViT, ViTConfig
 from sft_jax.state import ModelDef
 
-POLICIES = ["full", "dots", "offload"]
 _DECODER = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=1e4)
 
@@ -71,8 +70,10 @@ def _grads(build, policy):
     return jax.jit(jax.grad(loss))(params)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", list(MODELS))
+CASES = [(name, "full") for name in MODELS] + [("llama", "dots"), ("llama", "offload"), ("bert", "dots")]
+
+
+@pytest.mark.parametrize("name,policy", CASES)
 def test_gradients_equal_without_remat(name, policy):
     with jax.default_matmul_precision("highest"):
         want, got = _grads(MODELS[name], "none"), _grads(MODELS[name], policy)
@@ -121,7 +122,7 @@ def test_models_without_blocks_and_unknown_policies_are_refused():
     remat.check_backend("full", [device])
 
 
-@pytest.mark.parametrize("policy", ["full", "offload"])
+@pytest.mark.parametrize("policy", ["offload"])
 def test_a_run_with_remat_trains_as_one_without(tiny_config, tmp_path, policy):
     import json
 
