@@ -132,7 +132,7 @@ def test_remat_under_scan_halves_compiled_temporaries():
     assert full < none / 2, (none, full)
 
 
-@pytest.mark.parametrize("strategy", ["full", "partial", "lora"])
+@pytest.mark.parametrize("strategy", ["partial"])  # its two stacks: the hardest layout
 def test_scanned_runs_train_like_unscanned(strategy, tiny_decoder_dir, tmp_path):
     """A tiny 4-layer Llama: scanned (with remat) and unscanned runs reach the same evaluation loss; partial
     (frozen_layers=2) keeps its frozen stack bit-identical and out of the optimizer; the workdir gives back a

@@ -9,8 +9,8 @@ and compute-copy bytes (from each array's shard shape), the compiled step's temp
 analysis), their total against the device's memory, and the model FLOPs of a step (`sft_jax.flops`).
 
 The command line, `python -m sft_jax.plan`, compiles for N simulated CPU devices: XLA:CPU's memory analysis of
-the same program. Attention there is the blocked XLA implementation the CPU runs; on GPU / TPU a fused
-kernel needs less, so the plan errs on the safe side.
+the same program. Attention is what `config.attention` gives on the devices' platform: on CPU, `auto` is the
+blocked XLA attention, which needs more than a fused GPU kernel, so the plan errs on the safe side.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from sft_jax.losses import lm_loss
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import adapt_lm, decoder_layout
+from sft_jax.models.fused_attention import choose, set_attention
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.models.scan import segment_sizes
 from sft_jax.state import ModelDef, TrainState
@@ -128,6 +129,7 @@ class CompiledStep:
     # among them: what FLOPs and parameter counts are counted on.
     logical_shapes: dict[str, tuple[int, ...]]
     logical_trainable: tuple[str, ...]
+    attention: str  # the decoder attention compiled ("blocked" or "dot_product")
 
 
 def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledStep:
@@ -142,12 +144,15 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
         raise ValueError(f"config.task={config.task!r}: the planner covers decoder runs ({', '.join(TASKS)})")
     remat_lib.check_backend(config.remat, devices)
     model_config = dataclasses.replace(read_model_config(config.model), dtype=jnp.dtype(config.dtype))
+    platform = (devices[0] if devices is not None else jax.devices()[0]).platform
+    attention = choose(config.attention, platform)
 
     def build():
         lm = adapt_lm(DecoderLM(model_config, rngs=nnx.Rngs(0)), config.strategy, config.lora, config.seed,
                       quantize_base=config.quantize_base, scan_layers=config.scan_layers,
                       frozen_layers=config.frozen_layers)
         remat_lib.set_remat(lm, config.remat)
+        set_attention(lm, attention)
         return lm
 
     model = nnx.eval_shape(build)
@@ -199,7 +204,7 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
         config.strategy, decoder_layout(model_config.num_layers), config.frozen_layers))
     return CompiledStep(step.lower(state, batch).compile(), state, batch, mesh, model_config, tuple(trainable), tied,
                         {k: tuple(v.shape) for k, v in plain_params.items()},
-                        tuple(strategies.trainable_names(plain_labels)))
+                        tuple(strategies.trainable_names(plain_labels)), attention)
 
 
 def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float = 80.0, devices=None) -> Plan:
@@ -230,7 +235,7 @@ def plan_of(step: CompiledStep, device_memory_gb: float = 80.0) -> Plan:
                                           tied_head=step.tied_head),
                 tokens_per_step=rows * length, total_params=sum(int(np.prod(s)) for s in shapes.values()),
                 trainable_params=sum(int(np.prod(shapes[k])) for k in step.logical_trainable),
-                attention=f"blocked XLA attention ({step.mesh.devices.flat[0].platform})")
+                attention=f"{step.attention} ({step.mesh.devices.flat[0].platform})")
 
 
 def _loss_fn(config):

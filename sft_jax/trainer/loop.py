@@ -28,7 +28,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     task = task_cls(config, rundir)
     task.params = setup.in_storage_dtype(task.params, config.param_dtype, task.layout)
-    task.model_def = setup.with_remat(task.model_def, task.params, config.remat)
+    task.model_def = setup.with_model_options(task.model_def, task.params, config)
     if distributed.is_primary():
         rundir.write_config(config.to_dict())
     # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).

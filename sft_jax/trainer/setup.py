@@ -17,6 +17,7 @@ import tqdm
 
 from sft_jax import groups, optim, regularizers, sharding, strategies
 from sft_jax.checkpoint import Checkpoints
+from sft_jax.models import fused_attention
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.quant import QUANTIZED
 from sft_jax.state import ModelDef, TrainState
@@ -63,14 +64,22 @@ def in_storage_dtype(params: dict, param_dtype: str, layout: strategies.ParamLay
     return {name: stored(name, value) for name, value in params.items()}
 
 
-def with_remat(model_def: ModelDef, params: dict, remat: str) -> ModelDef:
-    """`model_def` with every block running under the `remat` policy (`sft_jax.models.remat`)."""
-    if remat == "none":
+def with_model_options(model_def: ModelDef, params: dict, config: ml_collections.ConfigDict) -> ModelDef:
+    """`model_def` with the run's model-wide options: every block under the `config.remat` policy
+    (`models/remat.py`) and decoder attention as `config.attention` chooses (`models/fused_attention.py`)."""
+    attention = fused_attention.choose(config.attention)
+    if config.remat == "none" and attention == "blocked":
         return model_def
-    remat_lib.check_backend(remat)
     model = model_def.merge(params)
-    if not remat_lib.set_remat(model, remat):
-        raise ValueError(f"config.remat={remat!r}: this model has no blocks that support it")
+    if config.remat != "none":
+        remat_lib.check_backend(config.remat)
+        if not remat_lib.set_remat(model, config.remat):
+            raise ValueError(f"config.remat={config.remat!r}: this model has no blocks that support it")
+    if attention != "blocked":
+        count, capped = fused_attention.set_attention(model, attention)
+        if count:
+            kept = f"; {capped} soft-capped layers keep the blocked path" if capped else ""
+            tqdm.tqdm.write(f"attention: jax.nn.dot_product_attention in {count} layers{kept}")
     return ModelDef.split(model)[0]
 
 
