@@ -68,9 +68,9 @@ def plan_one(row: dict) -> dict:
     return {**row, **p.to_json(), "gb": p.total / 1e9, "plan_seconds": time.time() - t, "config": c.to_dict()}
 
 
-def run_grid() -> None:
+def run_grid(lengths: tuple[int, ...] = (2048, 8192)) -> None:
     done = {key(r): r for r in json.loads(RESULTS.read_text())} if RESULTS.exists() else {}
-    todo = [row for row in grid() if key(row) not in done]
+    todo = [row for row in grid() if key(row) not in done and row["length"] in lengths]
     print(f"{len(done)} plans done, {len(todo)} to go", flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=HERE).stdout.strip()
@@ -126,9 +126,10 @@ def _gb(rows, method):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--report", action="store_true", help="only write RESULTS.md from results.json")
+    parser.add_argument("--length", type=int, action="append", help="plan only these sequence lengths")
     args = parser.parse_args()
     if not args.report:
-        run_grid()
+        run_grid(tuple(args.length or (2048, 8192)))
     report()
 
 
