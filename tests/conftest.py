@@ -271,6 +271,32 @@ def lm_config(model_dir, tmp_path, strategy):
     return c
 
 
+def planned_config(tmp_path, strategy):
+    """A language-model config for the planner whose model is a directory holding only config.json (a small
+    Llama shape: hidden 256, 2 layers, vocabulary 1024); its data files are never read."""
+    from sft_jax.config_defaults import defaults
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)))
+    c = defaults()
+    c.task, c.model, c.strategy = "language_modeling", str(tmp_path), strategy
+    c.data.train = c.data.eval = "never-read.txt"
+    c.batch_size, c.max_length, c.buckets, c.mesh = 2, 64, (64,), {"data": 1, "fsdp": 1, "tensor": 1}
+    return c
+
+
+def resumed_after_crash(config, workdir, monkeypatch, step: int) -> dict:
+    """The results of `config` run in `workdir`, killed just after its step-`step` checkpoint, then resumed."""
+    from sft_jax.train import train_and_evaluate
+
+    with monkeypatch.context() as m:
+        crash_after_save(m, step)
+        with pytest.raises(CrashAfterSave):
+            train_and_evaluate(config, str(workdir))
+    return train_and_evaluate(config, str(workdir))
+
+
 TINY_VIT_SIZES = dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=32)
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import lm_config
 from flax import nnx
 
 from sft_jax.models.loading.lm import export_hf, load_decoder
@@ -22,8 +23,6 @@ from sft_jax.models.loading.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_ad
 from sft_jax.models.lora import DEFAULT_TARGETS, LoraConfig, LoRALinear, apply_lora, has_lora, merge_lora
 from sft_jax.state import ModelDef
 
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n")
 PROJECTIONS = ("attn/q", "attn/k", "attn/v", "attn/o", "mlp/gate", "mlp/up", "mlp/down")
 
 
@@ -222,24 +221,10 @@ def test_adapters_round_trip_in_peft_format(tiny_llama_dir, tmp_path):
 
 
 def _lm_config(model_dir, tmp_path):
-    """A 2-step language-modelling run (as in test_lm_train.py) with strategy=lora."""
-    from sft_jax.config_defaults import defaults
-
-    train = tmp_path / "train.txt"
-    train.write_text(TEXT * 4)
-    c = defaults()
-    c.task = "language_modeling"
-    c.model = str(model_dir)
-    c.strategy = "lora"
+    """A 2-step language-modelling run (conftest.lm_config) with strategy=lora."""
+    c = lm_config(model_dir, tmp_path, "lora")
     c.lora.rank, c.lora.alpha = 4, 8.0
     c.lora.dropout = 0.1
-    c.data.train, c.data.eval = str(train) + "[:75%]", str(train) + "[75%:]"
-    c.max_length, c.buckets = 16, (16,)
-    c.batch_size, c.eval_batch_size = 4, 4
-    c.max_steps, c.eval_every, c.checkpoint_every, c.log_every = 2, 2, 2, 1
-    c.learning_rate = 1e-2
-    c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-    c.early_stopping.metric, c.early_stopping.mode = "eval/loss", "min"
     return c
 
 

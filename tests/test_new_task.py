@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CrashAfterSave, crash_after_save
+from conftest import resumed_after_crash
 from flax import nnx
 
 from sft_jax import tasks
@@ -94,11 +94,7 @@ def test_new_task_trains_through_the_loop(tmp_path, monkeypatch):
     before = float(mse_loss(fresh.model_def.merge(fresh.params), fresh.eval_rows, None)[0])
     assert results["eval/loss"] < 0.5 * before
     # A run killed after its step-4 checkpoint resumes to the uninterrupted run's parameters, bit for bit.
-    with monkeypatch.context() as m:
-        crash_after_save(m, 4)
-        with pytest.raises(CrashAfterSave):
-            train_and_evaluate(config, str(tmp_path / "cut"))
-    resumed = train_and_evaluate(config, str(tmp_path / "cut"))
+    resumed = resumed_after_crash(config, tmp_path / "cut", monkeypatch, 4)
     assert resumed["params_fingerprint"] == results["params_fingerprint"]
 
 

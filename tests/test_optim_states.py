@@ -94,18 +94,11 @@ def test_eight_bit_codes_round_trip():
 
 def test_bytes_per_parameter_in_the_plan(tmp_path):
     """The planner counts the optimizer state: 8 bytes per trained parameter, 4 in bfloat16, ~2 in int8."""
-    import json
+    from conftest import planned_config
 
-    from sft_jax.config_defaults import defaults
     from sft_jax.plan import plan
 
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)))
-    c = defaults()
-    c.task, c.model, c.strategy = "language_modeling", str(tmp_path), "full"
-    c.data.train = c.data.eval = "never-read.txt"
-    c.batch_size, c.max_length, c.buckets, c.mesh = 2, 64, (64,), {"data": 1, "fsdp": 1, "tensor": 1}
+    c = planned_config(tmp_path, "full")
     per_param = {}
     for dtype in ("float32", "bfloat16", "int8"):
         c.optimizer_state_dtype = dtype
@@ -117,7 +110,7 @@ def test_bytes_per_parameter_in_the_plan(tmp_path):
 
 
 def test_an_eight_bit_run_trains_and_resumes_bit_identically(tiny_config, tmp_path, monkeypatch):
-    from conftest import CrashAfterSave, crash_after_save
+    from conftest import resumed_after_crash
 
     from sft_jax.train import train_and_evaluate
 
@@ -125,9 +118,5 @@ def test_an_eight_bit_run_trains_and_resumes_bit_identically(tiny_config, tmp_pa
     tiny_config.mesh = {"data": 1, "fsdp": 2, "tensor": 1}
     whole = train_and_evaluate(tiny_config, str(tmp_path / "whole"))
     assert np.isfinite(whole["eval/loss"])
-    with monkeypatch.context() as m:
-        crash_after_save(m, 2)
-        with pytest.raises(CrashAfterSave):
-            train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
-    resumed = train_and_evaluate(tiny_config, str(tmp_path / "resumed"))
+    resumed = resumed_after_crash(tiny_config, tmp_path / "resumed", monkeypatch, 2)
     assert resumed["params_fingerprint"] == whole["params_fingerprint"]

@@ -147,18 +147,11 @@ def test_qlora_needs_lora_and_a_language_model(tiny_config, tiny_llama_dir, tmp_
 
 
 def test_planned_bytes_of_a_quantised_base(tmp_path):
-    import json
+    from conftest import planned_config
 
-    from sft_jax.config_defaults import defaults
     from sft_jax.plan import plan
 
-    (tmp_path / "config.json").write_text(json.dumps(dict(
-        model_type="llama", vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)))
-    c = defaults()
-    c.task, c.model, c.strategy = "language_modeling", str(tmp_path), "lora"
-    c.data.train = c.data.eval = "never-read.txt"
-    c.batch_size, c.max_length, c.buckets, c.mesh = 2, 64, (64,), {"data": 1, "fsdp": 1, "tensor": 1}
+    c = planned_config(tmp_path, "lora")
     plain = plan(c)
     c.quantize_base = "nf4"
     nf4 = plan(c)

@@ -16,7 +16,6 @@ blocked XLA attention, which needs more than a fused GPU kernel, so the plan err
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 from typing import Any
@@ -30,7 +29,6 @@ from flax import nnx
 from sft_jax import optim, sharding, strategies
 from sft_jax.config_defaults import validate
 from sft_jax.flops import step_flops
-from sft_jax.losses import lm_loss
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import adapt_lm, decoder_layout
@@ -38,6 +36,7 @@ from sft_jax.models.fused_attention import choose, set_attention
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.models.scan import segment_sizes
 from sft_jax.state import ModelDef, TrainState
+from sft_jax.tasks.language_model import loss_fn as lm_loss_fn
 from sft_jax.train_step import compute_cast_plan, make_train_step
 from sft_jax.trainer.setup import make_optimizer, storage_dtype
 
@@ -186,7 +185,7 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
     if rows % shards:
         raise ValueError(f"config.batch_size={rows} does not split over the {shards} batch shards of mesh "
                          f"{dict(mesh.shape)} (data x fsdp)")
-    loss_fn = _loss_fn(config)
+    loss_fn = lm_loss_fn(config)
     cast = compute_cast_plan(model_def, loss_fn, params, batch, trainable) if config.dtype != "float32" else {}
     copies = {k: jax.ShapeDtypeStruct(params[k].shape, dtype) for k, dtype in cast.items()}
 
@@ -236,8 +235,3 @@ def plan_of(step: CompiledStep, device_memory_gb: float = 80.0) -> Plan:
                 tokens_per_step=rows * length, total_params=sum(int(np.prod(s)) for s in shapes.values()),
                 trainable_params=sum(int(np.prod(shapes[k])) for k in step.logical_trainable),
                 attention=f"{step.attention} ({step.mesh.devices.flat[0].platform})")
-
-
-def _loss_fn(config):
-    """The loss the language-model task trains with (`tasks.language_model`)."""
-    return functools.partial(lm_loss, chunk=config.lm_loss_chunk)

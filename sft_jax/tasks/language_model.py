@@ -43,6 +43,12 @@ def sft_fields(config: ml_collections.ConfigDict) -> sft_data.Fields:
                            messages=d.messages_field)
 
 
+def loss_fn(config: ml_collections.ConfigDict):
+    """The loss the language-model tasks train and evaluate with: next-token cross-entropy, its vocabulary
+    logits computed `config.lm_loss_chunk` positions at a time when set."""
+    return functools.partial(lm_loss, chunk=config.lm_loss_chunk)
+
+
 def prompt_format(config: ml_collections.ConfigDict) -> sft_data.PromptFormat:
     return sft_data.PromptFormat(**config.prompt.to_dict())
 
@@ -93,7 +99,7 @@ class LanguageModel(Task):
                              f"{model_config.max_position_embeddings} positions ({config.model})")
         self.model_def, self.params = ModelDef.split(model)
         self.layout = decoder_layout(model_config.num_layers, segment_sizes(model))
-        self.loss_fn = functools.partial(lm_loss, chunk=config.lm_loss_chunk)
+        self.loss_fn = loss_fn(config)
         self.pad_id = self.tokenizer.pad_token_id
         if config.packing:
             packed = lm_data.pack(self.train_ds, max(config.buckets))
