@@ -47,8 +47,9 @@ def defaults() -> ml_collections.ConfigDict:
     # time and program size flat in depth, and remat effective on every backend. Per-layer optimizer groups
     # (llrd, gradual_unfreeze, lp_ft) need it off.
     c.scan_layers = False
-    # Decoder attention: auto (jax.nn.dot_product_attention, cuDNN's fused kernel where it applies, on GPU / TPU;
-    # the blocked XLA attention on CPU) | blocked | dot_product. Soft-capped layers (Gemma 2) stay blocked.
+    # Decoder attention: auto (splash attention, the Pallas flash kernel, on TPU; jax.nn.dot_product_attention,
+    # cuDNN's fused kernel where it applies, on GPU; the blocked XLA attention on CPU) | blocked | dot_product |
+    # splash. Soft-capped layers (Gemma 2) stay blocked under dot_product; splash caps them itself.
     c.attention = "auto"
     # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
     # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
@@ -203,7 +204,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "remat", ("none", "full", "dots", "offload"))
     _check_choice(config, "quantize_base", ("none", "int8", "nf4"))
     _check_choice(config, "optimizer_state_dtype", ("float32", "bfloat16", "int8"))
-    _check_choice(config, "attention", ("auto", "blocked", "dot_product"))
+    _check_choice(config, "attention", ("auto", "blocked", "dot_product", "splash"))
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
     _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)

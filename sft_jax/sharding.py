@@ -246,6 +246,12 @@ def activation_sharding(mesh: Mesh, rules: LogicalRules = DEFAULT_LOGICAL_RULES)
         _ACTIVATIONS.reset(token)
 
 
+def active_activation_sharding() -> tuple[Mesh, LogicalRules] | None:
+    """The (mesh, rules) of the `activation_sharding` being traced, None outside one (for a kernel that must
+    run per shard under `jax.shard_map`, as splash attention does)."""
+    return _ACTIVATIONS.get()
+
+
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
     """`x` with a sharding constraint from its dimensions' logical `names` (e.g. "batch", "length",
     "embed"), under the active `activation_sharding`. The identity without one, outside jit, or on a

@@ -1,5 +1,6 @@
 """Decoder attention through `jax.nn.dot_product_attention` (`config.attention`, `models/fused_attention.py`):
-XLA's implementation equals the blocked attention on every mask kind, forward and backward; runs train alike."""
+XLA's implementation equals the blocked attention on every mask kind, forward and backward; runs (splash too) train
+alike."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_choice_by_platform():
         fused_attention.choose("flash", "gpu")
 
 
-def test_a_run_with_dot_product_attention(tiny_llama_dir, tmp_path):
+def test_a_run_with_each_attention(tiny_llama_dir, tmp_path):
     import json
 
     from conftest import lm_config
@@ -87,11 +88,12 @@ def test_a_run_with_dot_product_attention(tiny_llama_dir, tmp_path):
     from sft_jax.train import train_and_evaluate
 
     losses = {}
-    for kernel in ("blocked", "dot_product"):
+    for kernel in ("blocked", "dot_product", "splash"):  # splash: in the Pallas interpreter on CPU
         (tmp_path / kernel).mkdir()
         c = lm_config(tiny_llama_dir, tmp_path / kernel, "full")
         c.attention = kernel
         train_and_evaluate(c, str(tmp_path / kernel / "run"))
         rows = map(json.loads, (tmp_path / kernel / "run" / "metrics.jsonl").read_text().splitlines())
         losses[kernel] = [r["train/loss"] for r in rows if "train/loss" in r]
-    np.testing.assert_allclose(losses["dot_product"], losses["blocked"], rtol=1e-5)
+    for kernel in ("dot_product", "splash"):
+        np.testing.assert_allclose(losses[kernel], losses["blocked"], rtol=1e-5)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sft_jax.models.fused_attention import dot_product_attend
+from sft_jax.models.fused_attention import dot_product_attend, splash_attend
 from sft_jax.models.mixed import Linear, linear_dot, linear_kwargs
 from sft_jax.models.remat import run_block
 from sft_jax.sharding import constrain, logical
@@ -571,7 +571,7 @@ class Attention(nnx.Module):
         self.v = _linear(h, k * d, config, rngs, ("embed", "kv_heads"), config.qkv_bias)
         self.o = _linear(n * d, h, config, rngs, ("heads", "embed"), config.o_bias)
         self.softcap = config.attn_logit_softcapping
-        self.attention_kernel = "blocked"  # or "dot_product" (models/fused_attention.py); set per run
+        self.attention_kernel = "blocked"  # or "dot_product" / "splash" (models/fused_attention.py); set per run
         if config.family == "gemma3" or config.qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps, offset=config.gemma, axis="head_dim")
             self.k_norm = RMSNorm(d, config.rms_norm_eps, offset=config.gemma, axis="head_dim")
@@ -607,8 +607,12 @@ class Attention(nnx.Module):
             k_all, v_all = new_cache["k"][layer], new_cache["v"][layer]
             k_segments = cache["segments"]  # already holds the new tokens' segments (written by DecoderLM)
             k_index = jnp.broadcast_to(jnp.arange(k_all.shape[1]), k_segments.shape)
-        mask = attention_mask(segments, index, k_segments, k_index, self.window)
         q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        if cache is None and self.attention_kernel == "splash":  # masks from the segments, causal by index
+            ctx = splash_attend(q, k_all.astype(dtype), v_all.astype(dtype), segments, self.scale, self.window,
+                                self.softcap)
+            return _project(self.o, ctx.reshape(b, t, -1), rng, 3), new_cache
+        mask = attention_mask(segments, index, k_segments, k_index, self.window)
         if cache is None and self.attention_kernel == "dot_product" and not self.softcap:
             ctx = dot_product_attend(q, k_all.astype(dtype), v_all.astype(dtype), mask, self.scale)
         elif cache is None:  # slot index = sequence index: causal by position in the arrays

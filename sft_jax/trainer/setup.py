@@ -78,8 +78,7 @@ def with_model_options(model_def: ModelDef, params: dict, config: ml_collections
     if attention != "blocked":
         count, capped = fused_attention.set_attention(model, attention)
         if count:
-            kept = f"; {capped} soft-capped layers keep the blocked path" if capped else ""
-            tqdm.tqdm.write(f"attention: jax.nn.dot_product_attention in {count} layers{kept}")
+            tqdm.tqdm.write(fused_attention.describe(attention, count, capped))
     return ModelDef.split(model)[0]
 
 
