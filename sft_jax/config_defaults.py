@@ -14,6 +14,13 @@ DTYPES = ("float32", "bfloat16")
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = "minilm-l6"  # short name, local Hugging Face directory, .gguf file, or hub id
+    # Another tokenizer than the model's own (a directory of tokenizer files, short name, .gguf file or hub id);
+    # "": the model's. A model without a usable one is an error, never a run on transformers' 5-token fallback.
+    c.tokenizer = ""
+    # Regexes (re.search) of checkpoint tensors to drop unread, e.g. ("^classifier\\.",) for another task's head.
+    # Any other tensor the model does not use is an error (beside each family's documented non-weights:
+    # sft_jax/models/loading/unused.py), so a config.json that disagrees with its weights stops the load.
+    c.ignore_weights = ()
     c.task = "text_classification"  # text_classification | language_modeling | sft | image_classification
     c.strategy = "full"  # head | partial | full | lora
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
@@ -123,7 +130,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.checkpoint_every = 200
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.metric = "eval/accuracy"
-    c.early_stopping.mode = "max"  # max | min
+    # auto: min for loss-like metrics (loss, perplexity, ppl, error in the name), else max. An explicit mode
+    # against a known metric's direction (max of eval/loss, min of eval/accuracy) is refused.
+    c.early_stopping.mode = "auto"  # auto | max | min
     c.early_stopping.patience = 0  # evaluations without improvement before stopping; 0 = never stop
 
     # sft: generate from the first eval prompts at each evaluation and score the outputs.
@@ -244,8 +253,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.distributed.timeout_s: must be positive, got {d.timeout_s}")
     if config.nan_policy not in ("stop", "skip"):
         raise ValueError(f"config.nan_policy: {config.nan_policy!r} is not stop or skip")
-    if config.early_stopping.mode not in ("max", "min"):
-        raise ValueError(f"config.early_stopping.mode: {config.early_stopping.mode!r} is not max or min")
+    from sft_jax.models.loading.unused import check_ignore_patterns
+
+    check_ignore_patterns(config.ignore_weights)
     _validate_images(config)
     _validate_forgetting(config)
     if not config.data.train:
@@ -258,6 +268,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from sft_jax import tasks
 
     tasks.check_config(config)
+    early_stopping_mode(config.early_stopping)  # after the task has said the metric is one of its own
+
+
+# Substrings of metric names that are lower-is-better, and of those that are higher-is-better.
+_LOWER_IS_BETTER = ("loss", "perplexity", "ppl", "error")
+_HIGHER_IS_BETTER = ("accuracy", "f1", "rouge", "bleu", "exact_match", "spearman", "pearson", "precision", "recall")
+
+
+def early_stopping_mode(stopping: ml_collections.ConfigDict) -> str:
+    """"max" or "min": the direction in which `stopping.metric` improves. `mode="auto"` follows the metric's name
+    (loss-like names minimise, others maximise); an explicit mode against a known direction is refused.
+
+    Raises:
+      ValueError: one line naming config.early_stopping.mode, the metric and the mode it needs.
+    """
+    metric, mode = stopping.metric, stopping.mode
+    name = metric.rsplit("/", 1)[-1].lower()
+    known = "min" if any(k in name for k in _LOWER_IS_BETTER) else (
+        "max" if any(k in name for k in _HIGHER_IS_BETTER) else None)
+    if mode == "auto":
+        return known or "max"
+    if mode not in ("max", "min"):
+        raise ValueError(f"config.early_stopping.mode: {mode!r} is not auto, max or min")
+    if known and mode != known:
+        better = "lower" if known == "min" else "higher"
+        raise ValueError(f"config.early_stopping.mode: {mode!r} contradicts metric {metric!r}, where {better} is "
+                         f"better: the best checkpoint would be the worst; use {known!r} or 'auto'")
+    return mode
 
 
 def _validate_images(config: ml_collections.ConfigDict) -> None:

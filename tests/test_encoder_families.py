@@ -81,8 +81,8 @@ def _torch_outputs(model_dir: pathlib.Path, family: str, batch) -> tuple[np.ndar
     return hidden, pooled.astype(np.float32)
 
 
-def _our_outputs(model_dir: pathlib.Path, batch) -> tuple[np.ndarray, np.ndarray]:
-    model, _ = load_encoder(model_dir)
+def _our_outputs(model_dir: pathlib.Path, batch, ignore=()) -> tuple[np.ndarray, np.ndarray]:
+    model, _ = load_encoder(model_dir, ignore=ignore)
     graphdef, params = nnx.split(model)
 
     @jax.jit
@@ -102,14 +102,17 @@ PARITY_CASES = [("roberta", False, {}), ("xlm-roberta", False, {}), ("roberta", 
 
 @pytest.mark.parametrize("family,head,overrides", PARITY_CASES)
 def test_tiny_random_encoder_matches_transformers(tmp_path, family, head, overrides):
-    # head=True saves *ForSequenceClassification: the encoder under "roberta." / "model.", a classifier to ignore.
+    # head=True saves *ForSequenceClassification: the encoder under "roberta." / "model.", a classifier that is
+    # an error to leave unread until the user says to drop it.
     _save_tiny(tmp_path, family, head=head, **overrides)
     if head:
         prefix = "model." if family == "modernbert" else "roberta."
         assert any(k.startswith(prefix + "embeddings.") for k in load_file(tmp_path / "model.safetensors"))
+        with pytest.raises(ValueError, match=r"tensors of model\.safetensors not used .*\(classifier\."):
+            load_encoder(tmp_path)
     batch = _padded_batch()
     ref_hidden, ref_pooled = _torch_outputs(tmp_path, family, batch)
-    hidden, pooled = _our_outputs(tmp_path, batch)
+    hidden, pooled = _our_outputs(tmp_path, batch, ignore=(r"^classifier\.",) if head else ())
     keep = batch["attention_mask"].astype(bool)
     assert np.abs(hidden[keep] - ref_hidden[keep]).max() < TOL
     assert np.abs(pooled - ref_pooled).max() < TOL

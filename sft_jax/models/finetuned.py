@@ -20,8 +20,8 @@ from sft_jax.models.scan import scan_decoder
 
 def build_lm(model: str, strategy: str, dtype: str = "float32", lora: LoraConfig | Mapping[str, Any] | None = None,
              seed: int = 0, *, param_dtype: str = "float32", placement: Placement | None = None,
-             quantize_base: str = "none", scan_layers: bool = False, frozen_layers: int = 0
-             ) -> tuple[DecoderLM, DecoderConfig]:
+             quantize_base: str = "none", scan_layers: bool = False, frozen_layers: int = 0,
+             ignore_weights: tuple[str, ...] = ()) -> tuple[DecoderLM, DecoderConfig]:
     """The pre-trained model of a run. For `strategy=head` a tied model gets its own LM head
     (initialised to the embedding), the one thing that then trains. For `strategy=lora` the projections
     matching `lora["targets"]` get adapters (rank, alpha, dropout from `lora`; `lora_a` drawn from `seed`),
@@ -31,13 +31,14 @@ def build_lm(model: str, strategy: str, dtype: str = "float32", lora: LoraConfig
 
     With a `placement` ({path: NamedSharding} of the parameters, from their names, shapes and logical axes), a
     HF safetensors directory streams straight onto the devices as `param_dtype` (each process reading only
-    its own devices' slices); other checkpoints (GGUF) load on the host in float32."""
+    its own devices' slices); other checkpoints (GGUF) load on the host in float32. A checkpoint tensor the
+    model does not use is an error unless a regex of `ignore_weights` (re.search) matches it (`load_decoder`)."""
     checkpoint = resolve_checkpoint(model)
     if placement is not None and checkpoint.kind != "gguf":
         lm, config = load_decoder_sharded(checkpoint, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(param_dtype),
-                                          placement=placement)
+                                          placement=placement, ignore=ignore_weights)
     else:
-        lm, config = load_decoder(checkpoint, dtype=jnp.dtype(dtype))
+        lm, config = load_decoder(checkpoint, dtype=jnp.dtype(dtype), ignore=ignore_weights)
     adapt_lm(lm, strategy, lora, seed, quantize_base=quantize_base, scan_layers=scan_layers,
              frozen_layers=frozen_layers)
     return lm, lm.config

@@ -52,7 +52,7 @@ class ImageClassification(classification.ClassificationTask):
         self.eval_ds = images.load_images(eval_records, self.vocab, size)
         self.train_ds = images.load_images(train_records, self.vocab, size)
         self.collate = images.image_collate(spec.mean, spec.std)
-        vit, self.source = image_model.load_backbone(spec, config.seed)
+        vit, self.source = image_model.load_backbone(spec, config.seed, tuple(config.ignore_weights))
         self.source_ds = None
         uses_source = {"config.forgetting.images": config.forgetting.images,
                        "config.regularizer.ewc": config.regularizer.ewc}

@@ -102,8 +102,10 @@ def load_image_run(workdir: str, which: str = "best", *, seed: int = 0, merge: b
     return model_def.merge(params), head, spec
 
 
-def load_backbone(spec: ImageModelSpec, seed: int = 0) -> tuple[ViT, SourceHead | None]:
-    """The ViT of `spec` with its weights (random for `vit-scratch`) and its source head, if any."""
+def load_backbone(spec: ImageModelSpec, seed: int = 0, ignore_weights: tuple[str, ...] = ()
+                  ) -> tuple[ViT, SourceHead | None]:
+    """The ViT of `spec` with its weights (random for `vit-scratch`) and its source head, if any. A checkpoint
+    tensor neither of them uses is an error unless a regex of `ignore_weights` (re.search) matches it."""
     if spec.kind == "scratch":
         return ViT(spec.vit_config, rngs=nnx.Rngs(seed)), None
     if spec.kind == "run":
@@ -113,7 +115,7 @@ def load_backbone(spec: ImageModelSpec, seed: int = 0) -> tuple[ViT, SourceHead 
     from sft_jax.models.loading.vit import load_vit, load_vit_head
 
     weights = read_weights(spec.path)
-    vit, _ = load_vit(spec.path, dtype=spec.vit_config.dtype, weights=weights)
+    vit, _ = load_vit(spec.path, dtype=spec.vit_config.dtype, weights=weights, ignore=ignore_weights)
     found = load_vit_head(spec.path, weights)
     head = None if found is None else SourceHead(found[1], "cls", found[0]["kernel"], found[0]["bias"])
     return vit, head

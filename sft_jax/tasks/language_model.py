@@ -26,6 +26,7 @@ from sft_jax.losses import lm_loss
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import build_lm, decoder_layout, with_dtype
 from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
+from sft_jax.models.loading.tokenizers import check_fits
 from sft_jax.models.lora import merge_lora
 from sft_jax.models.scan import segment_sizes, unscan_decoder
 from sft_jax.rundir import RunDir
@@ -84,15 +85,16 @@ class LanguageModel(Task):
 
     def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
         self.config, self.rundir = config, rundir
-        self.tokenizer = load_lm_tokenizer(config.model)
+        self.tokenizer = load_lm_tokenizer(config.model, config.tokenizer)
         self.train_ds, self.eval_ds = self._load_data()
         # Safetensors weights go straight to where the trainer will keep them: the run's mesh and layout.
         mesh = sharding.make_mesh(config.mesh.to_dict())
         model, model_config = build_lm(
             config.model, config.strategy, config.dtype, lora=config.lora, seed=config.seed,
             param_dtype=config.param_dtype, quantize_base=config.quantize_base, scan_layers=config.scan_layers,
-            frozen_layers=config.frozen_layers,
+            frozen_layers=config.frozen_layers, ignore_weights=tuple(config.ignore_weights),
             placement=lambda names, shapes, axes: sharding.run_param_shardings(config, mesh, names, shapes, axes))
+        check_fits(self.tokenizer, model_config.vocab_size, config.tokenizer or config.model)
         longest = max(config.max_length, max(config.buckets))
         if longest > model_config.max_position_embeddings:
             raise ValueError(f"config.max_length={longest} exceeds the model's "
@@ -204,10 +206,11 @@ def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
     run = rundir.read_config()
     lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
                           seed=run.get("seed", 0), quantize_base=run.get("quantize_base", "none"),
-                          scan_layers=run.get("scan_layers", False), frozen_layers=run.get("frozen_layers", 0))
+                          scan_layers=run.get("scan_layers", False), frozen_layers=run.get("frozen_layers", 0),
+                          ignore_weights=tuple(run.get("ignore_weights", ())))
     model_def, params = ModelDef.split(lm)
     lm = unscan_decoder(model_def.merge(rundir.restore_params(params, which)))  # per-layer again
-    return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"])
+    return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"], run.get("tokenizer", ""))
 
 
 def load_lm(model: str | None = None, workdir: str | None = None, dtype: str | None = None):

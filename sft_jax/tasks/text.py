@@ -17,6 +17,7 @@ from sft_jax.evaluate.stsb import stsb_spearman
 from sft_jax.losses import classification_loss, simcse_loss
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
 from sft_jax.models.loading.hf import load_encoder, load_encoder_config, load_tokenizer
+from sft_jax.models.loading.tokenizers import check_fits
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.rundir import RunDir
 from sft_jax.state import ModelDef
@@ -31,8 +32,10 @@ class TextClassifier:
 
     def __init__(self, config: ml_collections.ConfigDict, num_labels: int):
         self.model_dir = resolve_model_dir(config.model)
-        encoder, encoder_config = load_encoder(self.model_dir, dtype=jnp.dtype(config.dtype))
-        self.tokenizer = load_tokenizer(self.model_dir)
+        # .get: a run's config.json from before these keys existed has neither.
+        encoder, encoder_config = load_encoder(self.model_dir, dtype=jnp.dtype(config.dtype),
+                                               ignore=tuple(config.get("ignore_weights", ())))
+        self.tokenizer = load_tokenizer(self.model_dir, config.get("tokenizer", ""))
         self.max_length = min(config.max_length, encoder_config.max_length)
         module = EncoderClassifier(encoder, encoder_config.hidden_size, num_labels, pooling=config.pooling,
                                    dropout=config.head_dropout, rngs=nnx.Rngs(config.seed))
@@ -58,8 +61,9 @@ class TextClassification(classification.ClassificationTask):
         self.config = config
         # Data first: bad input must stop the run before a model is loaded.
         model_dir = resolve_model_dir(config.model)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir, config.tokenizer)
         encoder_config = load_encoder_config(model_dir)
+        check_fits(self.tokenizer, encoder_config.vocab_size, config.tokenizer or str(model_dir))
         positions = encoder_config.max_length  # RoBERTa's table starts at pad_token_id + 1
         if config.max_length > positions:  # past the position table a gather would silently clamp
             raise ValueError(f"config.max_length={config.max_length} exceeds the model's {positions} positions "

@@ -10,7 +10,7 @@ import tqdm
 
 from sft_jax import distributed, sharding, tasks
 from sft_jax.checkpoint import Checkpoints
-from sft_jax.config_defaults import validate
+from sft_jax.config_defaults import early_stopping_mode, validate
 from sft_jax.rundir import RunDir
 from sft_jax.state import count_params, params_fingerprint
 from sft_jax.trainer import forgetting, guards, setup
@@ -129,7 +129,7 @@ def _evaluate(config, task, run: setup.Training, state, step: int, meta: dict, c
     writer.write(step, {**ev, **probed})
     value, stopping = ev[config.early_stopping.metric], config.early_stopping
     best = meta["best_metric"]
-    if best is None or (value > best if stopping.mode == "max" else value < best):
+    if best is None or (value > best if early_stopping_mode(stopping) == "max" else value < best):
         meta.update(best_metric=value, best_step=step, bad_evals=0)
         ckpt.save_best(state, meta)
     else:

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 
 from sft_jax.models.bert import MODEL_TYPES as BERT_MODEL_TYPES
 from sft_jax.models.bert import BertConfig, BertEncoder
+from sft_jax.models.loading.unused import describe_unused, non_weights, unused_tensors
 from sft_jax.models.modernbert import ModernBertConfig, ModernBertEncoder
 
 # Prefixes that wrap the encoder in published checkpoints, tried in this order.
@@ -49,6 +50,15 @@ _LEAF_NAMES = {
     "scale": ("weight", "gamma"),
     "bias": ("bias", "beta"),
 }
+
+
+def weights_file(model_dir: str | os.PathLike) -> pathlib.Path:
+    """The file `read_weights` reads first: `model.safetensors`, the shards' index, or `pytorch_model.bin`."""
+    model_dir = pathlib.Path(model_dir)
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        if (model_dir / name).is_file():
+            return model_dir / name
+    return model_dir
 
 
 def read_weights(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -140,9 +150,10 @@ def _detect_prefix(weights: dict[str, Any], prefixes=_PREFIXES, probe="embedding
 
 
 def _fill_state(weights: dict[str, np.ndarray], abstract_state: nnx.State, *, prefix: str, rules, source: str,
-                family: str) -> nnx.State:
-    """`abstract_state` filled from HF-named `weights` by `rules`; one ValueError names every problem."""
-    missing, mismatched, filled = [], [], []
+                family: str, allow: tuple[str, ...], ignore=(), where: str = "the checkpoint") -> nnx.State:
+    """`abstract_state` filled from HF-named `weights` by `rules`; one ValueError names every problem: tensors
+    missing or mis-shaped, and tensors of `weights` left unread that neither `allow` nor `ignore` matches."""
+    missing, mismatched, filled, used = [], [], [], set()
     for path, variable in nnx.to_flat_state(abstract_state):
         *module, leaf = (str(p) for p in path)
         hf_module, chunk = _hf_module("/".join(module), rules)
@@ -151,6 +162,7 @@ def _fill_state(weights: dict[str, np.ndarray], abstract_state: nnx.State, *, pr
         if name is None:
             missing.append(names[0])
             continue
+        used.add(name)
         value = weights[name]
         if chunk is not None and value.shape[0] % chunk[1] == 0:  # a fused tensor: rows [k*n/N, (k+1)*n/N)
             rows = value.shape[0] // chunk[1]
@@ -165,12 +177,15 @@ def _fill_state(weights: dict[str, np.ndarray], abstract_state: nnx.State, *, pr
             )
             continue
         filled.append((path, variable.replace(value=jnp.asarray(value, jnp.float32))))
-    if missing or mismatched:
+    unused = unused_tensors(weights, used, allow=allow, ignore=ignore)
+    if missing or mismatched or unused:
         problems = []
         if missing:
             problems.append(f"missing keys: {', '.join(missing)}")
         if mismatched:
             problems.append(f"shape mismatches: {'; '.join(mismatched)}")
+        if unused:
+            problems.append(describe_unused(unused, where))
         raise ValueError(f"{source}: cannot load {family} weights; {'. '.join(problems)}")
     return nnx.from_flat_state(filled)
 
@@ -180,30 +195,37 @@ def bert_state_from_hf(
     abstract_state: nnx.State,
     *,
     source: str = "checkpoint",
+    ignore=(),
+    where: str = "the checkpoint",
 ) -> nnx.State:
     """Fills `abstract_state` (from `nnx.eval_shape`) with HF-named `weights`.
 
-    Linear weights are transposed to [in, out]; pooler, `cls.*` and task-head tensors are ignored.
+    Linear weights are transposed to [in, out]. The pooler, index buffers and pre-training heads are not
+    weights of the encoder (`unused.NON_WEIGHTS["bert"]`); any other tensor left unread is an error unless a
+    regex of `ignore` matches it (a task head of another task, say).
 
     Raises:
-      ValueError: naming every expected key that is missing or whose shape does not match.
+      ValueError: naming every expected key that is missing or whose shape does not match, and the tensors
+        (of `where`, the weights file) not used.
     """
     return _fill_state(weights, abstract_state, prefix=_detect_prefix(weights), rules=_MODULE_RULES,
-                       source=source, family="BERT-family")
+                       source=source, family="BERT-family", allow=non_weights("bert"), ignore=ignore, where=where)
 
 
 def modernbert_state_from_hf(
-    weights: dict[str, np.ndarray], abstract_state: nnx.State, *, source: str = "checkpoint"
+    weights: dict[str, np.ndarray], abstract_state: nnx.State, *, source: str = "checkpoint", ignore=(),
+    where: str = "the checkpoint",
 ) -> nnx.State:
     """Fills a `ModernBertEncoder`'s `abstract_state` with HF-named `weights` (`ModernBertModel`, or
-    "model."-prefixed `ModernBertFor*`): the fused Wqkv and Wi are split, the MLM / classifier heads ignored.
+    "model."-prefixed `ModernBertFor*`): the fused Wqkv and Wi are split; the MLM head is not a weight of the
+    encoder (`unused.NON_WEIGHTS["modernbert"]`), any other tensor left unread an error unless `ignore` matches.
 
     Raises:
-      ValueError: naming every expected key that is missing or whose shape does not match.
+      ValueError: naming every expected key that is missing or whose shape does not match, and the unused ones.
     """
     prefix = _detect_prefix(weights, _MODERNBERT_PREFIXES, "embeddings.tok_embeddings.weight")
     return _fill_state(weights, abstract_state, prefix=prefix, rules=_MODERNBERT_RULES, source=source,
-                       family="ModernBERT")
+                       family="ModernBERT", allow=non_weights("modernbert"), ignore=ignore, where=where)
 
 
 def _read_config(model_dir: str | os.PathLike) -> tuple[pathlib.Path, dict]:
@@ -223,7 +245,7 @@ def load_bert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) 
 
 
 def load_bert(
-    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
+    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, ignore=()
 ) -> tuple[BertEncoder, BertConfig]:
     """Loads a Hugging Face BERT, RoBERTa or XLM-RoBERTa checkpoint directory as a `BertEncoder`.
 
@@ -231,12 +253,14 @@ def load_bert(
       model_dir: a directory with `config.json` and weights (see `read_weights`). Use
         `sft_jax.models.registry.resolve_model_dir` to turn a short name or hub id into one.
       dtype: compute dtype of the matmuls; parameters are float32 regardless.
+      ignore: regexes (re.search) of checkpoint tensors to drop unread (`config.ignore_weights`); any other
+        tensor the encoder does not use, beyond `unused.NON_WEIGHTS["bert"]`, is an error.
 
     Returns:
       The module holding the checkpoint's weights, and its config.
     """
     config = load_bert_config(model_dir, dtype=dtype)
-    return _encoder_from_hf(BertEncoder, config, bert_state_from_hf, model_dir), config
+    return _encoder_from_hf(BertEncoder, config, bert_state_from_hf, model_dir, ignore), config
 
 
 def load_modernbert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> ModernBertConfig:
@@ -249,11 +273,11 @@ def load_modernbert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.flo
 
 
 def load_modernbert(
-    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
+    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, ignore=()
 ) -> tuple[ModernBertEncoder, ModernBertConfig]:
     """Loads a Hugging Face ModernBERT checkpoint directory as a `ModernBertEncoder` (see `load_bert`)."""
     config = load_modernbert_config(model_dir, dtype=dtype)
-    return _encoder_from_hf(ModernBertEncoder, config, modernbert_state_from_hf, model_dir), config
+    return _encoder_from_hf(ModernBertEncoder, config, modernbert_state_from_hf, model_dir, ignore), config
 
 
 def _config_from_hf(config_cls, model_dir: str | os.PathLike, dtype: Any):
@@ -265,13 +289,14 @@ def _config_from_hf(config_cls, model_dir: str | os.PathLike, dtype: Any):
         raise ValueError(f"{config_path}: {e}") from None
 
 
-def _encoder_from_hf(module_cls, config, state_from_hf, model_dir: str | os.PathLike):
+def _encoder_from_hf(module_cls, config, state_from_hf, model_dir: str | os.PathLike, ignore=()):
     """`module_cls(config)` holding the directory's weights, mapped by `state_from_hf`."""
     weights = read_weights(model_dir)
     # Shapes only: the random init would be thrown away, and for big models it is not free.
     abstract = nnx.eval_shape(lambda: module_cls(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    return nnx.merge(graphdef, state_from_hf(weights, abstract_state, source=str(model_dir)))
+    return nnx.merge(graphdef, state_from_hf(weights, abstract_state, source=str(model_dir), ignore=ignore,
+                                             where=weights_file(model_dir).name))
 
 
 ENCODER_MODEL_TYPES = (*BERT_MODEL_TYPES, "modernbert")
@@ -296,22 +321,26 @@ def load_encoder_config(
 
 
 def load_encoder(
-    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32
+    model_dir: str | os.PathLike, *, dtype: Any = jnp.float32, ignore=()
 ) -> tuple[BertEncoder | ModernBertEncoder, BertConfig | ModernBertConfig]:
-    """Loads a BERT, RoBERTa, XLM-RoBERTa or ModernBERT checkpoint directory, by its `model_type`.
+    """Loads a BERT, RoBERTa, XLM-RoBERTa or ModernBERT checkpoint directory, by its `model_type`; `ignore`
+    as in `load_bert`.
 
     Returns the encoder (called as `encoder(input_ids, attention_mask, dropout_rng=...)`) and its config
     (`hidden_size`, `num_hidden_layers`, `max_length`, `position_offset`, `pad_token_id`).
     """
     if isinstance(load_encoder_config(model_dir), ModernBertConfig):
-        return load_modernbert(model_dir, dtype=dtype)
-    return load_bert(model_dir, dtype=dtype)
+        return load_modernbert(model_dir, dtype=dtype, ignore=ignore)
+    return load_bert(model_dir, dtype=dtype, ignore=ignore)
 
 
-def load_tokenizer(model_dir: str | os.PathLike) -> Any:
-    """The checkpoint's tokenizer, via `transformers.AutoTokenizer`."""
-    from transformers import (
-        AutoTokenizer,
-    )  # Heavy import, only paid by callers that tokenize.
+def load_tokenizer(model_dir: str | os.PathLike, tokenizer: str = "") -> Any:
+    """The checkpoint's tokenizer, via `transformers.AutoTokenizer`, or the one `tokenizer` names instead
+    (`config.tokenizer`: a directory with tokenizer files, a short model name, a .gguf file or a hub id).
 
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    Raises:
+      ValueError: one line naming the directory when it has no usable tokenizer (see `tokenizers.load`).
+    """
+    from sft_jax.models.loading import tokenizers  # Heavy import (transformers), only paid by callers that tokenize.
+
+    return tokenizers.load(model_dir, tokenizer)

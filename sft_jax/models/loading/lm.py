@@ -20,8 +20,10 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
-from sft_jax.models.loading.gguf import load_gguf_tokenizer, read_gguf
-from sft_jax.models.loading.hf import read_weights
+from sft_jax.models.loading import tokenizers
+from sft_jax.models.loading.gguf import read_gguf
+from sft_jax.models.loading.hf import read_weights, weights_file
+from sft_jax.models.loading.unused import describe_unused, non_weights, unused_tensors
 from sft_jax.models.lora import has_lora, merge_lora
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
 from sft_jax.models.scan import unscan_decoder
@@ -111,28 +113,75 @@ def fuse(config: DecoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.
     return out
 
 
-def decoder_from_hf_weights(config: DecoderConfig, weights: dict[str, np.ndarray], *, source: str) -> DecoderLM:
-    """A `DecoderLM` filled with HF-named weights; names every missing or mis-shaped tensor on failure.
-    Phi-3's fused projections are split first (our model keeps LLaMA's separate q, k, v, gate, up)."""
+# Where a multimodal checkpoint (Gemma3ForConditionalGeneration) keeps its language model: (stored prefix, the
+# text model's own prefix), in published and transformers >= 4.52 layouts.
+_TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                  ("model.language_model.", "model."))
+
+
+def text_model_names(names) -> dict[str, str]:
+    """{HF name of the text model: stored name} of a checkpoint's tensor `names`: a multimodal checkpoint's
+    language model is read under its text-only names; every other name maps to itself."""
+    out = {}
+    for name in names:
+        prefix = next(((p, q) for p, q in _TEXT_PREFIXES if name.startswith(p)), None)
+        out[prefix[1] + name[len(prefix[0]):] if prefix else name] = name
+    return out
+
+
+def decoder_non_weights(config: DecoderConfig) -> tuple[str, ...]:
+    """The patterns of checkpoint tensors that are not weights of a `config` decoder (`unused.NON_WEIGHTS`)."""
+    return non_weights("decoder", config.family)
+
+
+def tied_copy_differs(config: DecoderConfig, has_head: bool, rows) -> str | None:
+    """A tied model's stored `lm_head.weight` is exempt from the unused check only as a copy of the embedding:
+    `rows(name, k)` reads k leading rows of a tensor. Returns the error clause when the copy differs."""
+    if not (config.tie_embeddings and has_head):
+        return None
+    k = 64
+    if np.array_equal(rows("lm_head.weight", k), rows("model.embed_tokens.weight", k)):
+        return None
+    return ("lm_head.weight differs from model.embed_tokens.weight though config.json ties them "
+            "(tie_word_embeddings): the config and the weights disagree")
+
+
+def decoder_from_hf_weights(config: DecoderConfig, weights: dict[str, np.ndarray], *, source: str, ignore=(),
+                            where: str = "the checkpoint") -> DecoderLM:
+    """A `DecoderLM` filled with HF-named weights; names every missing or mis-shaped tensor on failure, and every
+    tensor of `weights` left unread (of `where`, the weights file) that is neither a non-weight of the family
+    (`unused.NON_WEIGHTS`, a tied model's copy of its embedding as `lm_head.weight`) nor matched by a regex of
+    `ignore` (re.search). Phi-3's fused projections are split first (our model keeps LLaMA's separate q, k, v,
+    gate, up); a multimodal checkpoint's language model is read under its text names."""
+    stored = text_model_names(weights)
+    weights = {name: weights[s] for name, s in stored.items()}
     if config.family == "phi3":
         weights = split_fused(config, weights)
     abstract = nnx.eval_shape(lambda: DecoderLM(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    missing, mismatched, filled = [], [], []
+    missing, mismatched, filled, used = [], [], [], set()
     for path, variable in nnx.to_flat_state(abstract_state):
         name, transpose = hf_name("/".join(str(p) for p in path), config.family)
         if name not in weights:
             missing.append(name)
             continue
+        used.add(name)
         value = weights[name].T if transpose else weights[name]
         if value.shape != tuple(variable.shape):
             mismatched.append(f"{name}: checkpoint {weights[name].shape}, expected {tuple(variable.shape)}"
                               f"{' (transposed)' if transpose else ''}")
             continue
         filled.append((path, variable.replace(value=jnp.asarray(value, jnp.float32))))
-    if missing or mismatched:
+    tied = tied_copy_differs(config, {"lm_head.weight", "model.embed_tokens.weight"} <= weights.keys(),
+                             lambda name, k: weights[name][:k])
+    if config.tie_embeddings:  # a copy of the embedding, or reported as differing from it
+        used.add("lm_head.weight")
+    unused = [stored.get(n, n) for n in unused_tensors(weights, used, allow=decoder_non_weights(config),
+                                                       ignore=ignore)]
+    if missing or mismatched or unused or tied:
         problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + (
-            [f"shape mismatches: {'; '.join(mismatched)}"] if mismatched else [])
+            [f"shape mismatches: {'; '.join(mismatched)}"] if mismatched else []) + (
+            [tied] if tied else []) + ([describe_unused(unused, where)] if unused else [])
         raise ValueError(f"{source}: cannot load {config.family} weights; {'. '.join(problems)}")
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
@@ -145,26 +194,25 @@ def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, n
     return json.loads(config_path.read_text()), read_weights(checkpoint.path)
 
 
-def load_decoder(name_or_path: str | Checkpoint, *, dtype: Any = jnp.float32) -> tuple[DecoderLM, DecoderConfig]:
+def load_decoder(name_or_path: str | Checkpoint, *, dtype: Any = jnp.float32, ignore=()
+                 ) -> tuple[DecoderLM, DecoderConfig]:
     """Loads a decoder LM from a short name, a .gguf path or a HF directory (LlamaForCausalLM,
     MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma2ForCausalLM,
-    Gemma3ForCausalLM). Parameters are float32;
-    `dtype` is the compute dtype."""
+    Gemma3ForCausalLM, and the language model of Gemma3ForConditionalGeneration). Parameters are float32;
+    `dtype` is the compute dtype. A checkpoint tensor the model does not use is an error unless it is a
+    non-weight of the family (`unused.NON_WEIGHTS`) or a regex of `ignore` (re.search) matches it."""
     checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
     hf_config, weights = read_checkpoint(checkpoint)
     config = DecoderConfig.from_hf(hf_config, dtype=dtype)
-    return decoder_from_hf_weights(config, weights, source=str(checkpoint.path)), config
+    where = checkpoint.path.name if checkpoint.kind == "gguf" else weights_file(checkpoint.path).name
+    return decoder_from_hf_weights(config, weights, source=str(checkpoint.path), ignore=ignore, where=where), config
 
 
-def load_lm_tokenizer(name_or_path: str | Checkpoint):
-    """The model's tokenizer (with its chat template, where it has one), via transformers."""
+def load_lm_tokenizer(name_or_path: str | Checkpoint, tokenizer: str = ""):
+    """The model's tokenizer (with its chat template, where it has one), via transformers, or the one
+    `tokenizer` names instead (`config.tokenizer`); an unusable one is an error (`tokenizers.load`)."""
     checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
-    if checkpoint.kind == "gguf":
-        tokenizer = load_gguf_tokenizer(checkpoint.path)
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.path))
+    tokenizer = tokenizers.load(checkpoint, tokenizer)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
     return tokenizer

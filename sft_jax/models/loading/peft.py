@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax.models.loading.lm import hf_name
+from sft_jax.models.loading.unused import describe_unused, unused_tensors
 from sft_jax.models.lora import LoraConfig, _module_path, apply_lora
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -124,6 +125,12 @@ def load_adapters(model: nnx.Module, adapter_dir: str | os.PathLike, *, family: 
             (modules if hf in ours else unknown).append(hf)
     if unknown or not modules:
         raise ValueError(f"{path / ADAPTER_WEIGHTS}: no layer of the model for adapters {unknown or 'at all'}")
+    # Anything else (PEFT's `modules_to_save` copies of whole layers, embedding adapters) would be dropped: refuse.
+    used = {f"{_PEFT_PREFIX}{m}.lora_{ab}.weight" for m in modules for ab in "AB"}
+    unused = unused_tensors(tensors, used)
+    if unused:
+        raise ValueError(f"{path}: cannot load the adapters; " + describe_unused(
+            unused, ADAPTER_WEIGHTS, what="not LoRA adapters", why="they would be dropped"))
     cfg = LoraConfig(rank=int(peft_config["r"]), alpha=float(peft_config["lora_alpha"]),
                      dropout=float(peft_config.get("lora_dropout", 0.0)),
                      targets="^(" + "|".join(re.escape(ours[m]) for m in sorted(modules)) + ")$")

@@ -27,7 +27,8 @@ from safetensors import safe_open
 
 from sft_jax import sharding
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
-from sft_jax.models.loading.lm import fused_rows, hf_name
+from sft_jax.models.loading.lm import decoder_non_weights, fused_rows, hf_name, text_model_names, tied_copy_differs
+from sft_jax.models.loading.unused import describe_unused, unused_tensors
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
 
 # safetensors dtype names -> numpy (bfloat16 and the float8s through ml_dtypes; numpy has none of them).
@@ -81,6 +82,10 @@ class SafetensorsIndex:
 
     def names(self) -> list[str]:
         return list(self._where)
+
+    def file(self, name: str) -> pathlib.Path:
+        """The safetensors file that holds tensor `name`."""
+        return self._where[name][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._where[name][1]["shape"])
@@ -237,13 +242,14 @@ Placement = Callable[[Sequence[str], Mapping[str, tuple[int, ...]], Mapping[str,
 def load_decoder_sharded(name_or_path: str | os.PathLike | Checkpoint, mesh: jax.sharding.Mesh | None = None, *,
                          dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                          logical_rules: sharding.LogicalRules = sharding.DEFAULT_LOGICAL_RULES,
-                         placement: Placement | None = None) -> tuple[DecoderLM, DecoderConfig]:
+                         placement: Placement | None = None, ignore=()) -> tuple[DecoderLM, DecoderConfig]:
     """`load_decoder` for a HF safetensors directory, with every parameter read straight onto the devices.
 
     Parameters are laid out by `placement(names, shapes, logical axes)` -> {path: NamedSharding} (a run's own
     layout, say) or else, on `mesh`, as `sharding.param_shardings` gives for their logical axes under
     `logical_rules`; they are stored as `param_dtype`, and `dtype` is the compute dtype. In float32 they are
-    bit-identical to `load_decoder`'s.
+    bit-identical to `load_decoder`'s. Checkpoint tensors left unread are refused as `load_decoder` refuses
+    them (`ignore`: regexes of tensors to drop), from the headers alone, before anything is read.
     """
     checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
     if checkpoint.kind == "gguf":
@@ -258,6 +264,33 @@ def load_decoder_sharded(name_or_path: str | os.PathLike | Checkpoint, mesh: jax
                                              logical_rules=logical_rules)
     else:
         raise TypeError("load_decoder_sharded: give a mesh or a placement")
-    arrays = load_sharded(checkpoint.path, names, shapes, shardings, param_dtype)
+    index = SafetensorsIndex(checkpoint.path)
+    names = _stored_names(index, config, names, ignore)
+    arrays = load_sharded(index, names, shapes, shardings, param_dtype)
     filled = [(path, variable.replace(value=arrays["/".join(str(p) for p in path)])) for path, variable in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(filled)), config
+
+
+def _stored_names(index: SafetensorsIndex, config: DecoderConfig, names: dict[str, Source],
+                  ignore) -> dict[str, Source]:
+    """`names` with each tensor as stored (a multimodal checkpoint keeps its language model under a prefix).
+
+    Raises:
+      ValueError: one line naming the checkpoint tensors the model leaves unread (beside `decoder_non_weights`,
+        a tied model's copy of its embedding and `ignore`), and any missing ones.
+    """
+    stored = text_model_names(index.names())
+    names = {path: source._replace(name=stored.get(source.name, source.name)) for path, source in names.items()}
+    text = {s: t for t, s in stored.items()}
+    used = {text.get(source.name, source.name) for source in names.values()}
+    tied = tied_copy_differs(config, {"lm_head.weight", "model.embed_tokens.weight"} <= stored.keys(),
+                             lambda name, k: index.read(stored[name], (slice(0, k), slice(None))))
+    if config.tie_embeddings:  # a copy of the embedding, or reported as differing from it
+        used.add("lm_head.weight")
+    unused = [stored[n] for n in unused_tensors(stored, used, allow=decoder_non_weights(config), ignore=ignore)]
+    if unused or tied:
+        missing = sorted({source.name for source in names.values() if source.name not in index})
+        problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + ([tied] if tied else []) + (
+            [describe_unused(unused, index.file(unused[0]).name)] if unused else [])
+        raise ValueError(f"{index.model_dir}: cannot load {config.family} weights; {'. '.join(problems)}")
+    return names

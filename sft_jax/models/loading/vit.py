@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sft_jax.models.loading.hf import read_weights
+from sft_jax.models.loading.hf import read_weights, weights_file
+from sft_jax.models.loading.unused import describe_unused, non_weights, unused_tensors
 from sft_jax.models.vit import ViT, ViTConfig
 
 _PREFIXES = ("", "vit.", "model.")
@@ -71,10 +72,12 @@ def _detect_prefix(weights: dict[str, Any]) -> str:
 
 
 def fill_state(weights: dict[str, np.ndarray], abstract_state: nnx.State, config: ViTConfig, *,
-               source: str, prefix: str = "") -> nnx.State:
+               source: str, prefix: str = "", ignore=(), where: str = "the checkpoint") -> nnx.State:
     """Fills an abstract ViT state (from `nnx.eval_shape`) with HF-named `weights`; `prefix` ("vit.")
-    is prepended to every name. Raises ValueError naming every missing or mis-shaped tensor."""
-    missing, mismatched, filled = [], [], []
+    is prepended to every name. Raises ValueError naming every missing or mis-shaped tensor, and every tensor
+    left unread (of `where`, the weights file) that is neither in `unused.NON_WEIGHTS["vit"]` (the pooler; the
+    classifier, which `load_vit_head` reads) nor matched by a regex of `ignore` (re.search)."""
+    missing, mismatched, filled, used = [], [], [], set()
     for path, variable in nnx.to_flat_state(abstract_state):
         name_path = "/".join(str(p) for p in path)
         names = [prefix + n for n in _candidates(name_path)]
@@ -86,14 +89,17 @@ def fill_state(weights: dict[str, np.ndarray], abstract_state: nnx.State, config
                 missing.append(names[0])
                 continue
         else:
+            used.add(name)
             value = _convert(name_path, weights[name])
         if value.shape != tuple(variable.shape):
             mismatched.append(f"{name}: checkpoint {tuple(weights[name].shape)}, expected {tuple(variable.shape)}")
             continue
         filled.append((path, variable.replace(value=jnp.asarray(value, jnp.float32))))
-    if missing or mismatched:
+    unused = unused_tensors(weights, used, allow=non_weights("vit"), ignore=ignore)
+    if missing or mismatched or unused:
         problems = ([f"missing keys: {', '.join(missing)}"] if missing else []) + (
-            [f"shape mismatches: {'; '.join(mismatched)}"] if mismatched else [])
+            [f"shape mismatches: {'; '.join(mismatched)}"] if mismatched else []) + (
+            [describe_unused(unused, where)] if unused else [])
         raise ValueError(f"{source}: cannot load ViT weights; {'. '.join(problems)}")
     return nnx.from_flat_state(filled)
 
@@ -110,12 +116,14 @@ def read_vit_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -
 
 
 def load_vit(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32,
-             weights: dict[str, np.ndarray] | None = None) -> tuple[ViT, ViTConfig]:
-    """The encoder of a HF `ViTModel` / `ViTForImageClassification` directory (pooler and head ignored)."""
+             weights: dict[str, np.ndarray] | None = None, ignore=()) -> tuple[ViT, ViTConfig]:
+    """The encoder of a HF `ViTModel` / `ViTForImageClassification` directory (its pooler is not used; its head
+    is `load_vit_head`'s). Any other tensor left unread is an error unless a regex of `ignore` matches it."""
     config, _ = read_vit_config(model_dir, dtype=dtype)
     weights = read_weights(model_dir) if weights is None else weights
     graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0))))
-    state = fill_state(weights, abstract_state, config, source=str(model_dir), prefix=_detect_prefix(weights))
+    state = fill_state(weights, abstract_state, config, source=str(model_dir), prefix=_detect_prefix(weights),
+                       ignore=ignore, where=weights_file(model_dir).name)
     return nnx.merge(graphdef, state), config
 
 
