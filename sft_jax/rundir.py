@@ -6,7 +6,8 @@
       results.json       final metrics (flat keys)
       metrics.jsonl      one line per logged step; TensorBoard event files beside it
       generations.jsonl  sample generations of a language-model run's evaluations
-      checkpoints/       orbax: latest/ (full train state) and best/ (parameters), see `sft_jax.checkpoint`
+      checkpoints/       orbax: latest/ (full train state) and best/ (parameters), see `sft_jax.checkpoint`;
+                         a language model's frozen base is left out and rebuilt from config.json
 
 Training, predict, generate and loading models from earlier runs all go through `RunDir`.
 """

@@ -12,6 +12,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -69,6 +70,31 @@ class TrainState:
 def count_params(params: dict[str, Any], names=None) -> int:
     names = params.keys() if names is None else names
     return int(sum(np.prod(params[n].shape) for n in names))
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+    """Two uint32 sums of an array's bits: plain, and weighted by position (so moved values count too).
+    Integer sums wrap and are exact in any order: the same under any sharding, computed where the array lives."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).astype(jnp.uint32)
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= x.shape[axis]
+    mixed = bits * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(mixed * (2 * index + 1), dtype=jnp.uint32)])
+
+
+_checksums = jax.jit(lambda arrays: {k: _checksum(v) for k, v in arrays.items()})
+
+
+def array_checksums(params: dict[str, jax.Array], names) -> dict[str, str]:
+    """{name: 16 hex digits} of the bits of each of `names`: a cheap, device-side check that two sets of arrays
+    (a rebuilt frozen base and the one a run trained on) are bit-identical, without copying them to the host."""
+    from sft_jax.sharding import to_host
+
+    sums = _checksums({n: params[n] for n in names})
+    return {n: "".join(f"{int(v):08x}" for v in to_host(s)) for n, s in sums.items()}
 
 
 def params_fingerprint(params: dict[str, Any]) -> str:

@@ -104,8 +104,9 @@ def reference_params(model):
 
 
 def test_qlora_run_with_remat(tiny_llama_dir, tmp_path):
-    """strategy=lora with an NF4 base and remat=full trains; the quantised base is checkpointed unchanged;
-    the run's workdir rebuilds (quantising the base again) for generation."""
+    """strategy=lora with an NF4 base and remat=full trains; the quantised base, left out of the checkpoints
+    (tests/test_frozen_base.py), is rebuilt unchanged; the run's workdir rebuilds (quantising the base again)
+    for generation."""
     from conftest import lm_config
 
     from sft_jax.generate import generate

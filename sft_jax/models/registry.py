@@ -4,6 +4,7 @@ or a GGUF file."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -150,3 +151,30 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
             f"model {name_or_path!r} not found: not a short name ({', '.join(sorted(SHORT_NAMES))}), not a local "
             f"directory with config.json, nor a Hugging Face hub id in the cache at {cached} ({reason})"
         ) from e
+
+
+# The files of a checkpoint that say what its weights are: a run that leaves its frozen base out of its
+# checkpoints records these (`sft_jax.checkpoint.FrozenBase`) to notice, on resume, weights changed on disk.
+_WEIGHT_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.gguf")
+
+
+def weight_fingerprint(name_or_path: str) -> dict[str, str]:
+    """{file path relative to the model's directory: "size:hash"} of the files a model's weights come from
+    (config, safetensors and their index, GGUF). Cheap: the hash is of a safetensors file's header (names,
+    dtypes, shapes, offsets) or of a file's first MiB, never of all the weights."""
+    checkpoint = resolve_checkpoint(name_or_path)
+    if checkpoint.kind == "gguf":
+        root, files = checkpoint.path.parent, [checkpoint.path]
+    else:
+        root = checkpoint.path
+        files = sorted({p for pattern in _WEIGHT_FILES for p in root.glob(pattern) if p.is_file()})
+    out = {}
+    for path in files:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if path.suffix == ".safetensors" and len(head) == 8:
+                head += f.read(min(int.from_bytes(head, "little"), 100 << 20))
+            else:
+                head += f.read((1 << 20) - 8)
+        out[str(path.relative_to(root))] = f"{path.stat().st_size}:{hashlib.sha256(head).hexdigest()[:16]}"
+    return out

@@ -42,7 +42,11 @@ class Task(abc.ABC):
       higher_is_better    for each forgetting probe the task reports, whether a higher value is better (the
                           forgetting summary reports a "drop" of those and a "rise" of the others);
       exclusive_options   config keys only this task reads, each with what it is: set for another task,
-                          they are refused (`registry.check_config`) instead of silently ignored.
+                          they are refused (`registry.check_config`) instead of silently ignored;
+      rebuilds_base       whether the parameters a run never trains are rebuilt bit-identically from its
+                          config.json (pre-trained weights, then the run's deterministic changes: adapters,
+                          quantisation, scanning, storage dtype), by the task and by its loaders of a workdir:
+                          its checkpoints then leave them out (`checkpoint.FrozenBase`).
 
     Set by `__init__(config, rundir)`, which reads the data before it loads a model (bad input stops a run
     before minutes go into loading weights):
@@ -57,6 +61,7 @@ class Task(abc.ABC):
     decoder: ClassVar[bool] = False
     higher_is_better: ClassVar[dict[str, bool]] = {}
     exclusive_options: ClassVar[dict[str, str]] = {}
+    rebuilds_base: ClassVar[bool] = False
 
     model_def: ModelDef
     params: dict[str, jax.Array]

@@ -25,6 +25,7 @@ from sft_jax.evaluate.perplexity import wikitext2_perplexity
 from sft_jax.losses import lm_loss
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import build_lm, decoder_layout, with_dtype
+from sft_jax.models.layout import in_storage_dtype
 from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
 from sft_jax.models.loading.tokenizers import check_fits
 from sft_jax.models.lora import merge_lora
@@ -61,6 +62,7 @@ class LanguageModel(Task):
     higher_is_better = {"wikitext2_ppl": False, "wikitext2_word_ppl": False}
     exclusive_options = {"lm_loss_chunk": "the chunked language-model loss",
                          "quantize_base": "a quantised base (QLoRA)", "scan_layers": "scanned layers"}
+    rebuilds_base = True  # build_lm from config.json, as `load_finetuned_lm` does: checkpoints hold what trains
 
     @classmethod
     def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -204,11 +206,19 @@ def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
     """
     rundir = RunDir(workdir)
     run = rundir.read_config()
+    # The frozen base is rebuilt as the run built it (checkpoints leave it out: `Task.rebuilds_base`): stored
+    # as `param_dtype` before quantising, here on one device.
+    param_dtype = run.get("param_dtype", "float32")
+    device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)),
+                                        jax.sharding.PartitionSpec())
     lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
-                          seed=run.get("seed", 0), quantize_base=run.get("quantize_base", "none"),
+                          seed=run.get("seed", 0), param_dtype=param_dtype,
+                          placement=lambda names, shapes, axes: {n: device for n in names},
+                          quantize_base=run.get("quantize_base", "none"),
                           scan_layers=run.get("scan_layers", False), frozen_layers=run.get("frozen_layers", 0),
                           ignore_weights=tuple(run.get("ignore_weights", ())))
     model_def, params = ModelDef.split(lm)
+    params = in_storage_dtype(params, param_dtype, decoder_layout(config.num_layers))  # (a GGUF loads float32)
     lm = unscan_decoder(model_def.merge(rundir.restore_params(params, which)))  # per-layer again
     return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"], run.get("tokenizer", ""))
 

@@ -9,17 +9,17 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import tqdm
 
 from sft_jax import groups, optim, regularizers, sharding, strategies
-from sft_jax.checkpoint import Checkpoints
+from sft_jax.checkpoint import Checkpoints, FrozenBase
 from sft_jax.models import fused_attention
 from sft_jax.models import remat as remat_lib
-from sft_jax.models.quant import QUANTIZED
+from sft_jax.models.layout import in_storage_dtype as in_storage_dtype  # re-exported (their home before)
+from sft_jax.models.layout import storage_dtype as storage_dtype
 from sft_jax.state import ModelDef, TrainState
 from sft_jax.tasks.base import Task
 from sft_jax.train_step import compiler_options, compute_cast_plan, make_eval_step, make_train_step, with_compute_params
@@ -41,27 +41,6 @@ def init_state(params: dict, tx, p_shard: dict | None = None, mesh: jax.sharding
                        opt_state=opt_state,
                        rng=sharding.put_global(jax.random.key_data(jax.random.key(seed)), replicated))
     return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
-
-
-def storage_dtype(name: str, dtype, param_dtype: str, fresh: re.Pattern | None = None):
-    """The dtype parameter `name` (now `dtype`) is stored in: `param_dtype` for pre-trained floating-point
-    weights; new ones (`fresh`: a new head; LoRA adapters) and quantised ones (codes and scales, QLoRA) keep
-    theirs, so that what starts from zero learns at full precision."""
-    new = (fresh is not None and fresh.search(name)) or name.endswith(QUANTIZED + ("/lora_a", "/lora_b"))
-    return dtype if new or not jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(param_dtype)
-
-
-def in_storage_dtype(params: dict, param_dtype: str, layout: strategies.ParamLayout) -> dict:
-    """`params` stored as `storage_dtype` says."""
-    if param_dtype == "float32":
-        return params
-    fresh = re.compile("^" + layout.fresh) if layout.fresh else None
-
-    def stored(name, value):
-        dtype = storage_dtype(name, value.dtype, param_dtype, fresh)
-        return value if dtype == value.dtype else value.astype(dtype)
-
-    return {name: stored(name, value) for name, value in params.items()}
 
 
 def with_model_options(model_def: ModelDef, params: dict, config: ml_collections.ConfigDict) -> ModelDef:
@@ -143,6 +122,9 @@ def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, wo
                                            {k: v.shape for k, v in task.params.items()}, task.model_def.axes)
     b_shard = sharding.batch_sharding(mesh)
     state, state_shard = init_state(task.params, tx, p_shard, mesh, config.seed)
+    if task.rebuilds_base:  # from here on checkpoints leave out what never trains (checkpoint.FrozenBase)
+        frozen = set(task.params) - set(trainable)
+        ckpt.base = FrozenBase.of(config.model, state.params, frozen) if frozen else None
 
     meta = {"best_metric": None, "best_step": None, "bad_evals": 0, "stopped_early": False}
     restored = ckpt.restore_latest(state)
