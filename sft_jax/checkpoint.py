@@ -1,6 +1,6 @@
 """Orbax checkpoints in `WORKDIR/checkpoints/`: `latest/` (full train state, for resume) and `best/`
 (parameters of the best evaluation so far). Each holds three items: `params`, `train` (step, optimizer
-state, rng) and `meta` (JSON: data position, early-stopping state).
+state, rng, float32 masters) and `meta` (JSON: data position, early-stopping state).
 
 A run whose frozen parameters are rebuilt exactly from its config (a language model's pre-trained weights,
 with its adapters, quantised base (QLoRA) and storage dtype: `Task.rebuilds_base`) leaves them out: `params`
@@ -80,8 +80,11 @@ def _abstract(tree):
 
 
 def _train_item(state: TrainState) -> dict:
-    """What `latest/` keeps beside the parameters: step, optimizer state, rng."""
-    return {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    """What `latest/` keeps beside the parameters: step, optimizer state, rng, and any float32 masters."""
+    item = {"step": state.step, "opt_state": state.opt_state, "rng": state.rng}
+    if state.master:
+        item["master"] = state.master
+    return item
 
 
 def _options(name: str, keep: int) -> ocp.CheckpointManagerOptions:
@@ -144,7 +147,7 @@ class Checkpoints:
             train=ocp.args.StandardRestore(_abstract(_train_item(target)))))
         params = {**{k: target.params[k] for k in left_out}, **r.params}
         state = TrainState(step=r.train["step"], params=params, opt_state=r.train["opt_state"],
-                           rng=r.train["rng"])
+                           rng=r.train["rng"], master=r.train.get("master", {}))
         return state, meta
 
     def restore_params(self, target_params: dict, which: str = "best") -> tuple[dict, dict]:

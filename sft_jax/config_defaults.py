@@ -38,6 +38,11 @@ def defaults() -> ml_collections.ConfigDict:
     # Storage dtype of the pre-trained parameters (frozen or not); new ones (a classifier head, LoRA adapters)
     # stay float32. bfloat16 halves the weights' memory; trained in bfloat16, their AdamW moments are too.
     c.param_dtype = "float32"
+    # Mixed precision: a master copy in this dtype (none | float32) of every trained parameter stored narrower
+    # (param_dtype=bfloat16). The optimizer updates the masters (its moments in their dtype too) and the
+    # parameters the model reads are cast from them each step, so updates too small for bfloat16 still add up.
+    # 4 more bytes per such parameter, and 4 more for each float32 moment. none: updated in their storage dtype.
+    c.master_dtype = "none"
     # Activation rematerialisation per block (models/remat.py): none | full (keep only block inputs) | dots (also
     # keep projection outputs) | offload (dots, kept in pinned host memory: GPU / TPU, and XLA:CPU).
     c.remat = "none"
@@ -210,6 +215,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.dtype not in DTYPES:
         raise ValueError(f"config.dtype: {config.dtype!r} is not one of {DTYPES}")
     _check_choice(config, "param_dtype", DTYPES)
+    _check_choice(config, "master_dtype", ("none", "float32"))
     _check_choice(config, "remat", ("none", "full", "dots", "offload"))
     _check_choice(config, "quantize_base", ("none", "int8", "nf4"))
     _check_choice(config, "optimizer_state_dtype", ("float32", "bfloat16", "int8"))

@@ -28,8 +28,8 @@ METRICS_FILE = "metrics.jsonl"
 GENERATIONS_FILE = "generations.jsonl"
 # Changing these between runs on one workdir would resume a different experiment.
 INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora",
-                     "param_dtype", "quantize_base", "optimizer_state_dtype", "vit", "regularizer", "llrd",
-                     "gradual_unfreeze", "lp_ft", "scan_layers", "tokenizer")
+                     "param_dtype", "master_dtype", "quantize_base", "optimizer_state_dtype", "vit", "regularizer",
+                     "llrd", "gradual_unfreeze", "lp_ft", "scan_layers", "tokenizer")
 
 
 class RunDir:

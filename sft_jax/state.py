@@ -65,6 +65,10 @@ class TrainState:
     # the train step reads these instead of casting the float32 ones every step. Derived, never
     # checkpointed; `train_step.with_compute_params` builds it. Empty by default (float32, full fine-tuning).
     compute_params: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
+    # Mixed precision (`config.master_dtype`): float32 copies of the trained parameters stored narrower
+    # (bfloat16). The optimizer updates these; the parameters the model reads are their casts, refreshed each
+    # step, so updates below a bfloat16 parameter's resolution still add up. Checkpointed. Empty by default.
+    master: dict[str, jax.Array] = dataclasses.field(default_factory=dict)
 
 
 def count_params(params: dict[str, Any], names=None) -> int:

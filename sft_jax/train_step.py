@@ -22,10 +22,11 @@ from sft_jax.state import ModelDef, TrainState
 LossFn = Callable[..., tuple[jax.Array, dict]]
 
 
-def _accumulated_grads(loss_fn, model_def, frozen_p, train_p, batch, rng, accum_steps: int):
+def _accumulated_grads(loss_fn, model_def, frozen_p, train_p, batch, rng, accum_steps: int, sum_dtypes=None):
     """Gradient of the mean loss over all examples / target tokens of `batch`, computed over `accum_steps`
     micro-batches: per micro-batch the gradient of the summed loss, then one division by the total count.
-    Micro-batches with more target tokens therefore weigh more, exactly as in the one large batch."""
+    Micro-batches with more target tokens therefore weigh more, exactly as in the one large batch.
+    `sum_dtypes` ({name: dtype}) sums some gradients wider than their parameters (those with a master)."""
 
     def split(x):
         # Strided split (row i goes to micro-batch i % A): each micro-batch takes rows from every device's
@@ -48,7 +49,9 @@ def _accumulated_grads(loss_fn, model_def, frozen_p, train_p, batch, rng, accum_
 
     _, aux_shape = jax.eval_shape(summed, train_p, jax.tree.map(lambda x: x[0], micro), rng)
     zeros = {k: jnp.zeros(v.shape, v.dtype) for k, v in aux_shape.items() if not v.shape}
-    (grads, sums), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, train_p), zeros),
+    sum_dtypes = sum_dtypes or {}
+    grads0 = {k: jnp.zeros(v.shape, sum_dtypes.get(k, v.dtype)) for k, v in train_p.items()}
+    (grads, sums), _ = jax.lax.scan(body, (grads0, zeros),
                                    (micro, jnp.arange(accum_steps)))
     count = jnp.maximum(sums["count"], 1.0)
     return sums["loss_sum"] / count, sums, jax.tree.map(lambda g: g / count, grads)
@@ -60,6 +63,9 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
 
     With `accum_steps` > 1 the batch is processed as that many micro-batches (the loss function's aux must
     hold `loss_sum` and `count`), for the same update as the whole batch at a fraction of the memory.
+
+    Parameters with a master copy (`state.master`) are stepped through it: the optimizer sees the master and
+    the gradient in its dtype, and the parameter becomes the new master cast to the parameter's dtype.
     """
     trainable = set(trainable)
     train_p = {k: v for k, v in state.params.items() if k in trainable}
@@ -72,26 +78,36 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
     def compute_loss(tp):
         return loss_fn(model_def.merge({**frozen_in, **tp}), batch, rng)
 
+    # Masters of this phase's trained parameters (others, frozen for now, pass through with theirs).
+    master = {k: v for k, v in state.master.items() if k in train_p}
     if accum_steps > 1:
-        loss, aux, grads = _accumulated_grads(loss_fn, model_def, frozen_in, train_p, batch, rng, accum_steps)
+        loss, aux, grads = _accumulated_grads(loss_fn, model_def, frozen_in, train_p, batch, rng, accum_steps,
+                                              {k: v.dtype for k, v in master.items()})
     else:
         (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(train_p)
+    grads = {k: g.astype(master[k].dtype) if k in master else g for k, g in grads.items()}
     # The partition expects the full tree; frozen entries go to set_to_zero and are dead code after it.
-    full_grads = {**{k: jnp.zeros_like(v) for k, v in frozen_p.items()}, **grads}
+    full_grads = {**{k: jnp.zeros(v.shape, state.master[k].dtype if k in state.master else v.dtype)
+                     for k, v in frozen_p.items()}, **grads}
     grad_norm = optax.global_norm(grads)
     # A non-finite loss or gradient leaves parameters and optimizer state as they were (the step counter and
     # so the data position still advance); the host sees `nonfinite` and skips or stops per its policy.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(operands):
-        train_p, opt_state = operands
-        updates, opt_state = tx.update(full_grads, opt_state, state.params)
-        return optax.apply_updates(train_p, {k: updates[k] for k in train_p}), opt_state
+        train_p, master, opt_state = operands
+        updates, opt_state = tx.update(full_grads, opt_state, {**state.params, **state.master})
+        master = optax.apply_updates(master, {k: updates[k] for k in master})
+        stepped = optax.apply_updates({k: v for k, v in train_p.items() if k not in master},
+                                      {k: updates[k] for k in train_p if k not in master})
+        return {**stepped, **{k: m.astype(train_p[k].dtype) for k, m in master.items()}}, master, opt_state
 
     # Only the taken branch runs: no select pass over every parameter and moment (a `where` per leaf would read
     # the old and new state and write a third copy of both).
-    new_train, opt_state = jax.lax.cond(finite, apply, lambda operands: operands, (train_p, state.opt_state))
-    new_state = state.replace(step=state.step + 1, params={**frozen_p, **new_train}, opt_state=opt_state)
+    new_train, master, opt_state = jax.lax.cond(finite, apply, lambda operands: operands,
+                                                (train_p, master, state.opt_state))
+    new_state = state.replace(step=state.step + 1, params={**frozen_p, **new_train}, opt_state=opt_state,
+                              master={**state.master, **master})
     # Per-example outputs (predictions) stay out of the train metrics; eval_step returns them.
     scalars = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32), **scalars}

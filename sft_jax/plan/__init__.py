@@ -5,8 +5,9 @@ arrays (no weight or data file is read), and what each device will hold.
 adapters, an untied head), the storage dtype, remat and the loss chunking, lays parameters and optimizer
 state out over the devices as the trainer would (`sharding.run_param_shardings`), and compiles the real
 `make_train_step` for a full batch of the longest bucket. Per device it reports parameter, optimizer-state
-and compute-copy bytes (from each array's shard shape), the compiled step's temporaries (XLA's memory
-analysis), their total against the device's memory, and the model FLOPs of a step (`sft_jax.flops`).
+(float32 masters of `config.master_dtype` included) and compute-copy bytes (from each array's shard shape),
+the compiled step's temporaries (XLA's memory analysis), their total against the device's memory, and the
+model FLOPs of a step (`sft_jax.flops`).
 
 The command line, `python -m sft_jax.plan`, compiles for N simulated CPU devices: XLA:CPU's memory analysis of
 the same program. Attention is what `config.attention` gives on the devices' platform: on CPU, `auto` is the
@@ -38,7 +39,7 @@ from sft_jax.models.scan import segment_sizes
 from sft_jax.state import ModelDef, TrainState
 from sft_jax.tasks.language_model import loss_fn as lm_loss_fn
 from sft_jax.train_step import compute_cast_plan, make_train_step
-from sft_jax.trainer.setup import make_optimizer, storage_dtype
+from sft_jax.trainer.setup import make_optimizer, master_names, storage_dtype
 
 GB = 1e9
 TASKS = ("language_modeling", "sft")
@@ -51,7 +52,7 @@ class Plan:
     devices: int
     mesh: dict[str, int]
     params: int  # parameter bytes per device (their shards)
-    optimizer: int  # optimizer-state bytes per device
+    optimizer: int  # optimizer-state bytes per device, with the float32 masters (`config.master_dtype`)
     compute_copies: int  # frozen weights cast once to the compute dtype (bfloat16 runs)
     batch: int
     temporaries: int  # the compiled step's temporary buffers (XLA memory analysis)
@@ -170,7 +171,9 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
     mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
     p_shard = sharding.run_param_shardings(config, mesh, model_def.names, {k: v.shape for k, v in params.items()},
                                            model_def.axes)
-    opt_state = jax.eval_shape(tx.init, params)
+    masters = {k: jax.ShapeDtypeStruct(params[k].shape, jnp.dtype(config.master_dtype))
+               for k in master_names(params, trainable, config.master_dtype)}
+    opt_state = jax.eval_shape(tx.init, {**params, **masters})
     opt_shard = sharding.tree_shardings(opt_state, p_shard, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -190,9 +193,9 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
     copies = {k: jax.ShapeDtypeStruct(params[k].shape, dtype) for k, dtype in cast.items()}
 
     state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=opt_state,
-                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), compute_params=copies)
+                       rng=jax.ShapeDtypeStruct((2,), jnp.uint32), compute_params=copies, master=masters)
     state_shard = TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated,
-                             compute_params={k: p_shard[k] for k in copies})
+                             compute_params={k: p_shard[k] for k in copies}, master={k: p_shard[k] for k in masters})
     step = make_train_step(model_def, tx, loss_fn, trainable, state_sharding=state_shard, batch_sharding=b_shard,
                            accum_steps=config.grad_accum_steps, logical_rules=sharding.run_logical_rules(config))
     state, batch = _abstract(state, state_shard), _abstract(batch, {k: b_shard for k in batch})
@@ -222,7 +225,7 @@ def plan_of(step: CompiledStep, device_memory_gb: float = 80.0) -> Plan:
     # The step's outputs alias the donated state; whatever does not (metrics) is small but counted.
     unaliased = max(int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes), 0)
     temporaries = int(memory.temp_size_in_bytes) + unaliased
-    parts = dict(params=nbytes(state.params), optimizer=nbytes(state.opt_state),
+    parts = dict(params=nbytes(state.params), optimizer=nbytes(state.opt_state) + nbytes(state.master),
                  compute_copies=nbytes(state.compute_params), batch=nbytes(step.batch))
     c = step.model_config
     attn = {"layers": c.num_layers, "width": c.num_heads * c.head_dim, "causal": True}

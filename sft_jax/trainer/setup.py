@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -25,22 +26,40 @@ from sft_jax.tasks.base import Task
 from sft_jax.train_step import compiler_options, compute_cast_plan, make_eval_step, make_train_step, with_compute_params
 
 
-def init_state(params: dict, tx, p_shard: dict | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0
-               ) -> tuple[TrainState, TrainState]:
+def master_names(params: dict, trainable, master_dtype: str = "none") -> tuple[str, ...]:
+    """The trained parameters that get a `master_dtype` master copy (`TrainState.master`): those stored in a
+    narrower floating dtype (bfloat16 weights of `param_dtype`); none for master_dtype="none"."""
+    if master_dtype == "none":
+        return ()
+    wide = jnp.dtype(master_dtype)
+    return tuple(k for k in trainable if jnp.issubdtype(params[k].dtype, jnp.floating)
+                 and jnp.dtype(params[k].dtype).itemsize < wide.itemsize)
+
+
+def init_state(params: dict, tx, p_shard: dict | None = None, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+               *, master: tuple[str, ...] = (), master_dtype: str = "float32") -> tuple[TrainState, TrainState]:
     """The initial train state laid out over `mesh` (parameters per `p_shard`, optimizer moments following
     their parameters) and the matching tree of shardings, for `make_train_step`. Without them: a mesh over
-    all devices with every parameter replicated."""
+    all devices with every parameter replicated.
+
+    Parameters named in `master` (`master_names`) get a `master_dtype` copy, sharded as they are, which the
+    optimizer steps in their place (its moments take the master's dtype); it starts as the stored value, so
+    the first forward pass is the same with or without it."""
     mesh = sharding.make_mesh() if mesh is None else mesh
     if p_shard is None:
         p_shard = sharding.param_shardings(list(params), mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = {k: sharding.put_global(v, p_shard[k]) for k, v in params.items()}
-    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, params), p_shard, mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(params)
+    m_shard = {k: p_shard[k] for k in master}
+    masters = jax.jit(lambda p: {k: p[k].astype(master_dtype) for k in master}, out_shardings=m_shard)(
+        {k: params[k] for k in master}) if master else {}
+    opt_params = {**params, **masters}  # what the optimizer steps
+    opt_shard = sharding.tree_shardings(jax.eval_shape(tx.init, opt_params), p_shard, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shard)(opt_params)
     state = TrainState(step=sharding.put_global(np.zeros((), np.int32), replicated), params=params,
                        opt_state=opt_state,
-                       rng=sharding.put_global(jax.random.key_data(jax.random.key(seed)), replicated))
-    return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated)
+                       rng=sharding.put_global(jax.random.key_data(jax.random.key(seed)), replicated), master=masters)
+    return state, TrainState(step=replicated, params=p_shard, opt_state=opt_shard, rng=replicated, master=m_shard)
 
 
 def with_model_options(model_def: ModelDef, params: dict, config: ml_collections.ConfigDict) -> ModelDef:
@@ -121,7 +140,9 @@ def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, wo
     p_shard = sharding.run_param_shardings(config, mesh, task.model_def.names,
                                            {k: v.shape for k, v in task.params.items()}, task.model_def.axes)
     b_shard = sharding.batch_sharding(mesh)
-    state, state_shard = init_state(task.params, tx, p_shard, mesh, config.seed)
+    state, state_shard = init_state(task.params, tx, p_shard, mesh, config.seed,
+                                    master=master_names(task.params, trainable, config.master_dtype),
+                                    master_dtype=config.master_dtype)
     if task.rebuilds_base:  # from here on checkpoints leave out what never trains (checkpoint.FrozenBase)
         frozen = set(task.params) - set(trainable)
         ckpt.base = FrozenBase.of(config.model, state.params, frozen) if frozen else None
