@@ -72,3 +72,4 @@ experiment-overfitting: install
 # bfloat16 vs float32 SST-2 dev accuracy of full fine-tuning (issue 6's 0.5-point check), 2 seeds.
 experiment-mixed-precision: install
 	$(BIN)/python -m experiments.mixed_precision.run --steps=400 --seeds=0,1
+experiment-qlora-states: install ; $(BIN)/python -m experiments.qlora_and_states.run --part=both
