@@ -11,7 +11,9 @@ model FLOPs of a step (`sft_jax.flops`).
 
 The command line, `python -m sft_jax.plan`, compiles for N simulated CPU devices: XLA:CPU's memory analysis of
 the same program. Attention is what `config.attention` gives on the devices' platform: on CPU, `auto` is the
-blocked XLA attention, which needs more than a fused GPU kernel, so the plan errs on the safe side.
+blocked XLA attention, which needs more than a fused GPU kernel, so the plan errs on the safe side. XLA:CPU
+also converts bfloat16 weights to float32 for its dots, and for scanned layers keeps the float32 copy of the
+whole stack: those copies are reported apart and left out of the total (`plan/upcasts.py`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from sft_jax.models.finetuned import adapt_lm, decoder_layout
 from sft_jax.models.fused_attention import choose, set_attention
 from sft_jax.models.registry import resolve_model_dir
 from sft_jax.models.scan import segment_sizes
+from sft_jax.plan.upcasts import cpu_upcast_bytes
 from sft_jax.state import ModelDef, TrainState
 from sft_jax.tasks.language_model import loss_fn as lm_loss_fn
 from sft_jax.train_step import compute_cast_plan, make_train_step
@@ -55,7 +58,8 @@ class Plan:
     optimizer: int  # optimizer-state bytes per device, with the float32 masters (`config.master_dtype`)
     compute_copies: int  # frozen weights cast once to the compute dtype (bfloat16 runs)
     batch: int
-    temporaries: int  # the compiled step's temporary buffers (XLA memory analysis)
+    temporaries: int  # the compiled step's temporary buffers (XLA memory analysis), less `cpu_upcasts`
+    cpu_upcasts: int  # float32 copies of bfloat16 weights only XLA:CPU makes (plan/upcasts.py): not counted
     total: int
     device_memory: int
     flops_per_step: float
@@ -71,7 +75,8 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {"per_device_bytes": {"params": self.params, "optimizer": self.optimizer,
                                      "compute_copies": self.compute_copies, "batch": self.batch,
-                                     "temporaries": self.temporaries, "total": self.total},
+                                     "temporaries": self.temporaries, "total": self.total,
+                                     "cpu_upcasts": self.cpu_upcasts},
                 "fits": self.fits, "device_memory_bytes": self.device_memory, "flops_per_step": self.flops_per_step,
                 "tokens_per_step": self.tokens_per_step, "devices": self.devices, "mesh": self.mesh,
                 "total_params": self.total_params, "trainable_params": self.trainable_params,
@@ -84,6 +89,9 @@ class Plan:
         mesh = " x ".join(f"{k} {v}" for k, v in self.mesh.items() if v > 1) or "1 device"
         lines = [f"per device ({self.devices} devices, mesh {mesh}; attention: {self.attention})"]
         lines += [f"  {name:<16} {value / GB:9.2f} GB" for name, value in rows]
+        if self.cpu_upcasts:
+            lines.append(f"  (not counted: {self.cpu_upcasts / GB:.2f} GB of float32 copies of bfloat16 weights "
+                         "that only XLA:CPU makes)")
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  {verdict} in {self.device_memory / GB:.0f} GB "
                      f"({100 * self.total / self.device_memory:.0f}%)")
@@ -224,7 +232,10 @@ def plan_of(step: CompiledStep, device_memory_gb: float = 80.0) -> Plan:
 
     # The step's outputs alias the donated state; whatever does not (metrics) is small but counted.
     unaliased = max(int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes), 0)
-    temporaries = int(memory.temp_size_in_bytes) + unaliased
+    platform = step.mesh.devices.flat[0].platform
+    # XLA:CPU's float32 copies of bfloat16 weights are part of its temporaries; a GPU or TPU makes none.
+    upcasts = cpu_upcast_bytes(step.compiled.as_text()) if platform == "cpu" else 0
+    temporaries = int(memory.temp_size_in_bytes) + unaliased - upcasts
     parts = dict(params=nbytes(state.params), optimizer=nbytes(state.opt_state) + nbytes(state.master),
                  compute_copies=nbytes(state.compute_params), batch=nbytes(step.batch))
     c = step.model_config
@@ -232,9 +243,10 @@ def plan_of(step: CompiledStep, device_memory_gb: float = 80.0) -> Plan:
     shapes = step.logical_shapes
     rows, length = step.batch["input_ids"].shape
     return Plan(devices=step.mesh.devices.size, mesh=dict(step.mesh.shape), **parts, temporaries=temporaries,
+                cpu_upcasts=upcasts,
                 total=sum(parts.values()) + temporaries, device_memory=int(device_memory_gb * GB),
                 flops_per_step=step_flops(shapes, step.logical_trainable, attn, length, rows * length,
                                           tied_head=step.tied_head),
                 tokens_per_step=rows * length, total_params=sum(int(np.prod(s)) for s in shapes.values()),
                 trainable_params=sum(int(np.prod(shapes[k])) for k in step.logical_trainable),
-                attention=f"{step.attention} ({step.mesh.devices.flat[0].platform})")
+                attention=f"{step.attention} ({platform})")
