@@ -91,12 +91,7 @@ def test_invalid_image_config_values(image_config, overrides, expected):
     from sft_jax.config_defaults import validate
 
     config = image_config("train.jsonl", "eval.jsonl")
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     with pytest.raises(ValueError) as info:
         validate(config)
     assert str(info.value).startswith(expected), str(info.value)

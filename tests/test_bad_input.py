@@ -255,11 +255,7 @@ INVALID_VALUES = [
 
 @pytest.mark.parametrize("key, value, expected", INVALID_VALUES, ids=[k for k, _, _ in INVALID_VALUES])
 def test_invalid_config_values_are_named(tiny_config, tmp_path, key, value, expected):
-    *parents, leaf = key.split(".")
-    node = tiny_config
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
+    tiny_config.update_from_flattened_dict({key: value})
     message = _fails_before_training(tiny_config, tmp_path / "run", exc=ValueError)
     assert message.startswith(expected), message
 

@@ -40,12 +40,7 @@ def _config(model_dir, strategy="full", **overrides):
     c.data.train = c.data.eval = "never-read.txt"
     c.batch_size, c.max_length, c.buckets = 8, 256, (256,)
     c.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

@@ -137,12 +137,7 @@ def _config(spec: str, overrides: dict):
     import importlib
     path, _, arg = spec.partition(":")
     c = importlib.import_module(path[:-3].replace("/", ".")).get_config(arg or None)
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
