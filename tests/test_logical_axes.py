@@ -151,7 +151,7 @@ def test_config_rules_reach_the_train_state(tiny_config, tmp_path, monkeypatch):
     class Seen(Exception):
         pass
 
-    def spy(params, tx, p_shard, mesh, seed):  # the shardings the trainer built; no need to train
+    def spy(params, tx, p_shard, mesh, seed, **options):  # the shardings the trainer built; no need to train
         seen.update(p_shard)
         raise Seen
 
