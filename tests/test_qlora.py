@@ -81,6 +81,8 @@ def test_quantised_lora_model(kind):
     model_def, params = ModelDef.split(model)
     assert "layers/0/attn/q/kernel/codes" in params and "layers/0/attn/q/kernel" not in params
     assert params["layers/0/attn/q/bias"].dtype == jnp.float32  # biases stay as they were
+    # A quantised kernel counts as the weights it stands for, its scales not at all.
+    assert quant.count_weights(params) == quant.count_weights(reference_params(reference))
 
     adapters = {k: v for k, v in params.items() if k.endswith(("lora_a", "lora_b"))}
     frozen = {k: v for k, v in params.items() if k not in adapters}

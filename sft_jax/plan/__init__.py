@@ -137,7 +137,7 @@ class CompiledStep:
     # among them: what FLOPs and parameter counts are counted on.
     logical_shapes: dict[str, tuple[int, ...]]
     logical_trainable: tuple[str, ...]
-    attention: str  # the decoder attention compiled ("blocked" or "dot_product")
+    attention: str  # the decoder attention compiled (`fused_attention.describe`)
 
 
 def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledStep:

@@ -11,6 +11,7 @@ import tqdm
 from sft_jax import distributed, sharding, tasks
 from sft_jax.checkpoint import Checkpoints
 from sft_jax.config_defaults import early_stopping_mode, validate
+from sft_jax.models import quant
 from sft_jax.rundir import RunDir
 from sft_jax.state import count_params, params_fingerprint
 from sft_jax.trainer import forgetting, guards, setup
@@ -37,7 +38,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     run = setup.prepare(config, task, ckpt, workdir)
     state, meta = run.state, run.meta
     results = {"trainable_params": count_params(task.params, run.trainable),
-               "total_params": count_params(task.params), **task.summary}
+               "total_params": quant.count_weights(task.params), **task.summary}
     # The "before" probe runs once, on the pre-trained weights, and is kept in the checkpoint meta for resumes.
     if "probes_before" not in meta:
         meta["probes_before"] = task.probes(task.params)
