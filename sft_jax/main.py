@@ -10,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sft_jax.data.sources import DataError
+from sft_jax.workdir_lock import WorkdirLocked
 
 config_flags.DEFINE_config_file("config", None, "Config file: path[:arg].", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -24,7 +25,7 @@ def main(argv):
 
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (DataError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (DataError, ValueError, FileNotFoundError, PermissionError, WorkdirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     if results.get("preempted"):  # SIGTERM: the checkpoint is saved; the same command resumes

@@ -1,7 +1,10 @@
 """The run directory (workdir) format, owned here and nowhere else.
 
     WORKDIR/
-      config.json        the resolved config of the run (written once data and model have loaded)
+      config.json        the resolved config of the run (written once training has started: after the first step,
+                         so a run that fails in set-up leaves none; its presence means the workdir has trained)
+      run.lock           the lock of the training run using the workdir (`sft_jax.workdir_lock`), held for the
+                         run's life; empty when released, naming host, pid and start time while held
       labels.json        the label vocabulary of a classification run
       results.json       final metrics (flat keys)
       metrics.jsonl      one line per logged step; TensorBoard event files beside it
@@ -9,17 +12,21 @@
       checkpoints/       orbax: latest/ (full train state) and best/ (parameters), see `sft_jax.checkpoint`;
                          a language model's frozen base is left out and rebuilt from config.json
 
-Training, predict, generate and loading models from earlier runs all go through `RunDir`.
+Training, predict, generate and loading models from earlier runs all go through `RunDir`. Training claims the
+workdir (`RunDir.claim`): one run at a time; predict and generate only read a finished one and take no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
 from sft_jax.checkpoint import CHECKPOINTS_DIR, Checkpoints
 from sft_jax.data.batching import LabelVocab
+from sft_jax.workdir_claim import Claim, claim
+from sft_jax.workdir_lock import WorkdirLock
 
 CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.json"
@@ -56,12 +63,20 @@ class RunDir:
             return json.load(f)
 
     def write_config(self, config: dict[str, Any]) -> None:
-        with open(self.file(CONFIG_FILE), "w") as f:
+        tmp = self.file(CONFIG_FILE + ".tmp")  # replaced at once: a crash never leaves half a config.json
+        with open(tmp, "w") as f:
             json.dump(config, f, indent=1, default=str)
+        os.replace(tmp, self.file(CONFIG_FILE))
+
+    def has_trained(self) -> bool:
+        """Whether a run has trained here (config.json is written at its first step): what a run left behind
+        before that (labels.json of a failed set-up) binds no later run."""
+        return os.path.isfile(self.file(CONFIG_FILE))
 
     def check_resume(self, config: dict[str, Any]) -> None:
-        """Refuses to resume a run whose config differs from `config` in a key that changes the experiment."""
-        if not os.path.exists(self.file(CONFIG_FILE)):
+        """Refuses to resume a run whose config differs from `config` in a key that changes the experiment; a
+        workdir that has not trained (`has_trained`) binds nothing."""
+        if not self.has_trained():
             return
         old = self.read_config()
         changed = [k for k in INCOMPATIBLE_KEYS if k in old and old[k] != config[k]]
@@ -69,6 +84,17 @@ class RunDir:
             detail = ", ".join(f"{k}: {old[k]!r} -> {config[k]!r}" for k in changed)
             raise ValueError(f"{self.path}: cannot resume, the config changed incompatibly ({detail}); "
                              "use a new workdir")
+
+    # --- the training run's claim ---------------------------------------------------------------------------
+    def lock(self) -> WorkdirLock:
+        """The workdir's lock (`sft_jax.workdir_lock`), not yet taken."""
+        return WorkdirLock(self.path)
+
+    def claim(self) -> contextlib.AbstractContextManager[Claim]:
+        """For a training run's whole life: creates the workdir and holds its lock (a second run stops with one
+        line naming the holder); yields a `Claim` whose `commit(config)` at the first step writes config.json.
+        A run that fails before that leaves nothing behind (`sft_jax.workdir_claim`)."""
+        return claim(self)
 
     def ensure_writable(self) -> None:
         """Creates the directory and fails now, not at the first checkpoint an hour later, if it is read-only."""

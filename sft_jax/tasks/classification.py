@@ -79,6 +79,8 @@ def add_lora(module: nnx.Module, config: Mapping[str, Any]) -> list[str]:
 def label_vocab(data_spec: str, rundir: RunDir, train_examples: Sequence) -> batching.LabelVocab:
     """The labels found in the training data; on resume they must equal those saved in the workdir."""
     found = batching.LabelVocab.from_examples(train_examples)
+    if not rundir.has_trained():  # labels.json of a run that failed in set-up binds nothing
+        return found
     try:
         saved = rundir.read_labels()
     except FileNotFoundError:

@@ -16,6 +16,7 @@ from sft_jax.rundir import RunDir
 from sft_jax.state import count_params, params_fingerprint
 from sft_jax.trainer import forgetting, guards, setup
 from sft_jax.trainer.metrics import MetricWriter, due
+from sft_jax.workdir_claim import Claim
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -24,14 +25,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     task_cls = tasks.get(config.task)
     distributed.initialize(config)  # before anything touches the devices
     rundir = RunDir(workdir)
-    rundir.ensure_writable()
-    rundir.check_resume(config.to_dict())
+    with rundir.claim() as claim:  # one run per workdir; a run that fails in set-up leaves nothing behind
+        return _train(config, task_cls, rundir, claim)
 
+
+def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: Claim) -> dict:
+    workdir = rundir.path
+    rundir.check_resume(config.to_dict())
     task = task_cls(config, rundir)
     task.params = setup.in_storage_dtype(task.params, config.param_dtype, task.layout)
     task.model_def = setup.with_model_options(task.model_def, task.params, config)
-    if distributed.is_primary():
-        rundir.write_config(config.to_dict())
     # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).
     pretrained = {k: sharding.to_host(v) for k, v in task.params.items()} if config.wise_ft.alphas else None
     ckpt = Checkpoints(workdir)
@@ -60,6 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             host_batch = task.batches.batch(step)
             tokens += task.batch_tokens(host_batch)
             state, m = run.train_fns(step)(state, sharding.put_batch(host_batch, run.b_shard))
+            claim.commit(config)  # compiled and running: from here the workdir is this run's
             step += 1
             examples += config.batch_size
             meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
