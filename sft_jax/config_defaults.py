@@ -268,6 +268,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError("config.data.train: no training data given")
     if not config.data.eval:
         raise ValueError("config.data.eval: no evaluation data given")
+    buckets = config.buckets
+    if isinstance(buckets, str) or not buckets or not all(type(b) is int and b > 0 for b in buckets):
+        raise ValueError(f"config.buckets: must be a non-empty tuple of positive lengths, got {buckets!r}")
     if max(config.buckets) < config.max_length:
         raise ValueError(f"config.buckets: the largest bucket {max(config.buckets)} is below "
                          f"max_length={config.max_length}")

@@ -61,10 +61,11 @@ def _unknown_override(e: Exception) -> str | None:
 
 def run():
     from sft_jax import platform
+    from sft_jax.cli import parse_flags
 
     platform.configure_cpu()  # before anything starts JAX's backend
     try:
-        app.run(main)
+        app.run(main, flags_parser=parse_flags)  # a bad flag or config file: one line
     except flags.IllegalFlagValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

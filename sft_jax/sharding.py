@@ -210,10 +210,23 @@ def run_param_shardings(config, mesh: Mesh, names: Sequence[str], shapes: Mappin
                         axes: Mapping[str, tuple]) -> dict:
     """The parameter layout a run's config asks for: its regex `sharding_rules` first; then, with
     `sharding_preset="auto"`, the parameters' logical `axes` under its `logical_axis_rules`; else replicated.
-    The trainer lays out its state with it, and a task that loads weights straight onto the mesh does too."""
+    The trainer lays out its state with it, and a task that loads weights straight onto the mesh does too;
+    so this is also where a batch size the mesh cannot split is refused (`check_batch_sizes`)."""
+    check_batch_sizes(config, mesh)
     logical_rules = run_logical_rules(config)
     return param_shardings(names, mesh, tuple(config.sharding_rules), shapes=shapes,
                            axes=axes if logical_rules is not None else None, logical_rules=logical_rules or ())
+
+
+def check_batch_sizes(config, mesh: Mesh) -> None:
+    """Batches are split over the devices of the mesh's batch axes: a batch size they do not divide is refused
+    in one line naming the key, before anything is compiled (jax's own error comes at the first step)."""
+    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    for key in ("batch_size", "eval_batch_size"):
+        if config[key] % n:
+            raise ValueError(f"config.{key}: {config[key]} examples do not split evenly over the {n} devices of "
+                             f"the mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); "
+                             f"use a multiple of {n}, or set config.mesh")
 
 
 def run_logical_rules(config) -> LogicalRules | None:

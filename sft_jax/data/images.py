@@ -140,13 +140,17 @@ def decode_image(source: str | np.ndarray, size: int, where: str) -> np.ndarray:
         image = Image.fromarray(array.astype(np.uint8))
     else:
         prefix = where if where == source else f"{where}: {source}"
+        if os.path.isdir(source):
+            raise DataError(f"{prefix}: is a directory, not an image file")
         if not os.path.isfile(source):
             raise DataError(f"{prefix}: image file not found")
+        if os.path.getsize(source) == 0:
+            raise DataError(f"{prefix}: the image file is empty (0 bytes)")
         try:
             with Image.open(source) as opened:
                 opened.load()
                 image = opened.copy()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
             raise DataError(f"{prefix}: cannot decode image ({type(e).__name__}: {e})") from None
     try:
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits, not clip

@@ -62,6 +62,8 @@ def read_documents(spec: str, text_field: str = "text") -> list[Document]:
 
 
 def _read_documents(spec: str, text_field: str) -> list[Document]:
+    if os.path.isdir(spec):
+        raise DataError(f"{spec}: is a directory; language-model data must be a .txt or .jsonl file")
     if not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
     if spec.endswith(TEXT_SUFFIXES):

@@ -81,6 +81,21 @@ def _text(record: dict, field: str, where: str, *, required: bool = True, allow_
     return value
 
 
+def _check_turns(messages: list[dict], where: str) -> None:
+    """An optional system message first, then user and assistant turns alternating from a user turn (what
+    chat templates expect: most refuse anything else, the rest render it as a conversation the model never
+    saw); every assistant turn says something (an empty one would teach the model to answer nothing)."""
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    offset = len(messages) - len(turns)
+    for i, m in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise DataError(f"{where}: message {i + offset} is {m['role']!r} where {expected!r} was due; after an "
+                            "optional system message, a chat alternates user / assistant, starting with user")
+        if expected == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: message {i + offset} (assistant) is empty")
+
+
 def parse_record(record: dict, where: str, fields: Fields = DEFAULT_FIELDS) -> list[Record]:
     """One raw JSON record -> the examples it holds (several for a self-instruct task)."""
     if not isinstance(record, dict):
@@ -96,12 +111,17 @@ def parse_record(record: dict, where: str, fields: Fields = DEFAULT_FIELDS) -> l
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise DataError(f"{where}: the chat has no assistant message, so nothing to learn")
+        _check_turns(out, where)
         return [Record(CHAT, where, messages=tuple(out))]
     if "instances" in record and fields.instruction in record:
         instruction = _text(record, fields.instruction, where)
         instances = record["instances"]
         if not isinstance(instances, list) or not instances:
             raise DataError(f"{where}: field 'instances' must be a non-empty list")
+        for i, inst in enumerate(instances):
+            if not isinstance(inst, dict):
+                raise DataError(f"{where}: instance {i} must be an object with {fields.output!r} (and "
+                                f"{fields.input!r}), got {type(inst).__name__}")
         return [Record(INSTRUCTION, f"{where}#{i}", instruction=instruction,
                        input=_text(inst, fields.input, f"{where}#{i}", required=False, allow_empty=True),
                        output=_text(inst, fields.output, f"{where}#{i}"))
@@ -113,8 +133,20 @@ def parse_record(record: dict, where: str, fields: Fields = DEFAULT_FIELDS) -> l
     return [Record(PAIR, where, input=_text(record, fields.input, where), output=_text(record, fields.output, where))]
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _read_lines(path: str) -> list[str]:
+    """The lines of a plain or .gz text file; bad UTF-8 is named by line."""
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # a damaged .gz
+        raise DataError(f"{path}: cannot read ({e})") from None
+    lines = raw.split(b"\n")
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    return raw.decode("utf-8").splitlines()
 
 
 def read_sft(spec: str, fields: Fields = DEFAULT_FIELDS, max_examples: int = 0) -> list[Record]:
@@ -135,11 +167,12 @@ def _read_sft(spec: str, fields: Fields, max_examples: int) -> list[Record]:
     records: list[Record] = []
     if spec.startswith("parallel:"):
         src, _, tgt = spec.removeprefix("parallel:").partition(",")
+        if not src or not tgt:
+            raise DataError(f"{spec}: expected parallel:SOURCE_FILE,TARGET_FILE")
         for path in (src, tgt):
             if not os.path.isfile(path):
                 raise DataError(f"{spec}: no such file {path}")
-        with _open_text(src) as fs, _open_text(tgt) as ft:
-            src_lines, tgt_lines = fs.read().splitlines(), ft.read().splitlines()
+        src_lines, tgt_lines = _read_lines(src), _read_lines(tgt)
         if len(src_lines) != len(tgt_lines):
             raise DataError(f"{spec}: {len(src_lines)} source lines but {len(tgt_lines)} target lines")
         for i, (s, t) in enumerate(zip(src_lines, tgt_lines), start=1):
@@ -149,6 +182,8 @@ def _read_sft(spec: str, fields: Fields, max_examples: int) -> list[Record]:
             if max_examples and len(records) >= max_examples:
                 break
         return records
+    if os.path.isdir(spec):
+        raise DataError(f"{spec}: is a directory; SFT data must be a .jsonl file or parallel:SRC,TGT")
     if not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
     if not spec.endswith(".jsonl"):

@@ -56,4 +56,6 @@ def main(argv):
 if __name__ == "__main__":
     platform.configure_cpu()  # before anything starts JAX's backend
     _define_flags()
-    app.run(main)
+    from sft_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)  # a bad flag: one line

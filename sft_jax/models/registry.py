@@ -137,6 +137,10 @@ def resolve_model_dir(name_or_path: str) -> pathlib.Path:
         if (path / "config.json").is_file():
             return path
         raise ValueError(f"{path} is a directory but has no config.json")
+    if path.is_file():
+        gguf = "; a .gguf file serves decoder tasks only" if path.suffix == ".gguf" else ""
+        raise ValueError(f"{path}: a file, not a model directory (a Hugging Face directory with config.json, or an "
+                         f"earlier run's workdir){gguf}")
     if _looks_like_path(name_or_path):  # not a hub id ("org/name"): say so rather than try the hub
         raise ValueError(f"{path}: no such model directory (or earlier run's workdir)")
     try:

@@ -16,6 +16,7 @@ import numpy as np
 from sft_jax.data import images
 from sft_jax.data.batching import EncodedDataset, eval_batches, tokenize
 from sft_jax.losses import classification_loss
+from sft_jax.run_kinds import require_task
 from sft_jax.rundir import RunDir
 from sft_jax.tasks.image_model import load_image_run
 from sft_jax.tasks.text import TextClassifier
@@ -36,7 +37,7 @@ class Predictor:
 
     def __init__(self, workdir: str, checkpoint: str = "best"):
         rundir = RunDir(workdir)
-        self.config = ml_collections.ConfigDict(rundir.read_config())
+        self.config = ml_collections.ConfigDict(require_task(workdir, ("text_classification",), "classify texts"))
         self.vocab = rundir.read_labels()
         self.model = TextClassifier(self.config, len(self.vocab))
         self.params = rundir.restore_params(self.model.params, checkpoint, fallback=False)
@@ -57,6 +58,7 @@ class ImagePredictor:
     """Loads an image run's classifier once; `predict(paths)` returns per-image label probabilities."""
 
     def __init__(self, workdir: str, checkpoint: str = "best"):
+        require_task(workdir, ("image_classification",), "classify images")
         self.model, head, self.spec = load_image_run(workdir, checkpoint)
         self.labels = head.labels
         self._probs = jax.jit(lambda x: jax.nn.softmax(self.model(x), axis=-1))

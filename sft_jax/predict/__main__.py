@@ -26,11 +26,20 @@ FLAGS = flags.FLAGS
 
 
 def _read_texts(path: str) -> list[str]:
+    """The "text" field of each record of the --input file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory; --input takes a .jsonl file of {{\"text\": ...}} records")
+    if not path.endswith(".jsonl"):
+        raise DataError(f"{path}: --input takes a .jsonl file of {{\"text\": ...}} records (or give --text=...)")
     texts = []
     for where, record in iter_jsonl(path):
         if not isinstance(record.get("text"), str):
             raise DataError(f"{where}: expected an object with a string field 'text'")
         texts.append(record["text"])
+    if not texts:
+        raise DataError(f"{path}: no records")
     return texts
 
 
@@ -45,8 +54,6 @@ def main(argv):
                 print(json.dumps(row))
             return
         if FLAGS.input:
-            if not os.path.exists(FLAGS.input):
-                raise FileNotFoundError(f"{FLAGS.input}: file not found")
             texts += _read_texts(FLAGS.input)
         if not texts:
             raise ValueError("nothing to classify: give --text=... or --input=FILE.jsonl")
@@ -58,5 +65,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from sft_jax.cli import parse_flags
+
     platform.configure_cpu()  # before anything starts JAX's backend
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)  # a bad flag: one line

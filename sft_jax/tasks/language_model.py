@@ -30,6 +30,7 @@ from sft_jax.models.loading.lm import load_decoder, load_lm_tokenizer
 from sft_jax.models.loading.tokenizers import check_fits
 from sft_jax.models.lora import merge_lora
 from sft_jax.models.scan import segment_sizes, unscan_decoder
+from sft_jax.run_kinds import require_task
 from sft_jax.rundir import RunDir
 from sft_jax.state import ModelDef
 from sft_jax.tasks.base import Task
@@ -231,7 +232,7 @@ def load_lm(model: str | None = None, workdir: str | None = None, dtype: str | N
             raise ValueError("give --model=NAME_OR_PATH or --workdir=DIR")
         lm, _ = load_decoder(model, dtype=jnp.dtype(dtype or "float32"))
         return lm, load_lm_tokenizer(model)
-    run_model = RunDir(workdir).read_config().get("model")
+    run_model = require_task(workdir, ("sft", "language_modeling"), "complete prompts").get("model")
     if model and model != run_model and os.path.abspath(model) != os.path.abspath(str(run_model)):
         raise ValueError(f"--model={model} differs from the model {run_model!r} of the run in {workdir}; "
                          "drop --model")

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from sft_jax.models.loading.files import DamagedFile, damaged_weights
+
 # GGUF tensor name (after "blk.N.") -> HF module name (after "model.layers.N.").
 _BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -86,11 +88,28 @@ def hf_config_from_gguf(reader) -> dict[str, Any]:
                 rope_theta=float(get("rope.freq_base", 1e6)), rope_local_base_freq=10000.0)
 
 
+def open_gguf(path: str | os.PathLike):
+    """A `gguf.GGUFReader` of `path`; a file that is not a whole GGUF (empty, truncated, another format) is
+    one DamagedFile naming it: the reader's own errors say only what went wrong inside numpy."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 (ValueError, IndexError, struct.error, OSError ... of the parser)
+        raise damaged_weights(path, e, "GGUF") from None
+    size = os.path.getsize(path)
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise DamagedFile(f"{path}: not a readable GGUF file ({size} bytes, its tensors need {end}); "
+                          "is it truncated? download it again")
+    return reader
+
+
 def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(HF config dict, {HF tensor name: float32 array}) of a GGUF file."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = open_gguf(path)
     config = hf_config_from_gguf(reader)
     family = "gemma3" if config["model_type"] == "gemma3_text" else "llama"
     weights = {}
@@ -140,6 +159,7 @@ def load_gguf_tokenizer(path: str | os.PathLike, cache: str | os.PathLike | None
     saved = pathlib.Path(cache or cache_dir() / "tokenizers") / f"{path.stem}-{key}"
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(saved))
+    open_gguf(path)  # a damaged file is named as such, not as a tokenizer transformers cannot build
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tmp = saved.with_name(saved.name + f".tmp{os.getpid()}")
     tokenizer.save_pretrained(str(tmp))

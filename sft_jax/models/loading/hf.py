@@ -9,19 +9,21 @@ picks the family from config.json's `model_type`.
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
+import pickle
 import re
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from sft_jax.models.bert import MODEL_TYPES as BERT_MODEL_TYPES
 from sft_jax.models.bert import BertConfig, BertEncoder
+from sft_jax.models.loading.files import DamagedFile, damaged_weights, read_json_object
 from sft_jax.models.loading.unused import describe_unused, non_weights, unused_tensors
 from sft_jax.models.modernbert import ModernBertConfig, ModernBertEncoder
 
@@ -74,7 +76,7 @@ def read_weights(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     if single.is_file():
         weights = _load_safetensors(single)
     elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = shard_files(index)
         weights = {}
         for shard in shards:
             weights.update(_load_safetensors(model_dir / shard))
@@ -90,16 +92,29 @@ def read_weights(model_dir: str | os.PathLike) -> dict[str, np.ndarray]:
     }
 
 
-def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    try:
-        return load_file(path)
-    except TypeError:
-        # numpy has no bfloat16; go through jax, which does, and upcast once here.
-        from safetensors.flax import load_file as load_file_jax
+def shard_files(index: pathlib.Path) -> list[str]:
+    """The shard file names a `model.safetensors.index.json` maps its tensors to."""
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise DamagedFile(f"{index}: no 'weight_map' of tensor names to shard files")
+    return sorted(set(weight_map.values()))
 
-        return {
-            k: np.asarray(v.astype(jnp.float32)) for k, v in load_file_jax(path).items()
-        }
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (listed by the shard index)")
+    try:
+        try:
+            return load_file(path)
+        except TypeError:
+            # numpy has no bfloat16; go through jax, which does, and upcast once here.
+            from safetensors.flax import load_file as load_file_jax
+
+            return {
+                k: np.asarray(v.astype(jnp.float32)) for k, v in load_file_jax(path).items()
+            }
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        raise damaged_weights(path, e, "safetensors") from None
 
 
 def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -110,7 +125,10 @@ def _load_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
             f"{path} is a PyTorch checkpoint and torch is not installed; install torch or "
             "convert the checkpoint to model.safetensors"
         ) from e
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:  # zip / pickle readers
+        raise damaged_weights(path, e, "PyTorch checkpoint") from None
     return {
         k: (v.float() if v.is_floating_point() else v).numpy() for k, v in state.items()
     }
@@ -232,7 +250,7 @@ def _read_config(model_dir: str | os.PathLike) -> tuple[pathlib.Path, dict]:
     config_path = pathlib.Path(model_dir) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json")
-    return config_path, json.loads(config_path.read_text())
+    return config_path, read_json_object(config_path)
 
 
 def load_bert_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -> BertConfig:

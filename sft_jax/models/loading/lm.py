@@ -21,6 +21,7 @@ from flax import nnx
 
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.loading import tokenizers
+from sft_jax.models.loading.files import read_json_object
 from sft_jax.models.loading.gguf import read_gguf
 from sft_jax.models.loading.hf import read_weights, weights_file
 from sft_jax.models.loading.unused import describe_unused, non_weights, unused_tensors
@@ -191,7 +192,7 @@ def read_checkpoint(checkpoint: Checkpoint) -> tuple[dict[str, Any], dict[str, n
     if checkpoint.kind == "gguf":
         return read_gguf(checkpoint.path)
     config_path = checkpoint.path / "config.json"
-    return json.loads(config_path.read_text()), read_weights(checkpoint.path)
+    return read_json_object(config_path), read_weights(checkpoint.path)
 
 
 def load_decoder(name_or_path: str | Checkpoint, *, dtype: Any = jnp.float32, ignore=()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sft_jax.models.loading.files import damaged_weights, read_json_object
 from sft_jax.models.loading.lm import hf_name
 from sft_jax.models.loading.unused import describe_unused, unused_tensors
 from sft_jax.models.lora import LoraConfig, _module_path, apply_lora
@@ -97,16 +98,20 @@ def load_adapters(model: nnx.Module, adapter_dir: str | os.PathLike, *, family: 
     lora_dropout come from adapter_config.json. Returns the LoRA settings (`targets` is a regex naming
     the adapted module paths).
     """
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = pathlib.Path(adapter_dir)
-    peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
+    peft_config = read_json_object(path / ADAPTER_CONFIG)
     if peft_config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type {peft_config['peft_type']!r} is not LORA")
     for key in ("use_rslora", "use_dora"):
         if peft_config.get(key):
             raise ValueError(f"{path / ADAPTER_CONFIG}: {key}=true is not supported")
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    try:
+        tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise damaged_weights(path / ADAPTER_WEIGHTS, e, "safetensors") from None
     family = family or getattr(getattr(model, "config", None), "family", "llama")
     if family == "phi3":
         raise ValueError(f"{path}: PEFT adapters of Phi-3's fused projections are not supported")

@@ -27,6 +27,8 @@ from safetensors import safe_open
 
 from sft_jax import sharding
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
+from sft_jax.models.loading.files import DamagedFile, read_json_object
+from sft_jax.models.loading.hf import shard_files
 from sft_jax.models.loading.lm import decoder_non_weights, fused_rows, hf_name, text_model_names, tied_copy_differs
 from sft_jax.models.loading.unused import describe_unused, unused_tensors
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
@@ -42,10 +44,27 @@ Index = tuple[slice, ...]
 
 
 def _header(path: pathlib.Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}} (+ "__metadata__")."""
+    """The JSON header of a safetensors file: {name: {"dtype", "shape", "data_offsets"}} (+ "__metadata__").
+
+    A file shorter than its header says (an interrupted download) is refused here, before any slice is read."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file (listed by the shard index)")
+    size = path.stat().st_size
+    damaged = f"{path}: not a readable safetensors file ({size} bytes"
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise DamagedFile(f"{damaged}, no header); is it truncated? download it again")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            raise DamagedFile(f"{damaged}, its header claims {length}); is it truncated? download it again")
+        try:
+            header = json.loads(f.read(length))
+            end = max([int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise DamagedFile(f"{damaged}, unreadable header); is it damaged? download it again") from None
+    if 8 + length + end > size:
+        raise DamagedFile(f"{damaged}, its tensors need {8 + length + end}); is it truncated? download it again")
     header["__data_start__"] = 8 + length
     return header
 
@@ -64,7 +83,7 @@ class SafetensorsIndex:
         if single.is_file():
             files = [single]
         elif index.is_file():
-            files = [self.model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            files = [self.model_dir / f for f in shard_files(index)]
         else:
             raise FileNotFoundError(f"{self.model_dir}: no model.safetensors or model.safetensors.index.json")
         self._where: dict[str, tuple[pathlib.Path, dict[str, Any], int]] = {}
@@ -254,7 +273,7 @@ def load_decoder_sharded(name_or_path: str | os.PathLike | Checkpoint, mesh: jax
     checkpoint = name_or_path if isinstance(name_or_path, Checkpoint) else resolve_checkpoint(str(name_or_path))
     if checkpoint.kind == "gguf":
         raise ValueError(f"{checkpoint.path}: load_decoder_sharded reads safetensors directories, not GGUF files")
-    hf_config = json.loads((pathlib.Path(checkpoint.path) / "config.json").read_text())
+    hf_config = read_json_object(pathlib.Path(checkpoint.path) / "config.json")
     config = DecoderConfig.from_hf(hf_config, dtype=dtype)
     graphdef, flat, names, shapes, axes = decoder_names_and_axes(config)
     if placement is not None:

@@ -11,6 +11,7 @@ import os
 import pathlib
 from typing import Any
 
+from sft_jax.models.loading.files import DamagedFile, read_json_object
 from sft_jax.models.registry import SHORT_NAMES, Checkpoint, resolve_checkpoint
 
 HINT = ("set config.tokenizer to a directory with tokenizer files (tokenizer.json, vocab.txt, ...), a short model "
@@ -53,7 +54,12 @@ def _read(source: str | os.PathLike | Checkpoint, what: str) -> Any:
     try:
         if checkpoint is not None and checkpoint.kind == "gguf":
             return load_gguf_tokenizer(checkpoint.path)
+        config_file = pathlib.Path(checkpoint.path if checkpoint is not None else name) / "config.json"
+        if config_file.is_file():  # transformers reads it too: a damaged one is named, not blamed on the tokenizer
+            read_json_object(config_file)
         return AutoTokenizer.from_pretrained(str(checkpoint.path) if checkpoint is not None else name)
+    except DamagedFile:  # already one line naming the file; no tokenizer setting would help
+        raise
     except Exception as e:  # missing files, a hub id not cached offline, a broken tokenizer.json: all one line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{what}: no usable tokenizer ({reason}); {HINT}") from e

@@ -9,7 +9,6 @@ is detected. The patch projection is a Conv2d [hidden, C, P, P] in the checkpoin
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import re
@@ -19,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sft_jax.models.loading.files import read_json_object
 from sft_jax.models.loading.hf import read_weights, weights_file
 from sft_jax.models.loading.unused import describe_unused, non_weights, unused_tensors
 from sft_jax.models.vit import ViT, ViTConfig
@@ -109,7 +109,7 @@ def read_vit_config(model_dir: str | os.PathLike, *, dtype: Any = jnp.float32) -
     path = pathlib.Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json")
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     if raw.get("model_type", "vit") != "vit":
         raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not a ViT ('vit')")
     return ViTConfig.from_hf(raw, dtype=dtype), raw
@@ -146,7 +146,7 @@ def image_normalisation(model_dir: str | os.PathLike) -> tuple[tuple[float, ...]
     path = pathlib.Path(model_dir) / "preprocessor_config.json"
     if not path.is_file():
         return None
-    raw = json.loads(path.read_text())
+    raw = read_json_object(path)
     if raw.get("do_normalize", True) is False:
         return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     if "image_mean" not in raw or "image_std" not in raw:
