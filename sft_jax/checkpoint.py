@@ -6,18 +6,28 @@ A run whose frozen parameters are rebuilt exactly from its config (a language mo
 with its adapters, quantised base (QLoRA) and storage dtype: `Task.rebuilds_base`) leaves them out: `params`
 holds only what trains, and `meta["base"]` (`FrozenBase`) the model, a fingerprint of its weight files and a
 checksum of each left-out array. Restoring takes those from the target (the rebuilt model) after checking
-them, so a resume on changed weights stops with one line naming the file or array."""
+them, so a resume on changed weights stops with one line naming the file or array.
+
+Every restore verifies what it reads (`sft_jax.checkpoint_integrity`): a damaged step is named, set aside in
+`checkpoints/damaged/` and the newest intact one is used. A save that fails (disk full) raises
+`CheckpointSaveFailed` with one line (`sft_jax.checkpoint_failures`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tqdm
 
+from sft_jax import checkpoint_integrity as integrity
+from sft_jax.checkpoint_failures import CheckpointSaveFailed, describe, reason
+from sft_jax.checkpoint_integrity import ARRAYS_KEY, DamagedCheckpoint, DamagedStep
 from sft_jax.models.registry import weight_fingerprint
 from sft_jax.state import TrainState, array_checksums
 
@@ -87,85 +97,190 @@ def _train_item(state: TrainState) -> dict:
     return item
 
 
-def _options(name: str, keep: int) -> ocp.CheckpointManagerOptions:
+def _options(name: str, keep: int, clean: bool) -> ocp.CheckpointManagerOptions:
     """Options of the `name` manager. Its multi-process barriers carry `name` as a prefix: orbax names a
     barrier after the step directory alone (`async_write_complete.3`), so `best` and `latest` saving the same
     step at once, each in its own background thread, met at one barrier name in an order that differed
-    between processes, and a multi-host run could hang at its last step (tests/test_multihost.py)."""
+    between processes, and a multi-host run could hang at its last step (tests/test_multihost.py). With `clean`,
+orbax removes the `<step>.orbax-checkpoint-tmp*` directories of saves that never finished."""
     return ocp.CheckpointManagerOptions(
-        max_to_keep=keep, multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
+        max_to_keep=keep, cleanup_tmp_directories=clean,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name))
 
 
 class Checkpoints:
-    """`latest/` and `best/` of a workdir. With `base` set (`FrozenBase`), saves leave those parameters out."""
+    """`latest/` and `best/` of a workdir. With `base` set (`FrozenBase`), saves leave those parameters out.
+    `clean_unfinished` (for the training run alone: a reader must not remove a running save's files) removes
+    what saves that never finished left."""
 
-    def __init__(self, workdir: str, keep: int = 2, base: FrozenBase | None = None):
+    def __init__(self, workdir: str, keep: int = 2, base: FrozenBase | None = None, clean_unfinished: bool = False):
         root = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
         self.workdir = os.path.abspath(workdir)
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=_options("latest", keep))
-        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=_options("best", 1))
+        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"),
+                                            options=_options("latest", keep, clean_unfinished))
+        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=_options("best", 1, clean_unfinished))
         self.base = base
+        self._pending: dict[str, int] = {}  # manager name -> step of its save still being written
+        self._failed: CheckpointSaveFailed | None = None
 
-    def _save(self, manager, step: int, params, meta: dict, train: Any | None = None):
+    def _manager(self, which: str) -> ocp.CheckpointManager:
+        return self.best if which == "best" else self.latest
+
+    # --- saving -------------------------------------------------------------------------------------------
+    def _save(self, which: str, step: int, params, meta: dict, train: Any | None = None):
+        manager = self._manager(which)
         if self.base is not None:
             params = {k: v for k, v in params.items() if k not in self.base.names}
             meta = {**meta, BASE_KEY: self.base.to_json()}
+        arrays = {"params": params, **({"train": integrity.flat_arrays(train)} if train is not None else {})}
+        meta = {**meta, ARRAYS_KEY: integrity.record(arrays)}  # what each restore verifies the step by
         items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
         if train is not None:
             items["train"] = ocp.args.StandardSave(train)
+        self._settle(which)  # the previous save's failure, if any, is that step's
         if step in manager.all_steps():
             # Left by a run killed after this step's `best` save finished but before its `latest` save did
             # (asynchronous): the resumed run restarts from an earlier step and reaches this one again.
             manager.delete(step)
-        manager.save(step, args=ocp.args.Composite(**items), force=True)
+        try:
+            manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:
+            raise self._failure(which, step, e) from None
+        self._pending[which] = step
 
     def save_latest(self, state: TrainState, meta: dict) -> None:
-        self._save(self.latest, int(state.step), state.params, meta, _train_item(state))
+        self._save("latest", int(state.step), state.params, meta, _train_item(state))
 
     def save_best(self, state: TrainState, meta: dict) -> None:
-        self._save(self.best, int(state.step), state.params, meta)
+        self._save("best", int(state.step), state.params, meta)
 
-    def _meta_and_base(self, manager, step: int, target_params: dict) -> tuple[dict, frozenset[str]]:
-        """The meta of a checkpoint and the names it leaves out, checked against `target_params` first."""
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        saved = meta.pop(BASE_KEY, None)
-        if saved is None:
-            return meta, frozenset()
-        base = FrozenBase.from_json(saved)
-        base.check(target_params, self.workdir, self.base)
-        return meta, base.names
+    def _failure(self, which: str, step: int | None, e: BaseException) -> CheckpointSaveFailed:
+        if self._failed is None:
+            self.latest.reload()  # from disk: a step whose save failed is no checkpoint
+            self._failed = CheckpointSaveFailed(describe(which, step, str(self._manager(which).directory), e,
+                                                         self.latest.latest_step()))
+        return self._failed
 
-    def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
-        """Restores into the shapes, dtypes and shardings of `target`; None when there is no checkpoint. A frozen
-        base the checkpoint leaves out comes from `target`, once checked (`FrozenBase.check`)."""
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        meta, left_out = self._meta_and_base(self.latest, step, target.params)
-        r = self.latest.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract({k: v for k, v in target.params.items() if k not in left_out})),
-            train=ocp.args.StandardRestore(_abstract(_train_item(target)))))
-        params = {**{k: target.params[k] for k in left_out}, **r.params}
-        state = TrainState(step=r.train["step"], params=params, opt_state=r.train["opt_state"],
-                           rng=r.train["rng"], master=r.train.get("master", {}))
-        return state, meta
+    def _settle(self, which: str) -> None:
+        """Waits for the `which` save in flight; CheckpointSaveFailed if it failed."""
+        step = self._pending.pop(which, None)
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self._manager(which).wait_until_finished()
+        except Exception as e:
+            raise self._failure(which, step, e) from None
 
-    def restore_params(self, target_params: dict, which: str = "best") -> tuple[dict, dict]:
-        """The parameters of the `which` checkpoint in the shapes of `target_params` (and a left-out frozen base
-        from them, once checked), and its meta."""
-        manager = self.best if which == "best" else self.latest
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no {which} checkpoint in {manager.directory}")
-        meta, left_out = self._meta_and_base(manager, step, target_params)
-        r = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
-            _abstract({k: v for k, v in target_params.items() if k not in left_out}))))
-        return {**{k: target_params[k] for k in left_out}, **r.params}, meta
+    def poll(self) -> None:
+        """Raises CheckpointSaveFailed once a save writing in the background has failed, so that a run stops at
+        the failed save instead of training on unsaved (single-process: processes of a multi-host run could
+        see a finished save at different steps, and learn of a failure at their next save instead)."""
+        if jax.process_count() > 1:
+            return
+        for which in list(self._pending):
+            if not self._manager(which).is_saving_in_progress():
+                self._settle(which)
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        self._settle("latest")
+        self._settle("best")
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        if self._failed is None:
+            self.wait()
+            self.latest.close()
+            self.best.close()
+
+    # --- restoring ----------------------------------------------------------------------------------------
+    def _read(self, which: str, step: int, target_params: dict, train_target: Any | None = None):
+        """(params, train or None, meta, left-out names) of one step, verified against what its save recorded.
+        DamagedStep when it cannot be read back as saved; a step of another configuration, or one whose frozen
+        base (left out) changed, is a ValueError instead: nothing is wrong with it."""
+        manager = self._manager(which)
+        where = os.path.join(str(manager.directory), str(step))
+        items = ("params", "meta") + (("train",) if train_target is not None else ())
+        meta, error = None, None
+        try:
+            integrity.check_files(where, items)
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            if not isinstance(meta, dict):
+                raise DamagedStep(where, "meta/metadata holds no JSON object")
+        except DamagedStep as e:
+            error = e
+        except Exception as e:
+            error = DamagedStep(where, reason(e))
+        if not integrity.agree(error is None):
+            raise error or DamagedStep(where, "damaged on another process")
+        saved, saved_base = meta.pop(ARRAYS_KEY, None), meta.pop(BASE_KEY, None)
+        left_out = frozenset()
+        if saved_base is not None:
+            base = FrozenBase.from_json(saved_base)
+            base.check(target_params, self.workdir, self.base)
+            left_out = base.names
+        targets = {"params": {k: v for k, v in target_params.items() if k not in left_out}}
+        if train_target is not None:
+            targets["train"] = train_target
+        if saved is not None:
+            for item, target in targets.items():
+                integrity.check_layout(saved, item, integrity.flat_arrays(target) if item == "train" else target,
+                                       where)
+        r = None
+        try:
+            with integrity.quiet_abandoned_reads():
+                r = manager.restore(step, args=ocp.args.Composite(
+                    **{item: ocp.args.StandardRestore(_abstract(t)) for item, t in targets.items()}))
+        except Exception as e:
+            error = DamagedStep(where, reason(e))
+        if not integrity.agree(error is None):
+            raise error or DamagedStep(where, "damaged on another process")
+        train = r.train if train_target is not None else None
+        if saved is not None:
+            integrity.verify(saved, "params", r.params, where)
+            if train is not None:
+                integrity.verify(saved, "train", integrity.flat_arrays(train), where)
+        return r.params, train, meta, left_out
+
+    def _newest_intact(self, which: str, read: Callable[[int], Any]):
+        """`read(step)` of the newest step that reads back intact, None when there is none. Damaged steps newer
+        than it are reported and set aside (`checkpoints/damaged/`, never deleted); when none is intact, all
+        stay where they are and DamagedCheckpoint names them."""
+        manager = self._manager(which)
+        damaged: list[DamagedStep] = []
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                result = read(step)
+            except DamagedStep as e:
+                damaged.append(e)
+                continue
+            for d in damaged:
+                dest = integrity.set_aside(d.path, which)
+                tqdm.tqdm.write(f"checkpoint {d.path} is damaged ({d.reason}): moved to {dest}; using step {step}",
+                                file=sys.stderr)
+            if damaged:
+                manager.reload()  # orbax no longer lists the steps set aside
+            return result
+        if damaged:
+            raise DamagedCheckpoint(f"no intact {which} checkpoint in {manager.directory}: " + "; ".join(
+                f"step {os.path.basename(d.path)}: {d.reason}" for d in damaged) +
+                " (move the damaged steps away, or use a new workdir, to start over)")
+        return None
+
+    def restore_latest(self, target: TrainState) -> tuple[TrainState, dict] | None:
+        """Restores the newest intact step into the shapes, dtypes and shardings of `target`; None when there is
+        no checkpoint. A frozen base the checkpoint leaves out comes from `target`, once checked
+        (`FrozenBase.check`)."""
+        def read(step: int) -> tuple[TrainState, dict]:
+            params, train, meta, left_out = self._read("latest", step, target.params, _train_item(target))
+            state = TrainState(step=train["step"], params={**{k: target.params[k] for k in left_out}, **params},
+                               opt_state=train["opt_state"], rng=train["rng"], master=train.get("master", {}))
+            return state, meta
+
+        return self._newest_intact("latest", read)
+
+    def restore_params(self, target_params: dict, which: str = "best") -> tuple[dict, dict]:
+        """The parameters of the newest intact `which` checkpoint in the shapes of `target_params` (and a left-out
+        frozen base from them, once checked), and its meta."""
+        if not self._manager(which).all_steps():
+            raise FileNotFoundError(f"no {which} checkpoint in {self._manager(which).directory}")
+        params, _, meta, left_out = self._newest_intact(which, lambda step: self._read(which, step, target_params))
+        return {**{k: target_params[k] for k in left_out}, **params}, meta

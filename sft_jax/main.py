@@ -9,6 +9,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from sft_jax.checkpoint_failures import CheckpointSaveFailed, quiet_orbax_errors
 from sft_jax.data.sources import DataError
 from sft_jax.workdir_lock import WorkdirLocked
 
@@ -21,18 +22,14 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-    from sft_jax import distributed
+    quiet_orbax_errors()  # a failed save is one line below, not orbax's tracebacks
     from sft_jax.trainer import train_and_evaluate  # after configure_cpu and flag parsing
 
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (DataError, ValueError, FileNotFoundError, PermissionError, WorkdirLocked) as e:
-        distributed.end_after_error(f"error: {e}")  # a multi-process run ends here, telling the others
+    except (DataError, ValueError, FileNotFoundError, PermissionError, WorkdirLocked, CheckpointSaveFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except Exception as e:
-        distributed.end_after_exception(e)  # a multi-process run ends here, naming a dead process if one is
-        raise
     if results.get("preempted"):  # SIGTERM: the checkpoint is saved; the same command resumes
         print(f"stopped by SIGTERM at step {results['step']}; checkpoint saved, rerun to resume")
         return

@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from typing import Any
 
-from sft_jax.checkpoint import CHECKPOINTS_DIR, Checkpoints
+from sft_jax.checkpoint import CHECKPOINTS_DIR, Checkpoints, DamagedCheckpoint
 from sft_jax.data.batching import LabelVocab
 from sft_jax.workdir_claim import Claim, claim
 from sft_jax.workdir_lock import WorkdirLock
@@ -37,6 +38,18 @@ GENERATIONS_FILE = "generations.jsonl"
 INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora",
                      "param_dtype", "master_dtype", "quantize_base", "optimizer_state_dtype", "vit", "regularizer",
                      "llrd", "gradual_unfreeze", "lp_ft", "scan_layers", "tokenizer")
+
+
+def read_json(path: str, what: str) -> Any:
+    """The JSON in a run file; one cut short or garbled is a ValueError naming it (json's own message names
+    no file)."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        detail = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
+        raise ValueError(f"{path} is damaged ({detail}); it holds the run's {what}: restore it or use a new "
+                         "workdir") from None
 
 
 class RunDir:
@@ -59,8 +72,10 @@ class RunDir:
         path = self.file(CONFIG_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{self.path}: no {CONFIG_FILE}; is this a sft_jax workdir?")
-        with open(path) as f:
-            return json.load(f)
+        config = read_json(path, "resolved config")
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} is damaged (not a JSON object): restore it or use a new workdir")
+        return config
 
     def write_config(self, config: dict[str, Any]) -> None:
         tmp = self.file(CONFIG_FILE + ".tmp")  # replaced at once: a crash never leaves half a config.json
@@ -115,7 +130,11 @@ class RunDir:
     def read_labels(self) -> LabelVocab:
         if not os.path.isfile(self.labels_path):
             raise FileNotFoundError(f"{self.path}: no {LABELS_FILE}; is this the workdir of a classification run?")
-        return LabelVocab.load(self.labels_path)
+        saved = read_json(self.labels_path, "label vocabulary")
+        labels = saved.get("labels") if isinstance(saved, dict) else None
+        if not isinstance(labels, list) or not labels:
+            raise ValueError(f"{self.labels_path} is damaged (no list of labels): restore it or use a new workdir")
+        return LabelVocab(labels)
 
     def write_labels(self, vocab: LabelVocab) -> None:
         vocab.save(self.labels_path)
@@ -132,14 +151,17 @@ class RunDir:
     # --- checkpoints --------------------------------------------------------------------------------------
     def restore_params(self, target_params: dict, which: str = "best", *, fallback: bool = True) -> dict:
         """The parameters of the `which` checkpoint, in the shapes of `target_params`; with `fallback`, "best"
-        falls back to "latest" for a run that has not evaluated yet."""
+        falls back to "latest" for a run that has not evaluated yet, or whose best checkpoint is damaged (said in
+        one line)."""
         ckpt = Checkpoints(self.path)
         try:
             try:
                 params, _ = ckpt.restore_params(target_params, which)
-            except FileNotFoundError:
+            except (FileNotFoundError, DamagedCheckpoint) as e:
                 if not fallback or which == "latest":
                     raise
+                if isinstance(e, DamagedCheckpoint):
+                    print(f"{e}; using the latest checkpoint instead", file=sys.stderr)
                 params, _ = ckpt.restore_params(target_params, "latest")
         finally:
             ckpt.close()

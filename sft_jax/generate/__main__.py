@@ -10,6 +10,7 @@ import sys
 from absl import app, flags, logging
 
 from sft_jax import platform
+from sft_jax.checkpoint_failures import quiet_orbax_errors
 
 
 def _define_flags() -> None:
@@ -35,6 +36,7 @@ def main(argv):
     from sft_jax.tasks.language_model import load_lm
 
     logging.set_verbosity(logging.WARNING)  # JAX logs its backend search at INFO
+    quiet_orbax_errors()  # a damaged checkpoint is one line, not orbax's log records
     prompts = list(FLAGS.prompt) + argv[1:]
     try:
         if not prompts:

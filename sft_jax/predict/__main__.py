@@ -14,6 +14,7 @@ import sys
 from absl import app, flags, logging
 
 from sft_jax import platform
+from sft_jax.checkpoint_failures import quiet_orbax_errors
 from sft_jax.data.sources import DataError, iter_jsonl
 
 flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) fine-tuning run.")
@@ -47,6 +48,7 @@ def main(argv):
     from sft_jax.predict import ImagePredictor, Predictor  # after flag parsing: JAX starts on import
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
+    quiet_orbax_errors()  # a damaged checkpoint is one line, not orbax's log records
     texts = list(FLAGS.text) + [a for a in argv[1:]]
     try:
         if FLAGS.image:

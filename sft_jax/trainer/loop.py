@@ -8,8 +8,8 @@ import jax
 import ml_collections
 import tqdm
 
-from sft_jax import distributed, platform, sharding, tasks
-from sft_jax.checkpoint import Checkpoints
+from sft_jax import distributed, sharding, tasks
+from sft_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from sft_jax.config_defaults import early_stopping_mode, validate
 from sft_jax.models import quant
 from sft_jax.rundir import RunDir
@@ -23,7 +23,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
     validate(config)  # the task's own checks included: before anything loads
     task_cls = tasks.get(config.task)
-    platform.configure_determinism(config.deterministic)  # XLA_FLAGS: before the backend starts
     distributed.initialize(config)  # before anything touches the devices
     rundir = RunDir(workdir)
     with rundir.claim() as claim:  # one run per workdir; a run that fails in set-up leaves nothing behind
@@ -38,7 +37,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     task.model_def = setup.with_model_options(task.model_def, task.params, config)
     # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).
     pretrained = {k: sharding.to_host(v) for k, v in task.params.items()} if config.wise_ft.alphas else None
-    ckpt = Checkpoints(workdir)
+    ckpt = Checkpoints(workdir, clean_unfinished=True)  # removes what an interrupted save left
     run = setup.prepare(config, task, ckpt, workdir)
     state, meta = run.state, run.meta
     results = {"trainable_params": count_params(task.params, run.trainable),
@@ -49,7 +48,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     for name, value in meta["probes_before"].items():
         results[f"forgetting/{name}/before"] = value
 
-    writer = MetricWriter(rundir)
+    writer = MetricWriter(rundir, resume_step=int(state.step))  # drops lines logged after the checkpoint
     step = int(state.step)
     t0, examples, tokens, eval_time = time.time(), 0, 0, 0.0
     bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -61,7 +60,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     try:
         while (step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time")
                and not preempt.requested):
-            distributed.set_phase(f"train step {step + 1}")  # named if another process dies meanwhile
+            ckpt.poll()  # a save that failed in the background stops the run here, not at the next save
             host_batch = task.batches.batch(step)
             tokens += task.batch_tokens(host_batch)
             state, m = run.train_fns(step)(state, sharding.put_batch(host_batch, run.b_shard))
@@ -85,17 +84,14 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
                 bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
             bar.update(1)
             if due(step, config.eval_every, last):
-                distributed.set_phase(f"the evaluation at step {step}")
                 t_eval = time.time()
                 last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar)
                 eval_time += time.time() - t_eval
             if due(step, config.checkpoint_every, last, meta["stopped_early"], preempt.requested):
-                distributed.set_phase(f"the checkpoint save of step {step}")
                 ckpt.save_latest(state, meta)
     finally:
         preempt.restore()
-    bar.close()
-    distributed.set_phase(f"the last checkpoint save and final evaluation (step {step})")
+        bar.close()  # also when the loop raises: the error prints on a line of its own
     ckpt.wait()
     if preempt.requested and step < config.max_steps and not last:
         writer.close()
@@ -105,7 +101,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     train_seconds = elapsed - eval_time  # includes compilation and checkpoint saves
 
     # Final metrics are those of the best checkpoint (early stopping keeps it).
-    best_params, _ = ckpt.restore_params(state.params, "best")
+    best_params = _best_params(ckpt, state, meta, step)
     if last_eval is not None and meta["best_step"] == step:
         results.update(last_eval)  # the last evaluation was of these very parameters
     else:
@@ -150,3 +146,14 @@ def _evaluate(config, task, run: setup.Training, state, step: int, meta: dict, c
                       f"{meta['best_step']}")
     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     return ev
+
+
+def _best_params(ckpt: Checkpoints, state, meta: dict, step: int) -> dict:
+    """The parameters of the best checkpoint; when every best step is damaged, says so in one line and takes the
+    last step's parameters (then also the best step reported)."""
+    try:
+        return ckpt.restore_params(state.params, "best")[0]
+    except DamagedCheckpoint as e:
+        tqdm.tqdm.write(f"{e}; the final metrics are of the last step ({step}) instead")
+        meta["best_step"] = step
+        return state.params
