@@ -129,6 +129,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.nan_policy = "stop"  # a step with a non-finite loss/gradient is never applied; then: stop | skip
     c.max_train_seconds = 0.0  # > 0: stop after this much training time (equal-compute comparisons); 0: off
     c.seed = 0
+    # True: bit-identical runs and resumes on GPU too (XLA_FLAGS gets --xla_gpu_deterministic_ops=true before the
+    # backend starts: slower scatters and reductions; README "Determinism on GPU"). XLA:CPU's kernels are
+    # deterministic already: nothing changes there.
+    c.deterministic = False
 
     c.log_every = 20
     c.eval_every = 200
@@ -200,7 +204,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
     c.distributed.auto = False  # True: initialize from the cluster environment alone
-    c.distributed.timeout_s = 300  # how long processes wait for each other to join
+    # How long processes wait for each other to join, and for a silent one before all stop with one line naming
+    # it (sft_jax/peer_watch.py); JAX's own heartbeat abort is the backstop at 1.5x.
+    c.distributed.timeout_s = 300
     return c
 
 
@@ -257,6 +263,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.distributed.coordinator_address: {d.coordinator_address!r} is not host:port")
     if d.timeout_s <= 0:
         raise ValueError(f"config.distributed.timeout_s: must be positive, got {d.timeout_s}")
+    if not isinstance(config.deterministic, bool):
+        raise ValueError(f"config.deterministic: must be True or False, got {config.deterministic!r}")
     if config.nan_policy not in ("stop", "skip"):
         raise ValueError(f"config.nan_policy: {config.nan_policy!r} is not stop or skip")
     from sft_jax.models.loading.unused import check_ignore_patterns

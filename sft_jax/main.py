@@ -23,13 +23,18 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
     quiet_orbax_errors()  # a failed save is one line below, not orbax's tracebacks
+    from sft_jax import distributed
     from sft_jax.trainer import train_and_evaluate  # after configure_cpu and flag parsing
 
     try:
         results = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (DataError, ValueError, FileNotFoundError, PermissionError, WorkdirLocked, CheckpointSaveFailed) as e:
+        distributed.end_after_error(f"error: {e}")  # a multi-process run ends here, telling the others
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except Exception as e:
+        distributed.end_after_exception(e)  # a multi-process run ends here, naming a dead process if one is
+        raise
     if results.get("preempted"):  # SIGTERM: the checkpoint is saved; the same command resumes
         print(f"stopped by SIGTERM at step {results['step']}; checkpoint saved, rerun to resume")
         return

@@ -49,3 +49,58 @@ def _backend_started() -> bool:
     """Whether JAX has started a backend, checked without importing JAX or starting one."""
     xla_bridge = sys.modules.get("jax._src.xla_bridge")
     return bool(xla_bridge is not None and getattr(xla_bridge, "_backends", None))
+
+
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+_DETERMINISTIC_NAME = DETERMINISTIC_FLAG.split("=")[0]
+
+
+def determinism_flags(deterministic: bool, gpu: bool, xla_flags: str) -> str:
+    """XLA_FLAGS for a run: `xla_flags`, plus XLA's deterministic-ops flag when `deterministic` and the run uses a
+    GPU. On GPU, XLA otherwise picks kernels by autotuning and sums scatters and some reductions with atomics, so
+    two runs (a resumed one and an uninterrupted one) can differ in the last bits; CPU (and TPU) kernels are
+    deterministic already, so nothing is added there. A flag the user set stays; one that contradicts is refused.
+
+    Raises:
+      ValueError: `xla_flags` sets the flag to something else than true while `deterministic` asks for it.
+    """
+    if not (deterministic and gpu):
+        return xla_flags
+    given = [f for f in xla_flags.split() if f.split("=")[0] == _DETERMINISTIC_NAME]
+    if not given:
+        return f"{xla_flags} {DETERMINISTIC_FLAG}".strip()
+    if given[-1].split("=", 1)[-1].lower() not in ("true", "1", _DETERMINISTIC_NAME):
+        raise ValueError(f"config.deterministic=True, but XLA_FLAGS sets {given[-1]}: drop one or the other")
+    return xla_flags
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """Applies `determinism_flags` to this process's XLA_FLAGS (`config.deterministic`), before JAX's backend
+    starts. When the GPU backend has already started without the flag, XLA would not read it any more: refused."""
+    if not deterministic:
+        return
+    if _backend_started():
+        import jax
+
+        if jax.default_backend() == "gpu" and _DETERMINISTIC_NAME not in os.environ.get("XLA_FLAGS", ""):
+            raise ValueError("config.deterministic=True: JAX's GPU backend started before XLA_FLAGS could get "
+                             f"{DETERMINISTIC_FLAG}; set it in XLA_FLAGS before the first JAX computation")
+        return
+    os.environ["XLA_FLAGS"] = determinism_flags(True, _gpu_expected(), os.environ.get("XLA_FLAGS", ""))
+
+
+def _gpu_expected() -> bool:
+    """Whether JAX will start a GPU backend, told without starting one: JAX_PLATFORMS (or jax.config's
+    jax_platforms) when set, else whether a CUDA or ROCm plugin of JAX is installed (JAX prefers a GPU when one is)."""
+    import jax
+
+    platforms = os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms or ""
+    if platforms:
+        return any(p.strip() in ("cuda", "gpu", "rocm") for p in platforms.split(","))
+    try:
+        import jax_plugins
+    except ImportError:
+        return False
+    import pkgutil
+
+    return any("cuda" in m.name or "rocm" in m.name for m in pkgutil.iter_modules(jax_plugins.__path__))

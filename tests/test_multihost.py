@@ -7,13 +7,16 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -24,6 +27,29 @@ STEPS = 3
 MESH = {"data": 1, "fsdp": 4, "tensor": 1}
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 (simulated) devices; see conftest.py")
+
+
+def _config_file(c, tmp: pathlib.Path) -> pathlib.Path:
+    config_file = tmp / "config.py"
+    config_file.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
+                           f"    return ml_collections.ConfigDict({c.to_dict()!r})\n")
+    return config_file
+
+
+def _start_two(config_file: pathlib.Path, workdir: pathlib.Path, timeout_s: int,
+               logs: pathlib.Path | None = None) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of a 2-process run of the CLI (2 CPU devices each), output captured (in
+    `logs/process{i}.txt` if given, else pipes)."""
+    # PYTHONFAULTHANDLER: a process stopped with SIGABRT below prints every thread's Python stack first.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONFAULTHANDLER": "1"}
+    port = _free_port()
+    return [subprocess.Popen(
+        [sys.executable, "-m", "sft_jax.main", f"--config={config_file}", f"--workdir={workdir}",
+         f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2",
+         f"--config.distributed.process_id={pid}", f"--config.distributed.timeout_s={timeout_s}"],
+        cwd=REPO, env=env, stdout=open(logs / f"process{pid}.txt", "w") if logs else subprocess.PIPE,  # noqa: SIM115
+        stderr=subprocess.STDOUT, text=True) for pid in range(2)]
 
 
 def _free_port() -> int:
@@ -53,19 +79,9 @@ def _two_and_one(c, tmp: pathlib.Path):
 
     c.max_steps, c.eval_every, c.checkpoint_every, c.log_every = STEPS, STEPS, STEPS, 1
     c.mesh = MESH
-    config_file = tmp / "config.py"
-    config_file.write_text("import ml_collections\n\n\ndef get_config(arg=None):\n"
-                           f"    return ml_collections.ConfigDict({c.to_dict()!r})\n")
+    config_file = _config_file(c, tmp)
     two = tmp / "two_processes"
-    # PYTHONFAULTHANDLER: a process stopped with SIGABRT below prints every thread's Python stack first.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONFAULTHANDLER": "1"}
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "sft_jax.main", f"--config={config_file}", f"--workdir={two}",
-         f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2",
-         f"--config.distributed.process_id={pid}", "--config.distributed.timeout_s=60"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for pid in range(2)]
+    procs = _start_two(config_file, two, timeout_s=60)
     one = tmp / "one_process"
     try:
         one_results = train_and_evaluate(c, str(one))  # meanwhile: the reference, in this process
@@ -145,3 +161,56 @@ def test_best_and_latest_barriers_are_distinct(tmp_path):
     finally:
         ckpt.close()
     assert len(keys) == 2, keys
+
+
+DEAD_PEER_TIMEOUT_S = 15
+
+
+def test_a_killed_process_ends_the_other_and_both_resume(runs, tmp_path):
+    """Process 1 is SIGKILLed mid-run (its first checkpoint committed, the run not finished): process 0 stops
+    within 2 x config.distributed.timeout_s, exit status 1, with one line naming process 1; latest/ holds only
+    steps both processes wrote completely (orbax commits a step only once all have written their shards); the
+    same two commands then resume and end with the uninterrupted 2-process run's parameters, bit for bit."""
+    c, *_, reference = runs
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.mesh, c.checkpoint_every = MESH, 1  # a committed step to resume from; the arithmetic is the reference's
+    config_file, work = _config_file(c, tmp_path), tmp_path / "work"
+    latest = work / "checkpoints" / "latest"
+    procs = _start_two(config_file, work, DEAD_PEER_TIMEOUT_S, logs=tmp_path)
+    try:
+        deadline = time.monotonic() + 240
+        while not (latest / "1" / "_CHECKPOINT_METADATA").exists():  # step 1 committed
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                (tmp_path / "process0.txt").read_text()[-3000:]
+            time.sleep(0.05)
+        procs[1].kill()
+        killed = time.monotonic()
+        procs[0].wait(timeout=2 * DEAD_PEER_TIMEOUT_S)
+        took = time.monotonic() - killed
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = (tmp_path / "process0.txt").read_text()
+    assert procs[0].returncode == 1, out[-3000:]
+    errors = re.findall(r"error: .*", out)
+    assert len(errors) == 1 and "process 1 of 2" in errors[0] and "Traceback" not in out, out[-3000:]
+    assert took < 2 * DEAD_PEER_TIMEOUT_S
+    steps = [d for d in latest.iterdir() if d.name.isdigit()]
+    assert steps and int(max(steps, key=lambda d: int(d.name)).name) < STEPS
+    for step in steps:  # each committed step has both processes' shards of the sharded items
+        for item in ("params", "train"):
+            assert {d.name for d in (step / item).glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
+
+    procs = _start_two(config_file, work, DEAD_PEER_TIMEOUT_S)
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-3000:]
+    results = json.loads((work / "results.json").read_text())
+    assert results["step"] == STEPS
+    assert results["params_fingerprint"] == reference["params_fingerprint"]

@@ -6,7 +6,9 @@ On a machine whose JAX sees a GPU (CUDA jaxlib installed; no network needed):
 2. the train step of random-weight models of SmolLM2-135M, Gemma 3 270M and Llama-3.2-1B shapes (`shapes/`),
    LoRA and full fine-tuning, bfloat16 compute, runs for a few timed steps: tokens/s, peak memory where the
    backend reports it, and MFU against this device's measured bfloat16 matmul peak (model FLOPs from
-   `sft_jax.flops`, the planner's count).
+   `sft_jax.flops`, the planner's count);
+3. the cost of `config.deterministic` (XLA's deterministic-ops flag, which bit-identical resumes need on GPU):
+   the SmolLM2-135M-shape full fine-tuning step again, in a fresh process with the flag, against step 2's time.
 
 Writes results.json and RESULTS.md here, naming the device. `--quick` (tiny sizes, nothing written) checks the
 script itself, on CPU too.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -96,6 +99,26 @@ def throughput(shape: str, strategy: str, batch: int, length: int, steps: int, p
     return row
 
 
+def deterministic_cost(plain: dict, steps: int, timeout: int) -> dict:
+    """`plain`'s step again with `config.deterministic`'s XLA flag, in a fresh process (XLA reads XLA_FLAGS once,
+    when the backend starts): its step time and the ratio to `plain`'s."""
+    from sft_jax.platform import determinism_flags
+
+    env = {**os.environ, "XLA_FLAGS": determinism_flags(True, True, os.environ.get("XLA_FLAGS", ""))}
+    spec = f"{plain['shape']},{plain['strategy']},{plain['batch']},{plain['length']},{steps}"
+    proc = subprocess.run([sys.executable, "-m", "experiments.gpu_check.run", "--one_step_time", spec], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        print(f"deterministic step failed: {proc.stderr[-500:]}", flush=True)
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    step_s = json.loads(proc.stdout.strip().splitlines()[-1])["step_s"]
+    row = {"shape": plain["shape"], "strategy": plain["strategy"], "flag": env["XLA_FLAGS"],
+           "step_s": step_s, "plain_step_s": plain["step_s"], "slowdown": step_s / plain["step_s"]}
+    print(f"config.deterministic: {plain['shape']} {plain['strategy']} step {step_s:.4f} s vs "
+          f"{plain['step_s']:.4f} s (x{row['slowdown']:.2f})", flush=True)
+    return row
+
+
 def write(results: dict) -> None:
     (HERE / "results.json").write_text(json.dumps(results, indent=1))
     lines = [f"# GPU check: {results['device']}", "",
@@ -111,6 +134,10 @@ def write(results: dict) -> None:
     lines += ["", "MFU: model FLOPs of a step (`sft_jax.flops.step_flops`: 6N per token for trained matmul weights, "
               "4N for frozen ones that backprop passes, plus causal attention) over step time and the measured peak. "
               "Random weights (zeros); the planner's compiled step; 2 warm-up steps, then the timed ones."]
+    d = results.get("deterministic", {})
+    if "slowdown" in d:
+        lines += ["", f"`config.deterministic=True` ({d['flag']}): {d['shape']} {d['strategy']} step "
+                      f"{d['step_s']:.4f} s against {d['plain_step_s']:.4f} s without (x{d['slowdown']:.2f})."]
     (HERE / "RESULTS.md").write_text("\n".join(lines) + "\n")
 
 
@@ -118,8 +145,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (checks the script, e.g. on CPU)")
     parser.add_argument("--skip_parity", action="store_true")
+    parser.add_argument("--one_step_time", default="", help="SHAPE,STRATEGY,BATCH,LENGTH,STEPS: time that "
+                        "step alone and print it as JSON (used with XLA flags of its own)")
     args = parser.parse_args()
     import jax
+
+    if args.one_step_time:
+        shape, strategy, batch, length, steps = args.one_step_time.split(",")
+        print(json.dumps(throughput(shape, strategy, int(batch), int(length), int(steps), peak=1.0)))
+        return
 
     device = jax.devices()[0]
     name = f"{device.platform}: {getattr(device, 'device_kind', '')} x{jax.device_count()}"
@@ -132,6 +166,7 @@ def main() -> None:
     shapes = SHAPES[:1] if args.quick else SHAPES
     results["rows"] = [throughput(s, strategy, batch, length, steps, peak) for s in shapes
                        for strategy in ("lora", "full")]
+    results["deterministic"] = deterministic_cost(results["rows"][1], steps, timeout=120)
     if args.quick:  # a check of the script, not figures to keep
         return
     write(results)

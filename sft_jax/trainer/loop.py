@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import tqdm
 
-from sft_jax import distributed, sharding, tasks
+from sft_jax import distributed, platform, sharding, tasks
 from sft_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from sft_jax.config_defaults import early_stopping_mode, validate
 from sft_jax.models import quant
@@ -23,6 +23,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
     validate(config)  # the task's own checks included: before anything loads
     task_cls = tasks.get(config.task)
+    platform.configure_determinism(config.deterministic)  # XLA_FLAGS: before the backend starts
     distributed.initialize(config)  # before anything touches the devices
     rundir = RunDir(workdir)
     with rundir.claim() as claim:  # one run per workdir; a run that fails in set-up leaves nothing behind
@@ -61,6 +62,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
         while (step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time")
                and not preempt.requested):
             ckpt.poll()  # a save that failed in the background stops the run here, not at the next save
+            distributed.set_phase(f"train step {step + 1}")  # named if another process dies meanwhile
             host_batch = task.batches.batch(step)
             tokens += task.batch_tokens(host_batch)
             state, m = run.train_fns(step)(state, sharding.put_batch(host_batch, run.b_shard))
@@ -84,14 +86,17 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
                 bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
             bar.update(1)
             if due(step, config.eval_every, last):
+                distributed.set_phase(f"the evaluation at step {step}")
                 t_eval = time.time()
                 last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar)
                 eval_time += time.time() - t_eval
             if due(step, config.checkpoint_every, last, meta["stopped_early"], preempt.requested):
+                distributed.set_phase(f"the checkpoint save of step {step}")
                 ckpt.save_latest(state, meta)
     finally:
         preempt.restore()
         bar.close()  # also when the loop raises: the error prints on a line of its own
+    distributed.set_phase(f"the last checkpoint save and final evaluation (step {step})")
     ckpt.wait()
     if preempt.requested and step < config.max_steps and not last:
         writer.close()
