@@ -109,7 +109,7 @@ class RunDir:
         """For a training run's whole life: creates the workdir and holds its lock (a second run stops with one
         line naming the holder); yields a `Claim` whose `commit(config)` at the first step writes config.json.
         A run that fails before that leaves nothing behind (`sft_jax.workdir_claim`)."""
-        return claim(self)
+        return claim(self, (LABELS_FILE, METRICS_FILE, CONFIG_FILE + ".tmp"))
 
     def ensure_writable(self) -> None:
         """Creates the directory and fails now, not at the first checkpoint an hour later, if it is read-only."""

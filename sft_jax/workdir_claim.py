@@ -32,10 +32,10 @@ class Claim:
 
 
 @contextlib.contextmanager
-def claim(rundir) -> Iterator[Claim]:
+def claim(rundir, setup_files: tuple[str, ...]) -> Iterator[Claim]:
     """Creates the workdir, takes its lock (process 0 of a multi-host run, all processes agreeing on the outcome),
-    and releases it on any exit; if the run ends before `Claim.commit`, removes what its set-up wrote, and the
-    workdir itself if this run created it."""
+    and releases it on any exit; if the run ends before `Claim.commit`, removes the `setup_files` (names) its
+    set-up wrote, and the workdir itself if this run created it."""
     import jax
 
     created = _missing_dirs(rundir.path)
@@ -62,7 +62,7 @@ def claim(rundir) -> Iterator[Claim]:
     except BaseException:
         if lock is not None and not run.committed:
             with contextlib.suppress(OSError):  # the run's own error is the one to report
-                _remove_setup_files(rundir.path, before, created)
+                _remove_setup_files(rundir.path, before, created, setup_files)
         raise
     finally:
         if lock is not None:
@@ -102,12 +102,10 @@ def _missing_dirs(path: str) -> list[str]:
     return missing
 
 
-def _remove_setup_files(path: str, before: set[str], created: list[str]) -> None:
-    """Removes the set-up files and empty directories that appeared since `before`; then, if nothing else is
-    left and this run created the workdir, the lock file and the directories it created."""
-    from sft_jax.rundir import CONFIG_FILE, LABELS_FILE, METRICS_FILE  # (rundir imports this module)
-
-    setup_files = (LABELS_FILE, METRICS_FILE, CONFIG_FILE + ".tmp")  # anything else new is left alone
+def _remove_setup_files(path: str, before: set[str], created: list[str], setup_files: tuple[str, ...]) -> None:
+    """Removes the `setup_files` and empty directories that appeared since `before` (anything else new is left
+    alone); then, if nothing else is left and this run created the workdir, the lock file and the directories
+    it created."""
     for name in set(os.listdir(path)) - before:
         full = os.path.join(path, name)
         try:
