@@ -98,7 +98,7 @@ class PeerWatch:
             if self.client() is None:
                 return
             reason = self.verdict()
-            if reason is not None:
+            if reason is not None and not self._failure:  # this process is ending on its own error line
                 self._verdict.set()
                 self._on_verdict(self.message(reason))
 
