@@ -89,7 +89,9 @@ def _checksum(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(mixed * (2 * index + 1), dtype=jnp.uint32)])
 
 
-_checksums = jax.jit(lambda arrays: {k: _checksum(v) for k, v in arrays.items()})
+# One program per array shape, dtype and layout (a model has few), not one over the whole dict: compiling that
+# took seconds for a few hundred arrays, at each process's first checkpoint save and restore.
+_checksum_jit = jax.jit(_checksum)
 
 
 def array_checksums(params: dict[str, jax.Array], names) -> dict[str, str]:
@@ -97,8 +99,13 @@ def array_checksums(params: dict[str, jax.Array], names) -> dict[str, str]:
     (a rebuilt frozen base and the one a run trained on) are bit-identical, without copying them to the host."""
     from sft_jax.sharding import to_host
 
-    sums = _checksums({n: params[n] for n in names})
-    return {n: "".join(f"{int(v):08x}" for v in to_host(s)) for n, s in sums.items()}
+    names = list(names)
+    sums = [_checksum_jit(params[n]) for n in names]
+    if all(s.is_fully_addressable for s in sums):
+        values = jax.device_get(sums)  # one transfer for all
+    else:
+        values = [to_host(s) for s in sums]
+    return {n: "".join(f"{int(v):08x}" for v in np.asarray(s)) for n, s in zip(names, values)}
 
 
 def params_fingerprint(params: dict[str, Any]) -> str:
