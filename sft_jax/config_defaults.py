@@ -122,7 +122,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval_batch_size = 128
     c.learning_rate = 5e-5
     c.schedule = "linear"  # decay after warmup: linear | cosine | constant
-    c.warmup_steps = 0
+    c.warmup_steps = 0  # steps of linear warm-up from 0 to learning_rate (0 = none)
+    # Warm-up as a fraction of max_steps, in [0, 1) (0 = unused; set warmup_steps or this, not both). It follows
+    # max_steps when a run is shortened on the command line, which warmup_steps does not.
+    c.warmup_ratio = 0.0
     c.weight_decay = 0.01
     c.clip_norm = 1.0
     c.max_steps = 1000
@@ -234,6 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "data.max_train_examples", "data.max_eval_examples", "lora.dropout", "lm_loss_chunk"):
         if _get(config, key) < 0:
             raise ValueError(f"config.{key}: must be >= 0, got {_get(config, key)}")
+    _check_warmup(config)
     for axis, size in config.mesh.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ValueError(f"config.mesh.{axis}: must be a positive int or -1 (the remaining devices), got {size!r}")
@@ -358,6 +362,14 @@ def _check_keys(config, reference, prefix: str) -> None:
             raise ValueError(f"unknown config key {name!r}")
         if isinstance(reference[key], ml_collections.ConfigDict) and key != "mesh":
             _check_keys(config[key], reference[key], name + ".")
+
+
+def _check_warmup(config) -> None:
+    if not 0 <= config.warmup_ratio < 1:
+        raise ValueError(f"config.warmup_ratio: must be in [0, 1), got {config.warmup_ratio}")
+    if config.warmup_ratio and config.warmup_steps:
+        raise ValueError(f"config.warmup_steps={config.warmup_steps} and config.warmup_ratio={config.warmup_ratio}: "
+                         "set one of them (the other 0)")
 
 
 def _get(config, dotted: str):

@@ -33,6 +33,26 @@ def make_schedule(learning_rate: float, max_steps: int, warmup_steps: int, decay
     return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), after], [warmup_steps])
 
 
+def resolve_warmup_steps(warmup_steps: int, warmup_ratio: float, max_steps: int) -> int:
+    """Steps of linear warm-up: `warmup_ratio` of `max_steps` (rounded) when the ratio is set, else `warmup_steps`.
+    A ratio follows `max_steps` when a run is shortened on the command line; a step count does not."""
+    return int(round(warmup_ratio * max_steps)) if warmup_ratio else int(warmup_steps)
+
+
+def long_warmup_warning(warmup_steps: int, warmup_ratio: float, max_steps: int) -> str | None:
+    """One line when warm-up covers more than half of the run (the rate would peak late or never), else None."""
+    steps = resolve_warmup_steps(warmup_steps, warmup_ratio, max_steps)
+    if 2 * steps <= max_steps:
+        return None
+    peak = f"peaks at step {steps}" if steps < max_steps else "never reaches learning_rate"
+    covers = f"warning: warm-up covers {min(steps, max_steps)} of the run's {max_steps} steps"
+    if warmup_ratio:
+        return (f"{covers} (config.warmup_ratio={warmup_ratio}): the learning rate {peak}; a smaller warmup_ratio "
+                "(e.g. 0.06) leaves most of the run after the peak")
+    return (f"{covers} (config.warmup_steps={steps}, config.max_steps={max_steps}): the learning rate {peak}; "
+            "set config.warmup_ratio (e.g. 0.06, with warmup_steps=0) for a warm-up that follows max_steps")
+
+
 def adamw(schedule: optax.Schedule, *, weight_decay: float = 0.01, clip_norm: float | None = 1.0,
           b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, state_dtype: str = "float32"
           ) -> optax.GradientTransformation:

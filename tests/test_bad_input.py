@@ -240,6 +240,8 @@ INVALID_VALUES = [
     ("max_steps", -5, "config.max_steps: must be positive"),
     ("learning_rate", -1e-3, "config.learning_rate: must be >= 0"),
     ("warmup_steps", -1, "config.warmup_steps: must be >= 0"),
+    ("warmup_ratio", 1.0, "config.warmup_ratio: must be in [0, 1), got 1.0"),
+    ("warmup_ratio", -0.1, "config.warmup_ratio: must be in [0, 1), got -0.1"),
     ("dtype", "float8", "config.dtype: 'float8' is not one of"),
     ("schedule", "exponential", "config.schedule: 'exponential' is not one of"),
     ("pooling", "max", "config.pooling: 'max' is not one of"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import time
 from collections.abc import Callable
 
@@ -95,7 +96,8 @@ def make_optimizer(config: ml_collections.ConfigDict, labels: dict[str, str], la
         glabels = groups.group_labels(labels, layout)
         head_ratio = lp.head_learning_rate / config.learning_rate if lp.head_learning_rate and \
             config.learning_rate else 1.0
-        tx = groups.grouped_optimizer(glabels, plan, schedule, warmup_steps=config.warmup_steps,
+        warmup = optim.resolve_warmup_steps(config.warmup_steps, config.warmup_ratio, config.max_steps)
+        tx = groups.grouped_optimizer(glabels, plan, schedule, warmup_steps=warmup,
                                       weight_decay=config.weight_decay, clip_norm=config.clip_norm,
                                       head_ratio=head_ratio, lp_steps=lp.head_steps,
                                       state_dtype=config.optimizer_state_dtype)
@@ -132,7 +134,11 @@ def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, wo
     rules = strategies.strategy_rules(config.strategy, task.layout, config.frozen_layers)
     labels = strategies.label_params(task.model_def.names, rules)
     trainable = strategies.trainable_names(labels)
-    schedule = optim.make_schedule(config.learning_rate, config.max_steps, config.warmup_steps, config.schedule)
+    warmup = optim.resolve_warmup_steps(config.warmup_steps, config.warmup_ratio, config.max_steps)
+    if (warning := optim.long_warmup_warning(config.warmup_steps, config.warmup_ratio, config.max_steps)) \
+            and jax.process_index() == 0:
+        print(warning, file=sys.stderr)
+    schedule = optim.make_schedule(config.learning_rate, config.max_steps, warmup, config.schedule)
     tx, phase_list, anchored = make_optimizer(config, labels, task.layout, schedule)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
