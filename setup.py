@@ -29,10 +29,11 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # torch is only the reference implementation in parity tests and the benchmark baseline.
     # accelerate: transformers needs it to load GGUF files (the decoder parity reference).
+    # peft: loads the LoRA adapters sft_jax writes onto the transformers base model (tests/test_peft_library.py).
     # nbclient/nbformat/ipykernel: the notebook test runs the tutorial in a real Jupyter kernel.
     # pytest-xdist: `make test` runs two workers; most test time is single-threaded XLA compilation.
     "test": ["pytest==8.4.2", "torch==2.13.0", "accelerate==1.15.0", "ruff==0.14.0", "nbclient==0.11.0",
-             "nbformat==5.11.1", "ipykernel==7.4.0", "pytest-xdist==3.8.0"],
+             "nbformat==5.11.1", "ipykernel==7.4.0", "pytest-xdist==3.8.0", "peft==0.21.2"],
 }
 
 setup(
