@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "sacrebleu==2.6.0",
     "matplotlib>=3.8,<4",
     "pillow>=10,<14",  # image decoding (image_classification)
+    "pyarrow==26.0.1",  # Parquet / Arrow files and `datasets` folders as data (sft_jax/data/columnar.py)
 ]
 
 EXTRAS = {
@@ -32,8 +33,10 @@ EXTRAS = {
     # peft: loads the LoRA adapters sft_jax writes onto the transformers base model (tests/test_peft_library.py).
     # nbclient/nbformat/ipykernel: the notebook test runs the tutorial in a real Jupyter kernel.
     # pytest-xdist: `make test` runs two workers; most test time is single-threaded XLA compilation.
+    # datasets: tests write real save_to_disk folders (sft_jax itself reads them with pyarrow alone).
     "test": ["pytest==8.4.2", "torch==2.13.0", "accelerate==1.15.0", "ruff==0.14.0", "nbclient==0.11.0",
-             "nbformat==5.11.1", "ipykernel==7.4.0", "pytest-xdist==3.8.0", "peft==0.21.2"],
+             "nbformat==5.11.1", "ipykernel==7.4.0", "pytest-xdist==3.8.0", "peft==0.21.2",
+             "datasets==5.2.0"],
 }
 
 setup(

@@ -80,10 +80,14 @@ def test_missing_and_unreadable_paths(tiny_config, tmp_path):
     assert _fails_before_training(tiny_config, tmp_path / "run") == f"{missing}: file not found"
     tiny_config.data.train = str(BAD)
     assert _fails_before_training(tiny_config, tmp_path / "run").startswith(f"{BAD}: is a directory")
-    other = tmp_path / "data.parquet"
+    other = tmp_path / "data.xlsx"
     other.write_text("x")
     tiny_config.data.train = str(other)
-    assert "unknown format '.parquet'" in _fails_before_training(tiny_config, tmp_path / "run")
+    assert "unknown format '.xlsx'" in _fails_before_training(tiny_config, tmp_path / "run")
+    not_parquet = tmp_path / "data.parquet"
+    not_parquet.write_text("x")
+    tiny_config.data.train = str(not_parquet)
+    assert _fails_before_training(tiny_config, tmp_path / "run").startswith(f"{not_parquet}: cannot read")
     tiny_config.data.train = "tfds:sft_jax_no_such_dataset:train"
     tiny_config.data.tfds_data_dir = str(tmp_path / "tfds")
     assert _fails_before_training(tiny_config, tmp_path / "run").startswith(

@@ -117,8 +117,8 @@ def test_decoder_data_paths(tmp_path):
     from sft_jax.data.lm import read_documents
     from sft_jax.data.sft import read_sft
 
-    assert _one_line(read_sft, str(tmp_path)) == (f"{tmp_path}: is a directory; SFT data must be a .jsonl file or "
-                                                  "parallel:SRC,TGT")
+    assert _one_line(read_sft, str(tmp_path)) == (f"{tmp_path}: is a directory; SFT data must be a .jsonl, .parquet "
+                                                  "or .arrow file, a `datasets` folder or parallel:SRC,TGT")
     assert _one_line(read_documents, str(tmp_path)).startswith(f"{tmp_path}: is a directory;")
     src = _write(tmp_path / "src.txt", b"fine\ncaf\xe9\n")
     tgt = _write(tmp_path / "tgt.txt", "ok\nok\n")

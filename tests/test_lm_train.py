@@ -68,7 +68,7 @@ def test_bad_lm_records_are_named(tmp_path):
     bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
     with pytest.raises(DataError, match=r"bad.jsonl:2: missing field 'text'"):
         lm_data.read_documents(str(bad))
-    with pytest.raises(DataError, match=r"must be \.txt or \.jsonl"):
+    with pytest.raises(DataError, match=r"must be \.txt, \.jsonl, \.parquet, \.arrow"):
         (tmp_path / "x.csv").write_text("a,b\n")
         lm_data.read_documents(str(tmp_path / "x.csv"))
 

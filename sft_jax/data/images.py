@@ -4,7 +4,10 @@ Specs:
   - `FILE.jsonl`: records `{"image": "dog.jpg", "label": "dog"}`, image paths relative to the manifest's folder;
   - `DIR`: class folders `DIR/<label>/<file>`; `DIR[a:b]` keeps files a..b-1 (sorted by name) of each class,
     so one folder gives disjoint train and eval sets (`DIR[:800]`, `DIR[800:]`);
-  - `tfds:NAME[:SPLIT]` with an `image` and a ClassLabel `label` feature (e.g. `tfds:cifar10:test`).
+  - `tfds:NAME[:SPLIT]` with an `image` and a ClassLabel `label` feature (e.g. `tfds:cifar10:test`);
+  - `FILE.parquet`, `FILE.arrow`, a `datasets` folder `DIR[:SPLIT]` (see `columnar`): the image field holds
+    encoded image bytes, a path (relative to the data file's folder) or, as the `datasets` Image feature
+    stores it, `{"bytes": ..., "path": ...}` (the bytes when present, else the path).
 
 Images are decoded once with Pillow (greyscale, RGBA, palette... converted to RGB), resized to the model's
 square input and kept in memory as uint8. Batches are normalised (mean/std per channel) and, for training,
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import logging
 import os
 import re
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_jax.data import columnar
 from sft_jax.data.batching import LabelVocab, TrainBatches
 from sft_jax.data.sources import DataError, iter_jsonl, label_to_str, open_tfds, tfds_label
 
@@ -32,9 +37,9 @@ _SLICE = re.compile(r"^(?P<dir>.+)\[(?P<start>\d*):(?P<stop>\d*)\]$")
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
-    """One labelled image before decoding: a file path or an already decoded array (TFDS)."""
+    """One labelled image before decoding: a file path, encoded bytes or an already decoded array (TFDS)."""
 
-    source: str | np.ndarray
+    source: str | bytes | np.ndarray
     label: str
     where: str  # "manifest.jsonl:3", the image path (folders) or "tfds:NAME:SPLIT:i"
 
@@ -67,6 +72,30 @@ def _read_manifest(path: str, image_field: str, label_field: str) -> list[ImageR
             raise DataError(f"{where}: field {image_field!r} must be a non-empty path string, got {image!r}")
         out.append(ImageRecord(os.path.join(root, image), label_to_str(record[label_field], where, label_field),
                                where))
+    return out
+
+
+def _image_source(value, root: str, where: str, field: str) -> str | bytes:
+    """A columnar image cell: encoded bytes, a path, or the `datasets` Image struct {"bytes", "path"}."""
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        value = value.get("bytes") if value.get("bytes") is not None else value.get("path")
+    if isinstance(value, bytes) and value:
+        return value
+    if isinstance(value, str) and value.strip():
+        return os.path.join(root, value)
+    raise DataError(f"{where}: field {field!r} must be image bytes, a non-empty path string or "
+                    f"{{'bytes': ..., 'path': ...}}, got {value!r:.80}")
+
+
+def _read_columnar(spec: str, image_field: str, label_field: str) -> list[ImageRecord]:
+    out = []
+    for where, record in columnar.iter_records(spec, label_field):
+        for field in (image_field, label_field):
+            if field not in record or record[field] is None:
+                raise DataError(f"{where}: missing field {field!r} (record has {sorted(record)})")
+        root = os.path.dirname(os.path.abspath(where.rsplit(":", 1)[0]))
+        out.append(ImageRecord(_image_source(record[image_field], root, where, image_field),
+                               label_to_str(record[label_field], where, label_field), where))
     return out
 
 
@@ -106,13 +135,17 @@ def _read_tfds_images(spec: str, image_field: str, label_field: str, data_dir: s
 
 def read_image_records(spec: str, *, image_field: str = "image", label_field: str = "label",
                        data_dir: str | None = None, classes: Sequence[str] = ()) -> list[ImageRecord]:
-    """Labelled image records from a manifest, a class folder (optionally `[a:b]`-sliced) or TFDS;
+    """Labelled image records from a manifest, a class folder (optionally `[a:b]`-sliced), a Parquet / Arrow
+    file or `datasets` folder, or TFDS;
     with `classes`, only records of those labels are kept (a class that has none is an error)."""
     if spec.startswith("tfds:"):
         records = _read_tfds_images(spec, image_field, label_field, data_dir)
+    elif columnar.is_columnar(spec):
+        records = _read_columnar(spec, image_field, label_field)
     elif os.path.isfile(spec):
         if os.path.splitext(spec)[1].lower() != ".jsonl":
-            raise DataError(f"{spec}: an image manifest must be a .jsonl file (or give a folder DIR/<label>/...)")
+            raise DataError(f"{spec}: an image manifest must be a .jsonl, .parquet or .arrow file (or give a "
+                            "folder DIR/<label>/... or a `datasets` folder)")
         records = _read_manifest(spec, image_field, label_field)
     elif os.path.isdir(spec) or (_SLICE.match(spec) and os.path.isdir(_SLICE.match(spec)["dir"])):
         records = _read_folder(spec)
@@ -131,13 +164,21 @@ def read_image_records(spec: str, *, image_field: str = "image", label_field: st
     return records
 
 
-def decode_image(source: str | np.ndarray, size: int, where: str) -> np.ndarray:
-    """An RGB uint8 [size, size, 3] array from a file or an array; errors name `where` and the file."""
+def decode_image(source: str | bytes | np.ndarray, size: int, where: str) -> np.ndarray:
+    """An RGB uint8 [size, size, 3] array from a file, encoded bytes or an array; errors name `where` and the
+    file."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, np.ndarray):
         array = source[..., 0] if source.ndim == 3 and source.shape[-1] == 1 else source
         image = Image.fromarray(array.astype(np.uint8))
+    elif isinstance(source, bytes):
+        try:
+            with Image.open(io.BytesIO(source)) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{where}: cannot decode the image bytes ({type(e).__name__}: {e})") from None
     else:
         prefix = where if where == source else f"{where}: {source}"
         if os.path.isdir(source):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_jax.data import columnar
 from sft_jax.data.batching import bucket_length
 from sft_jax.data.sources import DataError, iter_jsonl
 
@@ -39,7 +40,8 @@ def _slice(spec: str) -> tuple[str, float, float]:
 
 
 def read_documents(spec: str, text_field: str = "text") -> list[Document]:
-    """A .txt file (one document) or a .jsonl file of `{text_field: ...}` records (one document each).
+    """A .txt file (one document), or a .jsonl / .parquet / .arrow file or `datasets` folder (`DIR[:SPLIT]`)
+    of `{text_field: ...}` records (one document each).
 
     A percent slice selects part of it, like TFDS splits: `input.txt[:90%]` (cut at a line boundary) or
     `data.jsonl[90%:]` (by record), so one file can give disjoint train and eval sets.
@@ -62,8 +64,11 @@ def read_documents(spec: str, text_field: str = "text") -> list[Document]:
 
 
 def _read_documents(spec: str, text_field: str) -> list[Document]:
+    if columnar.is_columnar(spec):
+        return _documents(columnar.iter_records(spec), spec, text_field)
     if os.path.isdir(spec):
-        raise DataError(f"{spec}: is a directory; language-model data must be a .txt or .jsonl file")
+        raise DataError(f"{spec}: is a directory; language-model data must be a .txt, .jsonl, .parquet or .arrow "
+                        "file or a `datasets` folder")
     if not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
     if spec.endswith(TEXT_SUFFIXES):
@@ -76,9 +81,14 @@ def _read_documents(spec: str, text_field: str) -> list[Document]:
             raise DataError(f"{spec}: the file is empty")
         return [Document(text, f"{spec}:1")]
     if not spec.endswith(".jsonl"):
-        raise DataError(f"{spec}: language-model data must be .txt or .jsonl (or a WikiText .raw file)")
+        raise DataError(f"{spec}: language-model data must be .txt, .jsonl, .parquet, .arrow or a `datasets` "
+                        "folder (or a WikiText .raw file)")
+    return _documents(iter_jsonl(spec), spec, text_field)
+
+
+def _documents(records, spec: str, text_field: str) -> list[Document]:
     docs = []
-    for where, record in iter_jsonl(spec):
+    for where, record in records:
         text = record.get(text_field)
         if text is None:
             raise DataError(f"{where}: missing field {text_field!r} (record has {sorted(record)})")

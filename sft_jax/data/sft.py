@@ -5,7 +5,8 @@ Record formats (field names mapped by the config, e.g. GSM8K question/answer, XS
     instruction   {"instruction": ..., "input": ... (optional), "output": ...}
     self-instruct {"instruction": ..., "instances": [{"input": ..., "output": ...}, ...]}  (one example each)
     chat          {"messages": [{"role": "user" | "assistant" | "system", "content": ...}, ...]}
-and `parallel:SRC_FILE,TGT_FILE` for line-aligned translation text (plain or .gz).
+in a .jsonl file, a .parquet or .arrow file or a `datasets` folder `DIR[:SPLIT]` (rows read as jsonl records,
+see `columnar`), and `parallel:SRC_FILE,TGT_FILE` for line-aligned translation text (plain or .gz).
 
 The loss mask is 1 exactly on the tokens the model must produce: the output and the EOS after it, or each
 assistant turn of a chat (its content and the end-of-turn token that closes it, e.g. `<|eot_id|>`,
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_jax.data import columnar
 from sft_jax.data.lm import LmDataset, _slice
 from sft_jax.data.sources import DataError, iter_jsonl
 
@@ -150,7 +152,8 @@ def _read_lines(path: str) -> list[str]:
 
 
 def read_sft(spec: str, fields: Fields = DEFAULT_FIELDS, max_examples: int = 0) -> list[Record]:
-    """Reads a .jsonl file or `parallel:SRC,TGT` into records. `max_examples` > 0 keeps the first N.
+    """Reads a .jsonl / .parquet / .arrow file, a `datasets` folder or `parallel:SRC,TGT` into records.
+    `max_examples` > 0 keeps the first N.
 
     A percent slice (`xsum.jsonl[:90%]`, by example) takes part of the file, as for TFDS splits."""
     spec, lo, hi = _slice(spec)
@@ -182,13 +185,19 @@ def _read_sft(spec: str, fields: Fields, max_examples: int) -> list[Record]:
             if max_examples and len(records) >= max_examples:
                 break
         return records
-    if os.path.isdir(spec):
-        raise DataError(f"{spec}: is a directory; SFT data must be a .jsonl file or parallel:SRC,TGT")
-    if not os.path.isfile(spec):
+    if columnar.is_columnar(spec):
+        rows = columnar.iter_records(spec)
+    elif os.path.isdir(spec):
+        raise DataError(f"{spec}: is a directory; SFT data must be a .jsonl, .parquet or .arrow file, a `datasets` "
+                        "folder or parallel:SRC,TGT")
+    elif not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
-    if not spec.endswith(".jsonl"):
-        raise DataError(f"{spec}: SFT data must be .jsonl or parallel:SRC,TGT")
-    for where, raw in iter_jsonl(spec):
+    elif not spec.endswith(".jsonl"):
+        raise DataError(f"{spec}: SFT data must be .jsonl, .parquet, .arrow, a `datasets` folder or "
+                        "parallel:SRC,TGT")
+    else:
+        rows = iter_jsonl(spec)
+    for where, raw in rows:
         records.extend(parse_record(raw, where, fields))
         if max_examples and len(records) >= max_examples:
             return records[:max_examples]

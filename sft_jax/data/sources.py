@@ -1,4 +1,5 @@
-"""Readers for labelled data in the formats people have: .jsonl, .tsv, .csv and `tfds:NAME[:SPLIT]`.
+"""Readers for labelled data in the formats people have: .jsonl, .tsv, .csv, `tfds:NAME[:SPLIT]`, and
+.parquet / .arrow files and `datasets` folders through `columnar`.
 
 Every record keeps `where` ("file:line") so that any later error (an unknown label, a text that is
 too long) can name the exact place in the input.
@@ -13,9 +14,8 @@ import os
 import sys
 from collections.abc import Iterator
 
-
-class DataError(ValueError):
-    """Bad input data; the message starts with `file:line:` (or the data spec) and says what is wrong."""
+from sft_jax.data import columnar
+from sft_jax.data.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,21 +154,27 @@ def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | Non
 def read_classification(
     spec: str, *, text_field: str = "text", label_field: str = "label", data_dir: str | None = None
 ) -> list[Example]:
-    """Reads text classification examples from a .jsonl/.tsv/.csv path or `tfds:NAME[:SPLIT]`."""
+    """Reads text classification examples from a .jsonl/.tsv/.csv/.parquet/.arrow path, a `datasets` folder
+    (`DIR[:SPLIT]`) or `tfds:NAME[:SPLIT]`."""
     if spec.startswith("tfds:"):
         examples = list(_read_tfds(spec, text_field, label_field, data_dir))
+    elif columnar.is_columnar(spec):
+        examples = [_make_example(record, where, text_field, label_field)
+                    for where, record in columnar.iter_records(spec, label_field)]
     else:
         if not os.path.exists(spec):
             raise DataError(f"{spec}: file not found")
         if os.path.isdir(spec):
-            raise DataError(f"{spec}: is a directory; text classification expects a .jsonl, .tsv or .csv file")
+            raise DataError(f"{spec}: is a directory; text classification expects a .jsonl, .tsv, .csv, .parquet "
+                            "or .arrow file or a `datasets` save_to_disk folder")
         ext = os.path.splitext(spec)[1].lower()
         if ext == ".jsonl":
             examples = list(_read_jsonl(spec, text_field, label_field))
         elif ext in (".tsv", ".csv"):
             examples = list(_read_delimited(spec, "\t" if ext == ".tsv" else ",", text_field, label_field))
         else:
-            raise DataError(f"{spec}: unknown format {ext!r}; expected .jsonl, .tsv, .csv or tfds:NAME[:SPLIT]")
+            raise DataError(f"{spec}: unknown format {ext!r}; expected .jsonl, .tsv, .csv, .parquet, .arrow, "
+                            "a `datasets` folder or tfds:NAME[:SPLIT]")
     if not examples:
         raise DataError(f"{spec}: no examples")
     return examples
