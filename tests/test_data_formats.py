@@ -323,3 +323,46 @@ def test_training_from_a_datasets_folder_equals_jsonl(tiny_config, tmp_path):
     results["datasets"] = train_and_evaluate(tiny_config, str(tmp_path / "datasets"))
     assert results["datasets"]["params_fingerprint"] == results["jsonl"]["params_fingerprint"]
     assert results["datasets"]["eval/accuracy"] == results["jsonl"]["eval/accuracy"]
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """A real `datasets` cache of a local dataset with train and test splits, its folder renamed to what a hub
+    download of "myorg/tiny" is called (ORG___NAME); HF_DATASETS_CACHE points at it."""
+    datasets = pytest.importorskip("datasets")
+    source = tmp_path / "src" / "tiny" / "data"
+    source.mkdir(parents=True)
+    write_jsonl(source / "train.jsonl", sentiment_records(6))
+    write_jsonl(source / "test.jsonl", sentiment_records(2, offset=6))
+    cache = tmp_path / "cache"
+    datasets.load_dataset(str(source.parent), cache_dir=str(cache))
+    (cache / "tiny").rename(cache / "myorg___tiny")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    return cache
+
+
+def test_hf_spec_reads_the_local_datasets_cache(hf_cache):
+    texts = [r["text"] for r in sentiment_records(8)]
+    assert [e.text for e in read_classification("hf:myorg/tiny:train")] == texts[:6]
+    assert [e.text for e in read_classification("hf:myorg/tiny:default:test")] == texts[6:]
+    assert [d.text for d in lm_data.read_documents("hf:myorg/tiny:test")] == texts[6:]
+    where = read_classification("hf:myorg/tiny:train")[1].where
+    assert where.startswith(str(hf_cache / "myorg___tiny" / "default")) and where.endswith("tiny-train.arrow:1")
+    assert _one_line(read_classification, "hf:myorg/tiny") == (
+        "hf:myorg/tiny: cached splits ['train', 'test']; choose one with hf:myorg/tiny:default:SPLIT")
+    assert "no split 'validation' in the local cache" in _one_line(read_classification, "hf:myorg/tiny:validation")
+    assert _one_line(read_classification, "hf:other/absent:train") == (
+        f"hf:other/absent:train: not in the local Hugging Face datasets cache (looked for "
+        f"{hf_cache / 'other___absent'}; set HF_DATASETS_CACHE, or run datasets.load_dataset where the hub is "
+        "reachable)")
+
+
+def test_hf_spec_reads_shards_in_order(hf_cache):
+    (data_dir,) = (hf_cache / "myorg___tiny" / "default").glob("*/*/")
+    train = data_dir / "tiny-train.arrow"
+    test = data_dir / "tiny-test.arrow"
+    for i, source in ((10, train), (2, test), (1, train)):  # read by shard index
+        (data_dir / f"tiny-train-{i:05d}-of-00011.arrow").write_bytes(source.read_bytes())
+    train.unlink()
+    texts = [e.text for e in read_classification("hf:myorg/tiny:train")]
+    assert texts == [r["text"] for r in sentiment_records(6) + sentiment_records(2, offset=6) + sentiment_records(6)]

@@ -6,6 +6,7 @@ Specs:
     DIR              a `Dataset.save_to_disk` folder (state.json lists its data-*.arrow files, in order)
     DIR:SPLIT        one split of a `DatasetDict.save_to_disk` folder (dataset_dict.json); plain DIR only when
                      the folder holds a single split (otherwise which one is meant is refused, not guessed)
+    hf:ORG/NAME[:CONFIG][:SPLIT]   the Arrow files of the local Hugging Face datasets cache (see `hf_cache`)
 
 Each row becomes a dict as a jsonl line would: a struct a dict, a list a list, and a null column left out, as a
 field absent from a jsonl record (a file has one set of columns, so rows of different kinds, e.g. chats beside
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sft_jax.data import hf_cache
 from sft_jax.data.errors import DataError
 
 SUFFIXES = (".parquet", ".arrow")
@@ -76,7 +78,7 @@ def _class_name(label, names: list[str], where: str):
 
 def is_columnar(spec: str) -> bool:
     """Whether `spec` names a Parquet or Arrow file or a `datasets` folder (that this module reads)."""
-    return spec.lower().endswith(SUFFIXES) or _folder(spec) is not None
+    return spec.startswith(hf_cache.PREFIX) or spec.lower().endswith(SUFFIXES) or _folder(spec) is not None
 
 
 def _folder(spec: str) -> tuple[str, str | None] | None:
@@ -92,7 +94,10 @@ def _folder(spec: str) -> tuple[str, str | None] | None:
 
 
 def open_source(spec: str) -> Source:
-    """The files of a Parquet / Arrow / `datasets` folder spec, checked to exist and be readable."""
+    """The files of a Parquet / Arrow / `datasets` folder / `hf:` spec, checked to exist and be readable."""
+    if spec.startswith(hf_cache.PREFIX):
+        cached = hf_cache.resolve(spec)
+        return Source(spec, cached.files, cached.features or _schema_features(cached.files[0]))
     folder = _folder(spec)
     if folder is not None:
         return _open_folder(spec, *folder)
