@@ -366,3 +366,13 @@ def test_hf_spec_reads_shards_in_order(hf_cache):
     train.unlink()
     texts = [e.text for e in read_classification("hf:myorg/tiny:train")]
     assert texts == [r["text"] for r in sentiment_records(6) + sentiment_records(2, offset=6) + sentiment_records(6)]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow_file", "datasets_dict"])
+def test_predict_input_reads_the_formats(fmt, tmp_path):
+    from sft_jax.predict.__main__ import _read_texts
+
+    spec = write_format(fmt, [{"text": "one", "id": 1}, {"text": "two", "id": 2}], tmp_path)
+    assert _read_texts(spec) == ["one", "two"]
+    bad = write_format(fmt, [{"text": "one"}, {"text": None}], tmp_path, "bad")
+    assert ":1: expected an object with a string field 'text'" in _one_line(_read_texts, bad)

@@ -1,7 +1,7 @@
 """Classify texts with a fine-tuned run's best checkpoint and saved label vocabulary.
 
     python -m sft_jax.predict --workdir=DIR --text="a gorgeous film" [--text=...]
-    python -m sft_jax.predict --workdir=DIR --input=FILE.jsonl   # records with a "text" field
+    python -m sft_jax.predict --workdir=DIR --input=FILE.jsonl   # "text" records; or .parquet, .arrow, DIR, hf:...
     python -m sft_jax.predict --workdir=DIR --image=dog.jpg [--image=...]   # an image_classification run
 
 Prints one JSON line per text: the predicted label, its probability, and every label's probability.
@@ -15,11 +15,13 @@ from absl import app, flags, logging
 
 from sft_jax import platform
 from sft_jax.checkpoint_failures import quiet_orbax_errors
+from sft_jax.data import columnar
 from sft_jax.data.sources import DataError, iter_jsonl
 
 flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) fine-tuning run.")
 flags.DEFINE_multi_string("text", [], "Text to classify (repeatable).")
-flags.DEFINE_string("input", None, "A .jsonl file of records with a 'text' field.")
+flags.DEFINE_string("input", None, "A .jsonl, .parquet or .arrow file, a `datasets` folder (DIR[:SPLIT]) or "
+                    "hf:ORG/NAME[:CONFIG][:SPLIT] of records with a 'text' field.")
 flags.DEFINE_multi_string("image", [], "Image file to classify (repeatable; image_classification runs).")
 flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint to use.")
 flags.mark_flag_as_required("workdir")
@@ -28,14 +30,21 @@ FLAGS = flags.FLAGS
 
 def _read_texts(path: str) -> list[str]:
     """The "text" field of each record of the --input file."""
+    if columnar.is_columnar(path):
+        return _texts(columnar.iter_records(path), path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: file not found")
     if os.path.isdir(path):
         raise DataError(f"{path}: is a directory; --input takes a .jsonl file of {{\"text\": ...}} records")
     if not path.endswith(".jsonl"):
-        raise DataError(f"{path}: --input takes a .jsonl file of {{\"text\": ...}} records (or give --text=...)")
+        raise DataError(f"{path}: --input takes a .jsonl, .parquet or .arrow file of {{\"text\": ...}} records "
+                        "(or give --text=...)")
+    return _texts(iter_jsonl(path), path)
+
+
+def _texts(records, path: str) -> list[str]:
     texts = []
-    for where, record in iter_jsonl(path):
+    for where, record in records:
         if not isinstance(record.get("text"), str):
             raise DataError(f"{where}: expected an object with a string field 'text'")
         texts.append(record["text"])
