@@ -14,6 +14,18 @@ from sft_jax.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLocked, describe
 _EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event files, which set-up opens
 
 
+def command_line() -> str:
+    """This process's command line, as one would type it again (`python -m MODULE` for a module run)."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv)
+    main = sys.modules.get("__main__")
+    module = getattr(getattr(main, "__spec__", None), "name", None)
+    head = ["python", "-m", module.removesuffix(".__main__")] if module else [os.path.basename(argv[0] or "python")]
+    return shlex.join(head + argv[1:])
+
+
 class Claim:
     """Held by `claim` while a run is set up and trains. `lock` is None in processes other than process 0."""
 
@@ -28,7 +40,8 @@ class Claim:
             return
         self.committed = True
         if self.lock is not None:
-            self.rundir.write_config(config.to_dict())
+            # The command line rides along for the exports' model cards (`sft_jax.export.model_card`).
+            self.rundir.write_config({**config.to_dict(), "command": command_line()})
 
 
 @contextlib.contextmanager
