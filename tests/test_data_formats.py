@@ -155,7 +155,6 @@ def _image_batches(spec: str):
 def test_image_classification_batches_equal_jsonl(fmt, cell, image_files, tmp_path):
     root, records, blobs = image_files
     if cell == "path":  # relative to the data file's folder, as in a manifest
-        rows = records
         out = root / f"{fmt}_{tmp_path.name}"
         out.mkdir()
         rows = [dict(r, image=f"../pics/{pathlib.Path(r['image']).name}") for r in records]
@@ -309,6 +308,15 @@ def test_datasetdict_split_selection(tmp_path):
         f"{folder}:test: no split 'test' in {folder / 'dataset_dict.json'} (splits: ['train', 'validation'])")
     # A split folder is itself a Dataset folder.
     assert len(sft_data.read_sft(str(folder / "validation"), sft_data.Fields(input="text", output="label"))) == 2
+
+
+def test_sharded_save_to_disk_reads_shards_in_order(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    records = sentiment_records(10)
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "sharded"), num_shards=3)
+    examples = read_classification(str(tmp_path / "sharded"))
+    assert [e.text for e in examples] == [r["text"] for r in records]
+    assert len({e.where.rsplit(":", 1)[0] for e in examples}) == 3
 
 
 def test_training_from_a_datasets_folder_equals_jsonl(tiny_config, tmp_path):
