@@ -90,8 +90,11 @@ def _checksum(x: jax.Array) -> jax.Array:
 
 
 # One program per array shape, dtype and layout (a model has few), not one over the whole dict: compiling that
-# took seconds for a few hundred arrays, at each process's first checkpoint save and restore.
+# took seconds for a few hundred arrays, at each process's first checkpoint save and restore. Arrays spread over
+# several devices take the one program over all of them: separate programs, each with its own cross-device sum,
+# run concurrently and wait for each other's devices (XLA:CPU aborted at its rendezvous; a multi-host run hung).
 _checksum_jit = jax.jit(_checksum)
+_checksums = jax.jit(lambda arrays: {k: _checksum(v) for k, v in arrays.items()})
 
 
 def array_checksums(params: dict[str, jax.Array], names) -> dict[str, str]:
@@ -100,11 +103,11 @@ def array_checksums(params: dict[str, jax.Array], names) -> dict[str, str]:
     from sft_jax.sharding import to_host
 
     names = list(names)
-    sums = [_checksum_jit(params[n]) for n in names]
-    if all(s.is_fully_addressable for s in sums):
-        values = jax.device_get(sums)  # one transfer for all
+    if all(not isinstance(params[n], jax.Array) or len(params[n].sharding.device_set) == 1 for n in names):
+        values = jax.device_get([_checksum_jit(params[n]) for n in names])  # one transfer for all
     else:
-        values = [to_host(s) for s in sums]
+        sums = _checksums({n: params[n] for n in names})
+        values = [to_host(sums[n]) for n in names]
     return {n: "".join(f"{int(v):08x}" for v in np.asarray(s)) for n, s in zip(names, values)}
 
 
