@@ -17,6 +17,7 @@ import traceback
 from absl import flags
 
 EXIT_USAGE = 2
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
 
 
 def _fail(message: str):
@@ -100,3 +101,15 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(message)
     _check_config_value(config)
     return rest
+
+
+def help_requested(argv: list[str]) -> bool:
+    """Whether the command line asks for --help (before a "--" that ends the flags)."""
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    return any(a in HELP_FLAGS for a in args)
+
+
+def help_text(doc: str, flag_names: tuple[str, ...], *extra: str) -> str:
+    """The usage `doc`, the command's own flags with their help, then `extra` sections."""
+    flag_lines = [f"  --{name}: {flags.FLAGS[name].help}" for name in flag_names]
+    return "\n\n".join([doc.strip(), "\n".join(["Flags:", *flag_lines]), *extra])

@@ -25,15 +25,15 @@ def defaults() -> ml_collections.ConfigDict:
     c.strategy = "full"  # head | partial | full | lora
     c.frozen_layers = 0  # partial: embeddings and blocks 0..K-1 frozen
     c.pooling = "mean"  # cls | mean
-    c.head_dropout = 0.1
+    c.head_dropout = 0.1  # dropout on the pooled features before the classifier head
     # strategy=lora: low-rank adapters on the projections whose module path matches `targets` (re.search). The
     # default names a decoder's attention and MLP projections; text and image classification read it as their
     # backbone's (tasks/classification.py: ENCODER_LORA_TARGETS). A classifier's head trains beside the adapters.
     c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 8
-    c.lora.alpha = 16.0
-    c.lora.dropout = 0.0
-    c.lora.targets = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"
+    c.lora.rank = 8  # r: the inner dimension of each adapter (A: in x r, B: r x out)
+    c.lora.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+    c.lora.dropout = 0.0  # dropout on the adapters' input during training
+    c.lora.targets = r"layers/\d+/(attn/(q|k|v|o)|mlp/(gate|up|down))$"  # regex of the adapted module paths
     c.dtype = "float32"  # compute dtype of the matmuls
     # Storage dtype of the pre-trained parameters (frozen or not); new ones (a classifier head, LoRA adapters)
     # stay float32. bfloat16 halves the weights' memory; trained in bfloat16, their AdamW moments are too.
@@ -69,79 +69,81 @@ def defaults() -> ml_collections.ConfigDict:
     c.cpu_matmuls = "auto"
     # image_classification with model="vit-scratch": the size of the randomly initialised ViT (HF ViTConfig names).
     c.vit = ml_collections.ConfigDict()
-    c.vit.image_size = 32
-    c.vit.patch_size = 4
-    c.vit.num_channels = 3
-    c.vit.hidden_size = 192
-    c.vit.num_hidden_layers = 6
-    c.vit.num_attention_heads = 3
-    c.vit.intermediate_size = 768
-    c.vit.hidden_dropout_prob = 0.0
-    c.vit.attention_probs_dropout_prob = 0.0
+    c.vit.image_size = 32  # input height and width, pixels
+    c.vit.patch_size = 4  # side of each square patch, pixels
+    c.vit.num_channels = 3  # colour channels of the input
+    c.vit.hidden_size = 192  # width of the residual stream
+    c.vit.num_hidden_layers = 6  # transformer blocks
+    c.vit.num_attention_heads = 3  # attention heads per block
+    c.vit.intermediate_size = 768  # width of each block's MLP
+    c.vit.hidden_dropout_prob = 0.0  # dropout after attention and MLP
+    c.vit.attention_probs_dropout_prob = 0.0  # dropout on the attention weights
     # image_classification: normalisation (used when the checkpoint has no preprocessor_config.json) and
     # training-time augmentation (random crop after padding by `crop_padding` pixels; horizontal flips).
     c.image = ml_collections.ConfigDict()
-    c.image.mean = (0.5, 0.5, 0.5)
-    c.image.std = (0.5, 0.5, 0.5)
-    c.image.crop_padding = 0
-    c.image.flip = False
+    c.image.mean = (0.5, 0.5, 0.5)  # per-channel mean subtracted (pixels in [0, 1])
+    c.image.std = (0.5, 0.5, 0.5)  # per-channel standard deviation divided by
+    c.image.crop_padding = 0  # > 0: pad by this many pixels, then crop at random (train)
+    c.image.flip = False  # True: random horizontal flips (train)
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = ""
-    c.data.eval = ""
-    c.data.text_field = "text"
-    c.data.label_field = "label"
+    c.data.train = ""  # training data: .jsonl / .tsv / .csv file, image manifest or tfds:NAME:SPLIT; FILE[:75%]
+    c.data.eval = ""  # evaluation data, in the same forms as data.train
+    c.data.text_field = "text"  # field (column) holding the text
+    c.data.label_field = "label"  # field (column) holding the class label
     c.data.image_field = "image"  # image manifests: {"image": path relative to the manifest, "label": ...}
     c.data.classes = ()  # keep only examples of these labels (train, eval); empty: all
     # sft records: {"input","output"}, {"instruction","input","output"}, {"instruction","instances"}, {"messages"}
     c.data.input_field = "input"
-    c.data.output_field = "output"
-    c.data.instruction_field = "instruction"
-    c.data.messages_field = "messages"
+    c.data.output_field = "output"  # sft: field of the target response
+    c.data.instruction_field = "instruction"  # sft: field of the instruction
+    c.data.messages_field = "messages"  # sft: field of a chat's [{"role", "content"}] list
     c.data.max_eval_examples = 0  # 0: all
-    c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+    c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data directory; None: TFDS's
     c.data.max_train_examples = 0  # 0: all; else the first N after a seeded shuffle
     # An example longer than max_length: "truncate" (logged, counted in results.json as data/*_truncated) or
     # "error" (stop, naming its file and line).
     c.data.too_long = "truncate"
-    c.max_length = 128
-    c.buckets = (32, 64, 128)
+    c.max_length = 128  # tokens per example (see data.too_long)
+    c.buckets = (32, 64, 128)  # padded lengths: a batch pads to the smallest that fits its longest example
 
     c.packing = False  # sft / language_modeling: several examples per row (attention stays within each)
 
     # sft: how a record becomes a prompt ({input}, {instruction}); chat=True renders through the chat template.
     c.prompt = ml_collections.ConfigDict()
-    c.prompt.template = "{input}\n"
+    c.prompt.template = "{input}\n"  # records with an input only
+    # Records with an instruction and an input.
     c.prompt.instruction_template = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    # Records with an instruction and no input.
     c.prompt.instruction_only_template = "### Instruction:\n{instruction}\n\n### Response:\n"
-    c.prompt.chat = False
-    c.prompt.system = ""
+    c.prompt.chat = False  # True: render the prompt through the tokenizer's chat template
+    c.prompt.system = ""  # chat: a system message before each prompt ("": none)
 
-    c.batch_size = 32
+    c.batch_size = 32  # training examples per step (all devices together)
     c.grad_accum_steps = 1  # micro-batches per step (batch_size must divide); same update, less memory
-    c.eval_batch_size = 128
-    c.learning_rate = 5e-5
+    c.eval_batch_size = 128  # examples per evaluation batch
+    c.learning_rate = 5e-5  # peak learning rate of AdamW
     c.schedule = "linear"  # decay after warmup: linear | cosine | constant
     c.warmup_steps = 0  # steps of linear warm-up from 0 to learning_rate (0 = none)
     # Warm-up as a fraction of max_steps, in [0, 1) (0 = unused; set warmup_steps or this, not both). It follows
     # max_steps when a run is shortened on the command line, which warmup_steps does not.
     c.warmup_ratio = 0.0
-    c.weight_decay = 0.01
-    c.clip_norm = 1.0
-    c.max_steps = 1000
+    c.weight_decay = 0.01  # AdamW's decoupled weight decay (biases and norms undecayed)
+    c.clip_norm = 1.0  # clip the gradients' global norm to this (0: no clipping)
+    c.max_steps = 1000  # optimizer steps of the run
     c.nan_policy = "stop"  # a step with a non-finite loss/gradient is never applied; then: stop | skip
     c.max_train_seconds = 0.0  # > 0: stop after this much training time (equal-compute comparisons); 0: off
-    c.seed = 0
+    c.seed = 0  # initialisation (head, adapters), data order and dropout
     # True: bit-identical runs and resumes on GPU too (XLA_FLAGS gets --xla_gpu_deterministic_ops=true before the
     # backend starts: slower scatters and reductions; README "Determinism on GPU"). XLA:CPU's kernels are
     # deterministic already: nothing changes there.
     c.deterministic = False
 
-    c.log_every = 20
-    c.eval_every = 200
-    c.checkpoint_every = 200
+    c.log_every = 20  # steps between training-metric lines (metrics.jsonl, TensorBoard)
+    c.eval_every = 200  # steps between evaluations (and at the end)
+    c.checkpoint_every = 200  # steps between checkpoints (latest/; best/ at evaluations)
     c.early_stopping = ml_collections.ConfigDict()
-    c.early_stopping.metric = "eval/accuracy"
+    c.early_stopping.metric = "eval/accuracy"  # metric choosing the best checkpoint (and stopping early)
     # auto: min for loss-like metrics (loss, perplexity, ppl, error in the name), else max. An explicit mode
     # against a known metric's direction (max of eval/loss, min of eval/accuracy) is refused.
     c.early_stopping.mode = "auto"  # auto | max | min
@@ -150,9 +152,9 @@ def defaults() -> ml_collections.ConfigDict:
     # sft: generate from the first eval prompts at each evaluation and score the outputs.
     c.eval_generation = ml_collections.ConfigDict()
     c.eval_generation.metrics = ()  # any of rouge (rouge1/2/L), bleu, exact_match (final number, GSM8K)
-    c.eval_generation.num_examples = 32
-    c.eval_generation.max_new_tokens = 64
-    c.eval_generation.batch_size = 16
+    c.eval_generation.num_examples = 32  # eval prompts generated from
+    c.eval_generation.max_new_tokens = 64  # most tokens generated per prompt
+    c.eval_generation.batch_size = 16  # prompts generated together
     c.eval_generation.stop = ()  # stop strings, e.g. ("\n\n",)
     c.eval_generation.log_examples = 3  # printed and appended to WORKDIR/generations.jsonl
 
@@ -161,15 +163,15 @@ def defaults() -> ml_collections.ConfigDict:
     # weighted by the diagonal empirical Fisher (normalised to mean 1) of a pre-training-like objective on
     # `fisher_data` (text: SimCSE for encoders, next-token loss for decoders). At most one of the two.
     c.regularizer = ml_collections.ConfigDict()
-    c.regularizer.l2sp = 0.0
-    c.regularizer.ewc = 0.0
+    c.regularizer.l2sp = 0.0  # weight of the L2-SP penalty (0: off)
+    c.regularizer.ewc = 0.0  # weight of the EWC penalty (0: off)
     c.regularizer.fisher_data = ""  # .txt or .jsonl (field data.text_field) text
-    c.regularizer.fisher_batches = 32
-    c.regularizer.fisher_batch_size = 16
+    c.regularizer.fisher_batches = 32  # batches the Fisher is estimated from
+    c.regularizer.fisher_batch_size = 16  # examples per Fisher batch
     c.llrd = 1.0  # layer-wise learning-rate decay: block i from the top learns at llrd**i x (1 = off)
     c.gradual_unfreeze = ml_collections.ConfigDict()
     c.gradual_unfreeze.every = 0  # > 0: head first, then `blocks` more blocks (top-down) every N steps
-    c.gradual_unfreeze.blocks = 1
+    c.gradual_unfreeze.blocks = 1  # blocks unfrozen at each stage
     c.lp_ft = ml_collections.ConfigDict()
     c.lp_ft.head_steps = 0  # > 0: LP-FT, the head alone for N steps, then everything the strategy trains
     c.lp_ft.head_learning_rate = 0.0  # the head's learning rate during those steps; 0: learning_rate
@@ -190,7 +192,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.forgetting.wikitext2_max_length = 512  # window length
     c.forgetting.wikitext2_stride = 511  # window step, < max_length; max_length - 1: disjoint windows (cheapest)
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # Device mesh: the product of the axes' sizes is the device count; -1 on one axis: the remaining devices.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # data parallelism: the batch split, parameters replicated (unless fsdp)
+    c.mesh.fsdp = 1  # fully sharded data parallelism: the batch and the parameters split
+    c.mesh.tensor = 1  # tensor (Megatron) parallelism: heads and MLP columns split
     # ((logical axis, mesh axis | (mesh axes) | None), ...): where each logical axis of parameters and activations
     # goes (names: sharding.LOGICAL_AXES; unlisted ones are replicated). The default is Megatron-style FSDP x
     # tensor parallelism: batch over data x fsdp, embed over fsdp, heads / kv_heads / mlp / vocab over tensor.
@@ -204,8 +210,8 @@ def defaults() -> ml_collections.ConfigDict:
     # Empty / 0 / -1: taken from the environment (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, Cloud TPU).
     c.distributed = ml_collections.ConfigDict()
     c.distributed.coordinator_address = ""  # host:port of process 0; empty: single process unless auto
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
+    c.distributed.num_processes = 0  # processes in the run (0: from the environment)
+    c.distributed.process_id = -1  # this process's index (-1: from the environment)
     c.distributed.auto = False  # True: initialize from the cluster environment alone
     # How long processes wait for each other to join, and for a silent one before all stop with one line naming
     # it (sft_jax/peer_watch.py); JAX's own heartbeat abort is the backstop at 1.5x.

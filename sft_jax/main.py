@@ -1,4 +1,5 @@
-"""Fine-tune: python -m sft_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+"""Fine-tune: sft-jax train --config=configs/NAME.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+(or python -m sft_jax.main with the same flags)
 
 Running the same command again on the same DIR resumes from the latest checkpoint.
 """
@@ -67,9 +68,14 @@ def _unknown_override(e: Exception) -> str | None:
 
 
 def run():
-    from sft_jax import platform
+    from sft_jax import cli, platform
     from sft_jax.cli import parse_flags
 
+    if cli.help_requested(sys.argv):  # absl's --help would list the flags only, not the config keys
+        from sft_jax.config_docs import config_help
+
+        print(cli.help_text(__doc__, ("config", "workdir"), config_help()))
+        return
     platform.configure_cpu()  # before anything starts JAX's backend
     try:
         app.run(main, flags_parser=parse_flags)  # a bad flag or config file: one line
