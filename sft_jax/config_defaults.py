@@ -4,6 +4,7 @@ config or on the command line must not be silently ignored). Experiment configs 
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from sft_jax import sharding
 from sft_jax.models.pooling import POOLINGS
@@ -223,6 +224,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first unknown key or invalid value; the task of `config.task` checks the
     options that are its own (`sft_jax.tasks.check_config`)."""
     _check_keys(config, defaults(), "")
+    _check_finite(config, "")
     from sft_jax.strategies import STRATEGIES
 
     if config.strategy not in STRATEGIES:
@@ -368,6 +370,19 @@ def _check_keys(config, reference, prefix: str) -> None:
             raise ValueError(f"unknown config key {name!r}")
         if isinstance(reference[key], ml_collections.ConfigDict) and key != "mesh":
             _check_keys(config[key], reference[key], name + ".")
+
+
+def _check_finite(config, prefix: str) -> None:
+    """Every float option (rates, decays, clipping, dropouts, weights, alphas, and those in tuples) is a finite
+    float32: nan passes every `< 0` check, and a value beyond float32's range becomes inf on the device."""
+    f32_max = float(np.finfo(np.float32).max)
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite(value, f"{prefix}{key}.")
+            continue
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(v, (float, np.floating)) and not -f32_max <= v <= f32_max:
+                raise ValueError(f"config.{prefix}{key}: must be a finite number, got {value!r}")
 
 
 def _check_warmup(config) -> None:

@@ -90,8 +90,6 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
     full_grads = {**{k: jnp.zeros(v.shape, state.master[k].dtype if k in state.master else v.dtype)
                      for k, v in frozen_p.items()}, **grads}
     grad_norm = optax.global_norm(grads)
-    # A non-finite loss or gradient leaves parameters and optimizer state as they were (the step counter and
-    # so the data position still advance); the host sees `nonfinite` and skips or stops per its policy.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def apply(operands):
@@ -102,16 +100,49 @@ def train_step(state: TrainState, batch: dict, *, model_def: ModelDef, tx: optax
                                       {k: updates[k] for k in train_p if k not in master})
         return {**stepped, **{k: m.astype(train_p[k].dtype) for k, m in master.items()}}, master, opt_state
 
-    # Only the taken branch runs: no select pass over every parameter and moment (a `where` per leaf would read
-    # the old and new state and write a third copy of both).
-    new_train, master, opt_state = jax.lax.cond(finite, apply, lambda operands: operands,
-                                                (train_p, master, state.opt_state))
+    # A step whose loss, gradient, or updated parameters / masters / optimizer state hold a non-finite value
+    # leaves the state as it was (the step counter and so the data position still advance); the host sees
+    # `nonfinite` and skips or stops per its policy.
+    (new_train, master, opt_state), finite = _apply_if_finite(finite, apply, (train_p, master, state.opt_state))
     new_state = state.replace(step=state.step + 1, params={**frozen_p, **new_train}, opt_state=opt_state,
                               master={**state.master, **master})
     # Per-example outputs (predictions) stay out of the train metrics; eval_step returns them.
     scalars = {k: v for k, v in aux.items() if jnp.ndim(v) == 0}
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~finite).astype(jnp.int32), **scalars}
     return new_state, metrics
+
+
+_EXPONENT = 0x7F800000  # float32's exponent bits: all set in inf and nan, and only there
+
+
+def all_finite(tree) -> jax.Array:
+    """False when some floating element of `tree` is nan or inf (integer leaves, e.g. int8 moments or step
+    counts, always are finite). Leaves under the same parameter name and shape (a parameter, its master, its
+    moments) are checked in one reduction: the largest float32 exponent field among them, all ones only for inf
+    and nan, so the check is exact (a float sum could also overflow). On XLA:CPU this integer max costs about
+    half a float sum (which YNNPACK takes, materialising its broadcast operands) or `isfinite().all()` (which
+    writes a boolean per element first): experiments/benchmarks/ab/finite_guard.py."""
+    groups: dict[tuple, list] = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jnp.issubdtype(x.dtype, jnp.inexact):
+            names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+            bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32) & _EXPONENT
+            groups.setdefault((names[-1] if names else None, x.shape), []).append(bits)
+    largest = [jnp.max(functools.reduce(jnp.maximum, xs)) for xs in groups.values()]
+    return functools.reduce(jnp.maximum, largest, jnp.int32(0)) < _EXPONENT
+
+
+def _apply_if_finite(finite: jax.Array, apply: Callable, operands):
+    """(`apply(operands)` if `finite` and everything it returns is finite, else `operands`; whether it was
+    applied). Overflow, a non-finite learning rate or decay, or an optimizer's own arithmetic can poison a
+    step whose loss and gradient were finite, so the update is checked, not only its inputs.
+
+    The check is a first pass that recomputes the (elementwise) update inside reductions, without writing the
+    updated state; the conditional then applies it in place into the donated state. Selecting between an
+    update computed once and the old state would instead keep both alive and copy the chosen side (every
+    parameter and moment) into the donated buffers on every step."""
+    ok = finite & all_finite(apply(operands))
+    return jax.lax.cond(ok, apply, lambda o: o, operands), ok
 
 
 def _cast_dtypes(jaxpr, var) -> set | None:

@@ -74,7 +74,8 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
                 meta["out_of_time"] = True  # an equal-compute budget: stop here, as if max_steps were reached
             last = step == config.max_steps or bool(meta.get("out_of_time"))
             nonfinite.append((step, m["nonfinite"]))
-            if due(step, config.log_every, last, step % config.eval_every == 0, preempt.requested):
+            if due(step, config.log_every, last, step % config.eval_every == 0,
+                   step % config.checkpoint_every == 0, preempt.requested):  # before anything is saved
                 guards.check_finite(nonfinite, config.nan_policy, meta, ckpt)
                 nonfinite.clear()
             if due(step, config.log_every, last):
@@ -91,6 +92,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
                 last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar)
                 eval_time += time.time() - t_eval
             if due(step, config.checkpoint_every, last, meta["stopped_early"], preempt.requested):
+                guards.check_saveable(state)
                 distributed.set_phase(f"the checkpoint save of step {step}")
                 ckpt.save_latest(state, meta)
     finally:
@@ -106,6 +108,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     train_seconds = elapsed - eval_time  # includes compilation and checkpoint saves
 
     # Final metrics are those of the best checkpoint (early stopping keeps it).
+    guards.check_trained(meta, step, config.early_stopping.metric)  # e.g. every step skipped
     best_params = _best_params(ckpt, state, meta, step)
     if last_eval is not None and meta["best_step"] == step:
         results.update(last_eval)  # the last evaluation was of these very parameters
@@ -124,6 +127,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
         results.update({"train/examples_per_s": examples / train_seconds, "train/wall_time_s": elapsed})
         if tokens:  # texts only
             results["train/tokens_per_s"] = tokens / train_seconds
+    guards.check_results(results, meta["best_step"])  # never a nan result
     if distributed.is_primary():
         rundir.write_results(results)
     writer.close()
@@ -140,15 +144,17 @@ def _evaluate(config, task, run: setup.Training, state, step: int, meta: dict, c
     writer.write(step, {**ev, **probed})
     value, stopping = ev[config.early_stopping.metric], config.early_stopping
     best = meta["best_metric"]
-    if best is None or (value > best if early_stopping_mode(stopping) == "max" else value < best):
+    if guards.improves(value, best, early_stopping_mode(stopping)):  # a non-finite value never does
         meta.update(best_metric=value, best_step=step, bad_evals=0)
+        guards.check_saveable(state)
         ckpt.save_best(state, meta)
     else:
         meta["bad_evals"] += 1
         if stopping.patience and meta["bad_evals"] >= stopping.patience:
             meta["stopped_early"] = True
-            bar.write(f"early stopping at step {step}: best {stopping.metric}={meta['best_metric']:.4f} at step "
-                      f"{meta['best_step']}")
+            best_text = "none finite" if meta["best_step"] is None else \
+                f"{meta['best_metric']:.4f} at step {meta['best_step']}"
+            bar.write(f"early stopping at step {step}: best {stopping.metric} {best_text}")
     bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items()))
     return ev
 

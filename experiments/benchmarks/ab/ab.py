@@ -71,6 +71,13 @@ def main(argv=None) -> None:
     for n in names:
         print(f"{n:8s} wall median {statistics.median(wall[n]):.3f} s (min {min(wall[n]):.3f})  "
               f"CPU median {statistics.median(cpu[n]):.3f} s  loss {loss[n]:.6f}")
+    # Per round, each variant's time over the first's (their steps ran seconds apart): robust to the drift.
+    for n in names[1:]:
+        for what, times in (("wall", wall), ("CPU", cpu)):
+            ratios = sorted(t / t0 for t, t0 in zip(times[n], times[names[0]]))
+            q1, q3 = statistics.quantiles(ratios, n=4)[0::2] if len(ratios) > 1 else (ratios[0], ratios[0])
+            print(f"{n} / {names[0]} {what}: median {statistics.median(ratios):.4f} (quartiles {q1:.4f}-{q3:.4f}, "
+                  f"range {ratios[0]:.4f}-{ratios[-1]:.4f}, {len(ratios)} rounds)")
 
 
 if __name__ == "__main__":
