@@ -1,5 +1,8 @@
 """Warm-up as a fraction of the run (config.warmup_ratio) and the warning when warm-up covers most of it."""
 
+import types
+
+import optax
 import pytest
 
 from sft_jax import optim
@@ -55,3 +58,21 @@ def test_a_run_mostly_warm_up_warns_once_on_stderr(tiny_config, tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("warning: warm-up covers 3 of the run's 4 steps (config.warmup_steps=3, "
                      "config.max_steps=4)") == 1, err
+
+
+def test_layer_groups_re_warm_over_the_resolved_steps(monkeypatch):
+    # Gradual unfreezing / LLRD / LP-FT: a group starting late warms up again over the run's warm-up steps.
+    from sft_jax import groups
+    from sft_jax.config_defaults import defaults
+    from sft_jax.trainer import setup
+
+    seen = {}
+    monkeypatch.setattr(groups, "plan_groups", lambda layout, **kw: None)
+    monkeypatch.setattr(groups, "group_labels", lambda labels, layout: labels)
+    monkeypatch.setattr(groups, "phases", lambda labels, plan: None)
+    monkeypatch.setattr(groups, "grouped_optimizer", lambda *a, **kw: seen.update(kw) or optax.identity())
+    config = defaults()
+    config.gradual_unfreeze.every, config.max_steps, config.warmup_ratio = 10, 200, 0.1
+    layout = types.SimpleNamespace(fresh="")
+    setup.make_optimizer(config, {}, layout, optax.constant_schedule(1.0))
+    assert seen["warmup_steps"] == 20
