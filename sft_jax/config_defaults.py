@@ -88,11 +88,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.image.flip = False  # True: random horizontal flips (train)
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = ""  # training data: .jsonl / .tsv / .csv file, image manifest or tfds:NAME:SPLIT; FILE[:75%]
+    # Training data: a .jsonl / .tsv / .csv / .parquet / .arrow file, a `datasets` folder DIR[:SPLIT],
+    # hf:ORG/NAME[:CONFIG][:SPLIT] (the local Hugging Face cache), an image manifest or folder, or
+    # tfds:NAME:SPLIT; FILE[:75%] takes a share of a file.
+    c.data.train = ""
     c.data.eval = ""  # evaluation data, in the same forms as data.train
     c.data.text_field = "text"  # field (column) holding the text
     c.data.label_field = "label"  # field (column) holding the class label
-    c.data.image_field = "image"  # image manifests: {"image": path relative to the manifest, "label": ...}
+    c.data.image_field = "image"  # image records: a path relative to the data file, or image bytes / {"bytes", "path"}
     c.data.classes = ()  # keep only examples of these labels (train, eval); empty: all
     # sft records: {"input","output"}, {"instruction","input","output"}, {"instruction","instances"}, {"messages"}
     c.data.input_field = "input"
