@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -181,3 +183,51 @@ def test_image_pipeline_gives_sft_jax_probabilities(image_run, tmp_path, pooling
     want = _sft_probs(ImagePredictor(str(workdir)).predict(paths), labels)
     assert np.abs(got - want).max() < TOL, (got, want)
     assert np.abs(want - 1 / 3).max() > 1e-3
+
+
+def _export_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sft_jax.export", *args], capture_output=True, text=True,
+                          timeout=600, cwd=pathlib.Path(__file__).parents[1])
+
+
+def _one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_one_line_errors(text_run, tmp_path):
+    workdir = str(text_run("bert", "mean"))
+    _one_error_line(_export_cli(f"--workdir={tmp_path}", "--format=hf", f"--out={tmp_path / 'o'}"),
+                    "not the workdir of a run")
+    _one_error_line(_export_cli(f"--workdir={workdir}", "--format=onnx", f"--out={tmp_path / 'o'}"),
+                    "--format=onnx", "hf, gguf, peft")
+    _one_error_line(_export_cli(f"--workdir={workdir}", "--format=gguf", f"--out={tmp_path / 'o'}"),
+                    "text_classification", "--format=hf")
+    _one_error_line(_export_cli(f"--workdir={workdir}", "--format=hf"), "--out")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_language_model_run(tiny_llama_dir, tmp_path):
+    """A full fine-tuning run of a decoder: hf is the merged model transformers loads, with its card; peft
+    is refused in one line (no adapters); gguf writes a file or says in one line that it is unavailable."""
+    from conftest import lm_config
+
+    from sft_jax.train import train_and_evaluate
+
+    workdir = tmp_path / "lm"
+    train_and_evaluate(lm_config(tiny_llama_dir, tmp_path, "full"), str(workdir))
+    result = _export_cli(f"--workdir={workdir}", "--format=hf", f"--out={tmp_path / 'hf'}")
+    assert result.returncode == 0, result.stderr
+    assert transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).config.model_type == "llama"
+    assert "| strategy | full |" in (tmp_path / "hf" / "README.md").read_text()
+    _one_error_line(_export_cli(f"--workdir={workdir}", "--format=peft", f"--out={tmp_path / 'peft'}"),
+                    "strategy is 'full'", "--format=hf")
+    result = _export_cli(f"--workdir={workdir}", "--format=gguf", "--gguf_type=q8_0", f"--out={tmp_path / 'gguf'}")
+    if result.returncode == 0:
+        assert (tmp_path / "gguf" / "model-q8_0.gguf").is_file() and (tmp_path / "gguf" / "README.md").is_file()
+    else:
+        _one_error_line(result, "gguf")
+    _one_error_line(_export_cli(f"--workdir={workdir}", "--format=gguf", "--gguf_type=q3", f"--out={tmp_path / 'g'}"),
+                    "gguf")

@@ -18,7 +18,7 @@ import pathlib
 from typing import Any
 
 from sft_jax.export import hf_names, model_card, remote_code
-from sft_jax.export.safetensors_stream import write_safetensors
+from sft_jax.models.loading.safetensors_stream import write_safetensors
 from sft_jax.rundir import RunDir
 
 WEIGHTS = "model.safetensors"

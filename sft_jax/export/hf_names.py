@@ -11,9 +11,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from sft_jax.export.safetensors_stream import Tensor
 from sft_jax.models.loading import hf as hf_loading
 from sft_jax.models.loading import vit as vit_loading
+from sft_jax.models.loading.safetensors_stream import Tensor
 
 _LEAF = {"embedding": "weight", "kernel": "weight", "scale": "weight", "bias": "bias"}
 

@@ -24,6 +24,7 @@ from sft_jax.models.loading import tokenizers
 from sft_jax.models.loading.files import read_json_object
 from sft_jax.models.loading.gguf import read_gguf
 from sft_jax.models.loading.hf import read_weights, weights_file
+from sft_jax.models.loading.safetensors_stream import Tensor, write_safetensors
 from sft_jax.models.loading.unused import describe_unused, non_weights, unused_tensors
 from sft_jax.models.lora import has_lora, merge_lora
 from sft_jax.models.registry import Checkpoint, resolve_checkpoint
@@ -219,6 +220,18 @@ def load_lm_tokenizer(name_or_path: str | Checkpoint, tokenizer: str = ""):
     return tokenizer
 
 
+def _hf_tensor(path: str, value, family: str) -> Tensor:
+    """Our parameter `path` as its HF tensor, converted to float32 (and transposed) only when written."""
+    name, transpose = hf_name(path, family)
+    shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
+
+    def produce():
+        host = np.asarray(jax.device_get(value), np.float32)
+        return host.T if transpose else host
+
+    return Tensor(name, shape, np.float32, produce)
+
+
 def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
               params: dict[str, Any] | None = None) -> pathlib.Path:
     """Writes a HF directory (config.json, model.safetensors, tokenizer files) that
@@ -249,14 +262,16 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
     if params is None:
         params = {"/".join(str(p) for p in path): v.value
                   for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    tensors = {}
-    for path, value in params.items():
-        name, transpose = hf_name(path, config.family)
-        value = np.asarray(jax.device_get(value), np.float32)
-        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
-    if config.family == "phi3":
-        tensors = fuse(config, tensors)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if config.family == "phi3":  # fused q/k/v and gate/up: built from the whole dict
+        tensors = {}
+        for path, value in params.items():
+            name, transpose = hf_name(path, config.family)
+            value = np.asarray(jax.device_get(value), np.float32)
+            tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+        save_file(fuse(config, tensors), str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:  # one tensor on the host at a time
+        write_safetensors(out / "model.safetensors", [_hf_tensor(path, value, config.family)
+                                                      for path, value in params.items()])
     (out / "config.json").write_text(json.dumps(config.to_hf(), indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
