@@ -231,3 +231,29 @@ def test_cli_language_model_run(tiny_llama_dir, tmp_path):
         _one_error_line(result, "gguf")
     _one_error_line(_export_cli(f"--workdir={workdir}", "--format=gguf", "--gguf_type=q3", f"--out={tmp_path / 'g'}"),
                     "gguf")
+
+
+def test_peft_export_of_a_lora_run_loads_in_peft(tiny_llama_dir, tmp_path):
+    """--format=peft of a LoRA run: `peft` puts the adapters on the transformers base and gives the logits of
+    the merged --format=hf export."""
+    peft = pytest.importorskip("peft")
+    from conftest import lm_config
+
+    from sft_jax.export import export
+    from sft_jax.train import train_and_evaluate
+
+    workdir = str(tmp_path / "lora")
+    config = lm_config(tiny_llama_dir, tmp_path, "lora")
+    config.learning_rate = 5e-2
+    train_and_evaluate(config, workdir)
+    adapters = export(workdir, "peft", tmp_path / "peft")
+    merged = export(workdir, "hf", tmp_path / "hf")
+    assert (adapters / "adapter_config.json").is_file() and "LoRA adapters" in (adapters / "README.md").read_text()
+    ids = torch.tensor([[1, 520, 3000, 45, 9, 77]])
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir))
+    with torch.no_grad():
+        plain = base(ids).logits
+        adapted = peft.PeftModel.from_pretrained(base, str(adapters)).eval()(ids).logits
+        want = transformers.AutoModelForCausalLM.from_pretrained(str(merged))(ids).logits
+    assert (adapted - plain).abs().max() > 1e-4  # the adapters learned something
+    assert (adapted - want).abs().max() < 1e-4
