@@ -81,8 +81,11 @@ def tokenizer_metadata(tokenizer, vocab_size: int, family: str) -> dict[str, Any
         value = getattr(tokenizer, attr, None)
         if value is not None:
             meta[f"ggml.{key}"] = int(value)
-    meta["ggml.add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", False))
-    meta["ggml.add_eos_token"] = bool(getattr(tokenizer, "add_eos_token", False))
+    # What the tokenizer does, not its add_bos_token attribute: a post-processor may add BOS regardless of it.
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("a")["input_ids"]
+    meta["ggml.add_bos_token"] = len(marked) > len(plain) and marked[0] == tokenizer.bos_token_id
+    meta["ggml.add_eos_token"] = len(marked) > len(plain) and marked[-1] == tokenizer.eos_token_id
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, str) and template:
         meta["chat_template"] = template
