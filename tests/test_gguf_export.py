@@ -140,6 +140,30 @@ def test_gemma3_reads_back_with_its_tokenizer(gemma3, tmp_path):
     assert (template.contents() if template else None) == tokenizer.chat_template
 
 
+# head_dim 128 for Qwen3: transformers' GGUF loader does not read attention.key_length for qwen3 and takes
+# Qwen3Config's default; llama.cpp and sft_jax read it.
+QWEN = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=128, tie_word_embeddings=False))}
+
+
+@pytest.mark.parametrize("family", sorted(QWEN))
+def test_qwen_reads_back(family, tiny_llama_dir, tmp_path):
+    from conftest import TINY_LLAMA
+
+    config_cls, model_cls, extra = QWEN[family]
+    torch.manual_seed(0)
+    ref = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**dict(TINY_LLAMA, **extra)))
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "norm" in name or name.endswith(".bias"):  # biases (Qwen2) and QK norms (Qwen3) must matter
+                p.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    ref.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model, config = load_decoder(str(tmp_path / "hf"))
+    assert config.family == family and (config.qkv_bias, config.qk_norm) == (family == "qwen2", family == "qwen3")
+    ids, mask = _ids()
+    _assert_reads_back(model, load_lm_tokenizer(str(tiny_llama_dir)), tmp_path, "f16", ids, mask)
+
+
 def test_tokenizer_and_chat_template_in_metadata(llama, tmp_path):
     model, tokenizer = llama
     path = pathlib.Path(export_gguf(model, tokenizer, tmp_path / "m.gguf", "f16"))

@@ -1,4 +1,5 @@
-"""Read a llama.cpp GGUF file as a Hugging Face config dict plus HF-named float32 weights.
+"""Read a llama.cpp GGUF file (llama, qwen2, qwen3, gemma3) as a Hugging Face config dict plus HF-named float32
+weights.
 
 Quantized tensors are dequantized with the `gguf` package. Two conversions of llama.cpp's
 `convert_hf_to_gguf.py` are undone here, so the result is what the original HF checkpoint held:
@@ -53,10 +54,10 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_config_from_gguf(reader) -> dict[str, Any]:
-    """The HF `config.json` dict implied by the GGUF metadata (llama and gemma3 architectures)."""
+    """The HF `config.json` dict implied by the GGUF metadata (llama, qwen2, qwen3 and gemma3 architectures)."""
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "gemma3"):
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, gemma3)")
+    if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (llama, qwen2, qwen3, gemma3)")
 
     def get(key, default=None):
         return _field(reader, f"{arch}.{key}", default)
@@ -75,6 +76,11 @@ def hf_config_from_gguf(reader) -> dict[str, Any]:
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
         tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
     )
+    if arch in ("qwen2", "qwen3"):
+        name = "Qwen2ForCausalLM" if arch == "qwen2" else "Qwen3ForCausalLM"
+        return dict(cfg, model_type=arch, architectures=[name], hidden_act="silu",
+                    head_dim=int(get("attention.key_length", hidden // heads)),
+                    rope_theta=float(get("rope.freq_base", 10000.0)))
     if arch == "llama":
         head_dim = int(get("rope.dimension_count", hidden // heads))
         return dict(cfg, model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
@@ -112,15 +118,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
     reader = open_gguf(path)
     config = hf_config_from_gguf(reader)
     family = "gemma3" if config["model_type"] == "gemma3_text" else "llama"
+    permuted = config["model_type"] == "llama"  # llama.cpp permutes q/k rows of LLaMA only
     weights = {}
     for tensor in reader.tensors:
-        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", tensor.name)
+        match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", tensor.name)
         if match:
-            layer, name = match.groups()
+            layer, name, leaf = match.groups()
             module = _FFN_NORM[family] if name == "ffn_norm" else _BLOCK_NAMES.get(name)
             if module is None:
                 raise ValueError(f"{path}: unexpected GGUF tensor {tensor.name}")
-            hf_name = f"model.layers.{layer}.{module}.weight"
+            hf_name = f"model.layers.{layer}.{module}.{leaf}"
         else:
             top = tensor.name.removesuffix(".weight")
             if top not in _TOP_NAMES:
@@ -131,9 +138,9 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
         # numpy shape is GGML's reversed: [out, in] for matrices, like torch.nn.Linear.weight.
         value = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         value = value.reshape([int(d) for d in reversed(tensor.shape)])
-        if family == "llama" and match and name == "attn_q":
+        if permuted and match and name == "attn_q":
             value = _unpermute(value, config["num_attention_heads"])
-        elif family == "llama" and match and name == "attn_k":
+        elif permuted and match and name == "attn_k":
             value = _unpermute(value, config["num_key_value_heads"])
         if family == "gemma3" and hf_name.endswith("norm.weight"):
             value = value - 1.0
