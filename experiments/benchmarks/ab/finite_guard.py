@@ -1,4 +1,4 @@
-"""The train step's finiteness guard (RESULTS in experiments/benchmarks/notes.md, "Finiteness guard").
+"""The train step's finiteness guard (measured in experiments/benchmarks/notes.md, "Finiteness guard").
 
 old: a conditional on the loss and gradient norm alone (the update itself unchecked); new: `_apply_if_finite`
 (the update re-computed inside reductions of the float32 exponent fields of the new parameters, masters and
