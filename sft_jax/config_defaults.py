@@ -218,7 +218,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.distributed.process_id = -1  # this process's index (-1: from the environment)
     c.distributed.auto = False  # True: initialize from the cluster environment alone
     # How long processes wait for each other to join, and for a silent one before all stop with one line naming
-    # it (sft_jax/peer_watch.py); JAX's own heartbeat abort is the backstop at 1.5x.
+    # it (sft_jax/peer_watch.py); JAX's own heartbeat abort is the backstop at 3x.
     c.distributed.timeout_s = 300
     return c
 

@@ -39,9 +39,9 @@ def initialize(config: ml_collections.ConfigDict) -> None:
     # CPU processes exchange collectives over gloo (the default today; explicit so a changed default or a
     # user's XLA setting cannot leave CPU runs without cross-process collectives). Ignored on GPU / TPU.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # JAX's heartbeat and shutdown-barrier timeouts are the backstop behind the peer watch (`peer_watch`): 1.5 x
-    # timeout_s, so that the watch's one line comes first and JAX's abort still ends a process within 2 x.
-    backstop = math.ceil(1.5 * d.timeout_s)
+    # JAX's heartbeat and shutdown-barrier timeouts are the backstop behind the peer watch (`peer_watch`), far
+    # enough behind (3 x timeout_s) that the watch's one line comes first even on a loaded machine.
+    backstop = math.ceil(3 * d.timeout_s)
     jax.distributed.initialize(coordinator_address=d.coordinator_address or None,
                                num_processes=d.num_processes or None,
                                process_id=d.process_id if d.process_id >= 0 else None,

@@ -11,8 +11,10 @@ Why a watch of our own, in Python threads, and `os._exit`:
   thread can end the process, and only with `os._exit`: `sys.exit` from a thread ends the thread alone.
 - JAX's coordination service detects a dead process too (heartbeats), but its only reaction is to abort every
   other process with a C++ fatal log and stack trace (a Python callback cannot be given: the client's status
-  argument does not convert). `distributed.initialize` sets that heartbeat timeout to 1.5 x `timeout_s`, so this
-  watch, at `timeout_s` (+ one interval), speaks first, and JAX's abort stays the backstop, within 2 x.
+  argument does not convert). `distributed.initialize` sets that heartbeat timeout to 3 x `timeout_s`, so this
+  watch, at `timeout_s` (+ one interval), speaks first, and JAX's abort stays the backstop. (At 1.5 x the
+  service won the race under load: it counts from a peer's last heartbeat, sent up to its interval before
+  the peer died.)
 - A peer's key counts while its process runs Python at all: the beat thread needs the GIL only briefly, and JAX
   releases it while it computes, compiles or waits. A process that holds the GIL for `timeout_s` counts as dead.
 

@@ -164,7 +164,8 @@ def test_load_model_from_a_workdir(llama, tiny_llama_dir, tmp_path):
     from sft_jax.state import TrainState
     from sft_jax.tasks.language_model import load_lm
 
-    (tmp_path / "config.json").write_text(json.dumps({"model": str(tiny_llama_dir), "strategy": "full"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model": str(tiny_llama_dir), "strategy": "full",
+                                                      "task": "language_modeling"}))
     tuned = {k: v * 1.5 if k == "embed/embedding" else v for k, v in llama.params.items()}
     ckpt = Checkpoints(str(tmp_path))
     ckpt.save_best(TrainState(step=jnp.int32(1), params=tuned, opt_state=None, rng=jnp.zeros(2, jnp.uint32)), {})
