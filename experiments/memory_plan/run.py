@@ -96,7 +96,8 @@ def report() -> None:
              "full: float32 parameters and AdamW moments; LoRA: rank 8 on every projection, base stored in "
              "bfloat16; QLoRA: the base in NF4. Attention is the blocked XLA path of the CPU (a fused GPU kernel "
              "needs less), so these are upper bounds for a GPU. XLA:CPU's float32 copies of bfloat16 weights, "
-             "which a GPU or TPU does not make, are left out (`cpu_upcasts` in results.json).", ""]
+             "which a GPU or TPU does not make, are left out (`cpu_upcasts` in results.json). A blank cell is a plan "
+             "not made yet (`--length 8192` plans the rest; about 2-4 CPU-minutes each at 8192 tokens).", ""]
     for model in MODELS:
         lines += [f"## {model}", "", "| method | remat | 1 device, 2048 | 8 devices, 2048 | 1 device, 8192 | "
                   "8 devices, 8192 |", "|---|---|---|---|---|---|"]
