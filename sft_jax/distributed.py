@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import threading
 import traceback
 
@@ -65,13 +64,12 @@ def end_after_error(message: str) -> None:
     """In a multi-process run: prints `message`, tells the other processes (they stop at once instead of after
     the timeout) and ends this one with status 1. `os._exit`, not `sys.exit`: JAX's exit handler waits at a
     shutdown barrier for every process, which one that stopped on an error, or died, never reaches; after the
-    timeout it aborts with a C++ stack trace. A single-process run: returns, the caller exits."""
+    timeout it aborts with a C++ stack trace. Process 0 waits for the others to end first (`PeerWatch.end`).
+    A single-process run: returns, the caller exits."""
     if _watch is None:
         return
     _watch.announce_failure(message)
-    print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
+    _watch.end(message)
 
 
 def end_after_exception(e: BaseException) -> None:

@@ -20,7 +20,9 @@ Why a watch of our own, in Python threads, and `os._exit`:
 
 What it cannot soften: when process 0 dies, the coordination service it hosts dies with it, and JAX aborts the
 others at once (its error poll fails), with its own message ("Terminating process because the JAX distributed
-service detected fatal errors ... the leader task was preempted/died"). That is immediate, not one line.
+service detected fatal errors ... the leader task was preempted/died"). That is immediate, not one line. For the
+same reason, process 0 ending on an error of its own (or its verdict) waits, up to `timeout_s`, for every peer
+still beating to write `exited` before it ends (`end`): else its exit would abort the peers mid-line.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import threading
 import time
 
 _KEY = "sft_jax/alive/{}"
+_FAILED, _EXITED = "failed ", "exited "  # prefixes of a key's value: the process's error; it is ending now
 
 
 def _first_line(text: str, limit: int = 300) -> str:
@@ -51,12 +54,13 @@ class PeerWatch:
         self.phase = "setting up"
         self.note = ""  # what this process saw go wrong, added to the verdict (e.g. a failed collective)
         self._failure = ""  # this process's own error, for the others
+        self._exiting = False  # `end` has begun: the key says `exited`
         self._count = 0
         now = time.monotonic()
         self._seen = {p: (None, now) for p in self.peers}  # peer -> (last value, monotonic time it changed)
         self._last_reply = now  # the coordination service answered
         self._verdict = threading.Event()
-        self._on_verdict = on_verdict or _exit_with
+        self._on_verdict = on_verdict or self.end
         self._lock = threading.Lock()
         self.stopped = False
 
@@ -79,7 +83,9 @@ class PeerWatch:
             return
         with self._lock:
             self._count += 1
-            value = f"failed {self._failure}" if self._failure else str(self._count)
+            value = f"{_FAILED}{self._failure}" if self._failure else str(self._count)
+            if self._exiting:
+                value = _EXITED + (value if self._failure else "")
         try:
             client.key_value_set(_KEY.format(self.process_id), value, allow_overwrite=True)
             for p in self.peers:
@@ -111,8 +117,12 @@ class PeerWatch:
             seen = dict(self._seen)
         n = self.num_processes
         for p, (value, _) in seen.items():
-            if value is not None and value.startswith("failed"):
-                return f"process {p} of {n} stopped with an error: {value[len('failed '):] or '(see its output)'}"
+            value = (value or "").removeprefix(_EXITED)
+            if value.startswith(_FAILED):
+                return f"process {p} of {n} stopped with an error: {value[len(_FAILED):] or '(see its output)'}"
+        for p, (value, _) in seen.items():
+            if (value or "").startswith(_EXITED):  # it ended on another process's verdict, which it printed
+                return f"process {p} of {n} stopped (see its output for why)"
         for p, (_, changed) in seen.items():
             if now - changed > self.timeout_s:
                 return (f"process {p} of {n} sent no heartbeat for {now - changed:.0f} s "
@@ -139,9 +149,35 @@ class PeerWatch:
         False when every other process kept answering."""
         return self._verdict.wait(seconds)
 
+    def end(self, message: str) -> None:
+        """Prints `message` and ends the process with status 1 (from any thread; see the module docstring), after
+        writing `exited` to its key; process 0 first waits for the peers (`wait_for_peers_to_end`)."""
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        self.mark_exited()
+        if self.process_id == 0:
+            self.wait_for_peers_to_end(self.timeout_s)
+        os._exit(1)
 
-def _exit_with(message: str) -> None:
-    """Prints `message` and ends the process now (from any thread; see the module docstring)."""
-    print(message, file=sys.stderr, flush=True)
-    sys.stdout.flush()
-    os._exit(1)
+    def mark_exited(self) -> None:
+        """Writes `exited` (with this process's error, if it had one) to its key: it ends right after."""
+        with self._lock:
+            self._exiting = True
+        self.beat()
+
+    def wait_for_peers_to_end(self, seconds: float) -> bool:
+        """Process 0, ending: waits, at most `seconds`, until every peer that still beats has written `exited`,
+        then a moment more for it to be gone. False on the timeout."""
+        deadline = time.monotonic() + seconds
+        poll = min(self.interval, 0.1)
+        while time.monotonic() < deadline:
+            self.beat()
+            now = time.monotonic()
+            with self._lock:
+                waiting = [p for p, (value, changed) in self._seen.items()
+                           if not (value or "").startswith(_EXITED) and now - changed <= self.timeout_s]
+            if not waiting:
+                time.sleep(poll)  # `exited` is written just before the peer's own `os._exit`
+                return True
+            time.sleep(poll)
+        return False

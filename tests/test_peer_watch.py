@@ -96,3 +96,28 @@ def test_the_watch_ends_the_process_once_and_stops_after_shutdown():
 def test_interval_is_a_tenth_of_the_timeout_within_bounds(timeout_s, interval):
     _, (w0, _) = _pair(timeout_s)
     assert w0.interval == interval
+
+
+def test_process_0_ends_only_after_the_peers_that_still_beat_have_ended():
+    """Process 0 hosts the coordination service: its exit aborts every peer still running (JAX's C++ abort), so
+    an ending process 0 waits for the others' `exited`; a peer silent past the timeout is not waited for."""
+    _, (w0, w1) = _pair(timeout_s=0.5)
+    w1.beat()
+    assert not w0.wait_for_peers_to_end(0.3)  # process 1 beats and has not ended
+    w1.announce_failure("error: data/train.jsonl, line 3: no 'label'")
+    w1.mark_exited()
+    assert w0.wait_for_peers_to_end(0.3)
+    # its error stays readable after `exited`, for the processes that had not read it yet
+    assert w0.verdict() == "process 1 of 2 stopped with an error: data/train.jsonl, line 3: no 'label'"
+
+    _, (w0, w1) = _pair(timeout_s=0.2)
+    w1.beat()
+    time.sleep(0.3)  # process 1 died without a word
+    assert w0.wait_for_peers_to_end(1.0)
+
+
+def test_a_peer_that_ended_on_another_verdict_is_named_as_stopped():
+    _, (w0, w1) = _pair()
+    w1.mark_exited()
+    w0.beat()
+    assert w0.verdict() == "process 1 of 2 stopped (see its output for why)"
