@@ -57,6 +57,28 @@ class _DropOrbaxErrors(logging.Filter):
         return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+class _DropUnretrievedOrbaxFutures(logging.Filter):
+    """asyncio's "_GatheringFuture exception was never retrieved": the other writes of a save whose first failure
+    orbax already raised (and the command reports) fail too, and nobody awaits them any more."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and "exception was never retrieved" in record.getMessage()
+                    and _raised_in_orbax(error))
+
+
+def _raised_in_orbax(e: BaseException) -> bool:
+    """Raised through orbax's code, or by TensorStore (whose errors name their spec) that orbax writes with."""
+    if "tensorstore" in str(e).lower():
+        return True
+    tb = e.__traceback__
+    while tb is not None:
+        if f"{os.sep}orbax{os.sep}" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def event_loop_closed(u) -> bool:
     """Whether an unraisable exception (`sys.unraisablehook`) is a TensorStore write or read finishing after orbax
     closed the event loop of the save or restore that had already failed: raised in its callback, it reaches
@@ -66,12 +88,13 @@ def event_loop_closed(u) -> bool:
 
 def quiet_orbax_errors() -> None:
     """For command lines: drops orbax's ERROR log records (a failed background save logs several, each with a
-    traceback; an unreadable step's metadata one more) and the late `event_loop_closed` tracebacks of its
-    failed operations. Every such failure reaches the caller as an exception, which the command prints as one
-    line."""
-    logger = logging.getLogger("absl")
-    if not any(isinstance(f, _DropOrbaxErrors) for f in logger.filters):
-        logger.addFilter(_DropOrbaxErrors())
+    traceback; an unreadable step's metadata one more), asyncio's records of its writes left unawaited after
+    the first failed, and the late `event_loop_closed` tracebacks of its failed operations. Every such failure
+    reaches the caller as an exception, which the command prints as one line."""
+    for name, kind in (("absl", _DropOrbaxErrors), ("asyncio", _DropUnretrievedOrbaxFutures)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
     previous = sys.unraisablehook
     if getattr(previous, "drops_event_loop_closed", False):
         return
