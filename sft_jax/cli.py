@@ -13,16 +13,33 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import NoReturn
 
 from absl import flags
 
-EXIT_USAGE = 2
+EXIT_FAILURE, EXIT_USAGE = 1, 2
 HELP_FLAGS = ("--help", "-h", "-?", "--helpshort")
 
 
-def _fail(message: str):
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+def fail(message: object, status: int = EXIT_FAILURE) -> NoReturn:
+    """Ends a command with `error: MESSAGE` on one line (whitespace collapsed) and exit `status`."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _fail(message: str) -> NoReturn:
+    fail(message, EXIT_USAGE)
+
+
+def run_command(main) -> None:
+    """Runs a command's absl `main`: JAX's CPU set-up first (before anything starts its backend), then flag
+    parsing with every error one line (`parse_flags`)."""
+    from absl import app
+
+    from sft_jax import platform
+
+    platform.configure_cpu()
+    app.run(main, flags_parser=parse_flags)
 
 
 def _config_arg(argv: list[str]) -> str | None:

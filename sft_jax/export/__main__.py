@@ -7,11 +7,10 @@
 Prints the path written; a workdir or format that does not fit is one line on stderr, exit status 1.
 """
 
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sft_jax import platform
+from sft_jax import cli
 from sft_jax.checkpoint_failures import quiet_orbax_errors
 
 flags.DEFINE_string("workdir", None, "Workdir of a finished (or running) fine-tuning run.")
@@ -25,8 +24,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     if len(argv) > 1:
-        print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(f"unexpected arguments {' '.join(argv[1:])}", cli.EXIT_USAGE)
     from sft_jax.export import export  # after flag parsing: JAX starts on import
 
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
@@ -34,12 +32,8 @@ def main(argv):
     try:
         print(export(FLAGS.workdir, FLAGS.format, FLAGS.out, gguf_type=FLAGS.gguf_type, checkpoint=FLAGS.checkpoint))
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
 
 
 if __name__ == "__main__":
-    from sft_jax.cli import parse_flags
-
-    platform.configure_cpu()  # before anything starts JAX's backend
-    app.run(main, flags_parser=parse_flags)  # a bad flag: one line
+    cli.run_command(main)

@@ -5,11 +5,10 @@
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sft_jax import platform
+from sft_jax import cli
 from sft_jax.checkpoint_failures import quiet_orbax_errors
 
 
@@ -46,8 +45,7 @@ def main(argv):
                                temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed,
                                stop=FLAGS.stop, chat=FLAGS.chat)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         if FLAGS.json:
             print(json.dumps({"prompt": prompt, "completion": completion}))
@@ -56,8 +54,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    platform.configure_cpu()  # before anything starts JAX's backend
     _define_flags()
-    from sft_jax.cli import parse_flags
-
-    app.run(main, flags_parser=parse_flags)  # a bad flag: one line
+    cli.run_command(main)

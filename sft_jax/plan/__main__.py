@@ -11,8 +11,10 @@ import os
 import re
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from sft_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "Config file: path[:arg].", lock_config=True)
 flags.DEFINE_integer("devices", 1, "Number of devices to plan for (simulated CPU devices).")
@@ -31,13 +33,11 @@ def main(argv):
 
     devices = jax.devices()
     if len(devices) < FLAGS.devices:
-        print(f"error: --devices={FLAGS.devices}: only {len(devices)} devices", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"--devices={FLAGS.devices}: only {len(devices)} devices")
     try:
         result = plan(FLAGS.config, device_memory_gb=FLAGS.device_memory_gb, devices=devices[:FLAGS.devices])
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
     print(json.dumps(result.to_json()) if FLAGS.json else result.table())
 
 
@@ -50,8 +50,5 @@ def _simulate_devices(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from sft_jax import platform
-
     _simulate_devices(sys.argv[1:])
-    platform.configure_cpu()
-    app.run(main)
+    cli.run_command(main)

@@ -9,11 +9,10 @@ Prints one JSON line per text: the predicted label, its probability, and every l
 
 import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from sft_jax import platform
+from sft_jax import cli
 from sft_jax.checkpoint_failures import quiet_orbax_errors
 from sft_jax.data import columnar
 from sft_jax.data.sources import DataError, iter_jsonl
@@ -71,12 +70,8 @@ def main(argv):
         for row in Predictor(FLAGS.workdir, FLAGS.checkpoint).predict(texts):
             print(json.dumps(row))
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(e)
 
 
 if __name__ == "__main__":
-    from sft_jax.cli import parse_flags
-
-    platform.configure_cpu()  # before anything starts JAX's backend
-    app.run(main, flags_parser=parse_flags)  # a bad flag: one line
+    cli.run_command(main)
