@@ -195,6 +195,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.forgetting.wikitext2_max_tokens = 0  # 0: the whole test set; else its first N tokens (a faster probe)
     c.forgetting.wikitext2_max_length = 512  # window length
     c.forgetting.wikitext2_stride = 511  # window step, < max_length; max_length - 1: disjoint windows (cheapest)
+    # Decoders: lm-evaluation-harness tasks scored before/after (task names, e.g. ("hellaswag", "arc_easy");
+    # empty: no probe); each metric is forgetting/lm_eval/TASK/METRIC. Needs `pip install lm_eval==0.4.13`.
+    c.forgetting.lm_eval_tasks = ()
+    c.forgetting.lm_eval_include_path = ""  # a folder of task YAML files of your own, beside the harness's
+    c.forgetting.lm_eval_limit = 0  # 0: every document of each task; else its first N (a faster probe)
 
     # Device mesh: the product of the axes' sizes is the device count; -1 on one axis: the remaining devices.
     c.mesh = ml_collections.ConfigDict()

@@ -1,11 +1,12 @@
 """Decoder LMs fine-tuned on next-token prediction: plain text (`language_modeling`, every token a target) or
 prompt -> output records (`sft`: instructions, chat, input/output pairs; only output tokens are targets).
-The forgetting probe is WikiText-2 perplexity; EWC's Fisher is that of next-token prediction on
-`regularizer.fisher_data`. `load_finetuned_lm` rebuilds a run's model from its workdir."""
+The forgetting probes are WikiText-2 perplexity and lm-evaluation-harness tasks; EWC's Fisher is that of
+next-token prediction on `regularizer.fisher_data`. `load_finetuned_lm` rebuilds a run's model from its workdir."""
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import Any
 
@@ -81,6 +82,7 @@ class LanguageModel(Task):
                 if value != off:
                     raise ValueError(f"config.{key}={value}: per-layer optimizer groups need unscanned layers; "
                                      "set scan_layers=False")
+        _check_lm_eval_probe(config.forgetting)
         if config.quantize_base != "none" and config.strategy != "lora":
             raise ValueError(f"config.quantize_base={config.quantize_base!r}: a quantised base is frozen; it needs "
                              f"strategy='lora', not {config.strategy!r}")
@@ -191,11 +193,42 @@ class LanguageModel(Task):
 
     def probes(self, params: dict) -> dict[str, float]:
         f = self.config.forgetting
-        if not f.wikitext2:
-            return {}
-        r = wikitext2_perplexity(self.model_def, params, self.tokenizer, f.wikitext2, max_length=f.wikitext2_max_length,
-                                 stride=f.wikitext2_stride, max_tokens=f.wikitext2_max_tokens or None)
-        return {"wikitext2_ppl": r["token_perplexity"], "wikitext2_word_ppl": r["word_perplexity"]}
+        out = {}
+        if f.wikitext2:
+            r = wikitext2_perplexity(self.model_def, params, self.tokenizer, f.wikitext2,
+                                     max_length=f.wikitext2_max_length, stride=f.wikitext2_stride,
+                                     max_tokens=f.wikitext2_max_tokens or None)
+            out.update({"wikitext2_ppl": r["token_perplexity"], "wikitext2_word_ppl": r["word_perplexity"]})
+        if f.lm_eval_tasks:
+            out.update(self._lm_eval_probe(params))
+        return out
+
+    def _lm_eval_probe(self, params: dict) -> dict[str, float]:
+        """The harness tasks of `forgetting.lm_eval_tasks` on `params` where they lie (the run's mesh); which
+        way each metric is better comes from the harness."""
+        from sft_jax.evaluate import lm_harness
+
+        f = self.config.forgetting
+        lm = lm_harness.HarnessLM(self.model_def, params, self.tokenizer, batch_size=self.config.eval_batch_size)
+        values, higher = lm_harness.run_tasks(lm, tuple(f.lm_eval_tasks), include_path=f.lm_eval_include_path,
+                                              limit=f.lm_eval_limit or None)
+        self.higher_is_better = {**type(self).higher_is_better, **higher}
+        return values
+
+
+def _check_lm_eval_probe(f: ml_collections.ConfigDict) -> None:
+    """The harness probe's keys, before anything loads: the harness installed, the task folder there."""
+    if not f.lm_eval_tasks:
+        return
+    if isinstance(f.lm_eval_tasks, str):
+        raise ValueError(f"config.forgetting.lm_eval_tasks: a tuple of task names, got the string {f.lm_eval_tasks!r}")
+    if f.lm_eval_limit < 0:
+        raise ValueError(f"config.forgetting.lm_eval_limit: must be >= 0, got {f.lm_eval_limit}")
+    if f.lm_eval_include_path and not os.path.isdir(f.lm_eval_include_path):
+        raise ValueError(f"config.forgetting.lm_eval_include_path: {f.lm_eval_include_path}: no such folder")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("config.forgetting.lm_eval_tasks: lm-evaluation-harness is not installed: "
+                         "pip install 'lm_eval==0.4.13'")
 
 
 def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
