@@ -144,6 +144,16 @@ def defaults() -> ml_collections.ConfigDict:
     c.deterministic = False
 
     c.log_every = 20  # steps between training-metric lines (metrics.jsonl, TensorBoard)
+    # Experiment trackers beside metrics.jsonl and TensorBoard (process 0 logs): the config once, each train /
+    # eval line at its step, results.json at the end. A resumed run appends to the same tracker run (its id is
+    # kept in WORKDIR/trackers.json).
+    c.logging = ml_collections.ConfigDict()
+    c.logging.wandb = ""  # Weights & Biases project ("": off); pip install wandb; WANDB_ENTITY picks the team
+    c.logging.wandb_mode = "online"  # online | offline (files under WORKDIR/wandb/ or WANDB_DIR, for `wandb sync`)
+    # MLflow tracking URI ("": off), e.g. http://HOST:5000; pip install mlflow-skinny (sqlite:///FILE stores need
+    # the full mlflow; file: stores, MLFLOW_ALLOW_FILE_STORE=true in the environment: MLflow 3 refuses them).
+    c.logging.mlflow = ""
+    c.logging.mlflow_experiment = "sft_jax"  # the MLflow experiment the run goes in (created if missing)
     c.eval_every = 200  # steps between evaluations (and at the end)
     c.checkpoint_every = 200  # steps between checkpoints (latest/; best/ at evaluations)
     c.early_stopping = ml_collections.ConfigDict()
@@ -249,6 +259,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)
     _check_choice(config, "data.too_long", ("truncate", "error"))
+    _check_choice(config, "logging.wandb_mode", ("online", "offline"))
     for key in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm", "head_dropout", "max_train_seconds",
                 "data.max_train_examples", "data.max_eval_examples", "lora.dropout", "lm_loss_chunk"):
         if _get(config, key) < 0:

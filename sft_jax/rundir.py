@@ -8,6 +8,8 @@
       labels.json        the label vocabulary of a classification run
       results.json       final metrics (flat keys)
       metrics.jsonl      one line per logged step; TensorBoard event files beside it
+      trackers.json      the W&B / MLflow run ids a resume appends to (`sft_jax.trainer.trackers`); wandb/ the
+                         W&B run's local files (unless WANDB_DIR)
       generations.jsonl  sample generations of a language-model run's evaluations
       checkpoints/       orbax: latest/ (full train state) and best/ (parameters), see `sft_jax.checkpoint`;
                          a language model's frozen base is left out and rebuilt from config.json
@@ -33,6 +35,7 @@ CONFIG_FILE = "config.json"
 LABELS_FILE = "labels.json"
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
+TRACKERS_FILE = "trackers.json"
 GENERATIONS_FILE = "generations.jsonl"
 # Changing these between runs on one workdir would resume a different experiment.
 INCOMPATIBLE_KEYS = ("model", "task", "strategy", "frozen_layers", "pooling", "seed", "batch_size", "lora",

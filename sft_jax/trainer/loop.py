@@ -14,7 +14,7 @@ from sft_jax.config_defaults import early_stopping_mode, validate
 from sft_jax.models import quant
 from sft_jax.rundir import RunDir
 from sft_jax.state import count_params, params_fingerprint
-from sft_jax.trainer import forgetting, guards, setup
+from sft_jax.trainer import forgetting, guards, setup, trackers
 from sft_jax.trainer.metrics import MetricWriter, due
 from sft_jax.workdir_claim import Claim
 
@@ -22,6 +22,7 @@ from sft_jax.workdir_claim import Claim
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
     validate(config)  # the task's own checks included: before anything loads
+    trackers.check_installed(config.logging)  # wandb / mlflow named but not installed: one line, now
     task_cls = tasks.get(config.task)
     platform.configure_determinism(config.deterministic)  # XLA_FLAGS: before the backend starts
     distributed.initialize(config)  # before anything touches the devices
@@ -49,7 +50,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     for name, value in meta["probes_before"].items():
         results[f"forgetting/{name}/before"] = value
 
-    writer = MetricWriter(rundir, resume_step=int(state.step))  # drops lines logged after the checkpoint
+    writer = MetricWriter(rundir, resume_step=int(state.step), config=config)  # drops lines logged after the checkpoint
     step = int(state.step)
     t0, examples, tokens, eval_time = time.time(), 0, 0, 0.0
     bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
@@ -130,6 +131,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     guards.check_results(results, meta["best_step"])  # never a nan result
     if distributed.is_primary():
         rundir.write_results(results)
+    writer.write_results(results)
     writer.close()
     ckpt.close()
     return results

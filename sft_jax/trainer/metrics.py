@@ -7,6 +7,7 @@ import os
 
 from sft_jax import distributed
 from sft_jax.rundir import METRICS_FILE, RunDir
+from sft_jax.trainer.trackers import Trackers
 
 
 def drop_after(path: str, step: int) -> int:
@@ -39,32 +40,50 @@ def drop_after(path: str, step: int) -> int:
 
 
 class MetricWriter:
-    """metrics.jsonl (one line per logged step) and TensorBoard events in the workdir (process 0 only). A run
-    resumed from `resume_step` first drops what was logged after it, so no step appears twice: from metrics.jsonl,
-    and from TensorBoard's view through its `purge_step`."""
+    """metrics.jsonl (one line per logged step) and the trackers (`sft_jax.trainer.trackers`: TensorBoard, and W&B
+    / MLflow when `config.logging` names them) in the workdir (process 0 only). A run resumed from `resume_step`
+    first drops what was logged after it, so no step appears twice: from metrics.jsonl, and from TensorBoard's
+    view through its `purge_step`."""
 
-    def __init__(self, rundir: RunDir, resume_step: int = 0):
-        from tensorboardX import SummaryWriter
-
+    def __init__(self, rundir: RunDir, resume_step: int = 0, config=None):
         self.active = distributed.is_primary()
         if self.active:
-            drop_after(rundir.file(METRICS_FILE), resume_step)
-            self.jsonl = open(rundir.file(METRICS_FILE), "a")
-            self.tb = SummaryWriter(rundir.path, purge_step=resume_step + 1)
+            path = rundir.file(METRICS_FILE)
+            sent_until = last_step(path)  # what W&B / MLflow got before this resume, which they cannot drop
+            drop_after(path, resume_step)
+            self.jsonl = open(path, "a")
+            self.trackers = Trackers(rundir, resume_step, config, sent_until)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.active:
             return
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self.jsonl.flush()
-        for k, v in values.items():
-            self.tb.add_scalar(k, v, step)
-        self.tb.flush()
+        self.trackers.log(step, values)
+
+    def write_results(self, results: dict) -> None:
+        """The final results (results.json's) to the trackers that keep them (W&B's summary, MLflow's final/)."""
+        if self.active:
+            self.trackers.summarise(results)
 
     def close(self) -> None:
         if self.active:
             self.jsonl.close()
-            self.tb.close()
+            self.trackers.close()
+
+
+def last_step(path: str) -> int:
+    """The last step metrics.jsonl holds (0: none); lines that do not parse are drop_after's to report."""
+    if not os.path.exists(path):
+        return 0
+    steps = [0]
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                steps.append(int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return max(steps)
 
 
 def due(step: int, every: int, *also: bool) -> bool:
