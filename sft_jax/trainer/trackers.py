@@ -208,7 +208,8 @@ class Trackers:
         if logging and any(logging[key] for key in PACKAGES):
             ids = RunIds(rundir)
             self.sent_until = max(sent_until, ids.get("sent_until", 0))  # also what a process before that sent
-            ids.set("sent_until", self.sent_until)
+            if self.sent_until > ids.get("sent_until", 0):  # a fresh run writes the file at its first send
+                ids.set("sent_until", self.sent_until)
             kinds = {"wandb": WandB, "mlflow": MLflow}
             self.external = [kinds[key](config, rundir, ids) for key in PACKAGES if logging[key]]
 
