@@ -42,6 +42,26 @@ def _highest_precision():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _parse_each_file_once(monkeypatch):
+    """Every reader of one written file (sft_jax's loader, transformers' config, weights and tokenizer loaders,
+    the metadata checks) gets the same `gguf.GGUFReader`, made once: parsing Gemma's 262k-token vocabulary took
+    15-28 s each time, 5 times per file. The readers still read that file through gguf's own parser; the reader
+    maps the file read-only, so none of them can change what another sees. Keyed by size and mtime: a file
+    written again is parsed again."""
+    made = {}
+    reader_class = gguf.GGUFReader
+
+    def reader(path, *args, **kwargs):
+        stat = pathlib.Path(path).stat()
+        key = (str(pathlib.Path(path).resolve()), stat.st_size, stat.st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if key not in made:
+            made[key] = reader_class(path, *args, **kwargs)
+        return made[key]
+
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
+
+
 @pytest.fixture(scope="module")
 def llama(tiny_llama_dir):
     model, _ = load_decoder(str(tiny_llama_dir))
