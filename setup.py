@@ -37,9 +37,11 @@ EXTRAS = {
     # wandb / mlflow-skinny: the optional trackers (config.logging), tested offline (tests/test_trackers.py).
     # lm_eval: the lm-evaluation-harness model `sft_jax` and the forgetting probe forgetting.lm_eval_tasks
     # (optional at run time); pinned: its command line and model API change between releases.
+    # s3fs / moto[server]: workdirs and data on s3:// (sft_jax/storage.py), tested against a local moto S3 server.
     "test": ["pytest==8.4.2", "torch==2.13.0", "accelerate==1.15.0", "ruff==0.14.0", "nbclient==0.11.0",
              "nbformat==5.11.1", "ipykernel==7.4.0", "pytest-xdist==3.8.0", "peft==0.21.2",
-             "datasets==5.2.0", "lm_eval==0.4.13", "wandb==0.31.0", "mlflow-skinny==3.18.0"],
+             "datasets==5.2.0", "lm_eval==0.4.13", "wandb==0.31.0", "mlflow-skinny==3.18.0",
+             "s3fs==2026.9.0", "moto[server]==5.2.5"],
 }
 
 setup(

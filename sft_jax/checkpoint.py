@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from sft_jax import checkpoint_integrity as integrity
+from sft_jax import storage
 from sft_jax.checkpoint_failures import CheckpointSaveFailed, describe, reason
 from sft_jax.checkpoint_integrity import ARRAYS_KEY, DamagedCheckpoint, DamagedStep
 from sft_jax.models.registry import weight_fingerprint
@@ -85,6 +86,14 @@ class FrozenBase:
                              "copy of it: restore the original weights or start a new workdir")
 
 
+def check_store(workdir: str) -> None:
+    """Raises ValueError (one line) for a workdir on a store orbax cannot write checkpoints to: its arrays go
+    through TensorStore's file and gcs drivers only, so s3:// is refused (gs:// and local or mounted paths work)."""
+    if os.fspath(workdir).startswith("s3://"):
+        raise ValueError(f"{workdir}: orbax {ocp.__version__} writes checkpoints only to local (or mounted) paths "
+                         "and gs://, not s3://; put the workdir there (data may stay on s3://)")
+
+
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
@@ -114,8 +123,9 @@ class Checkpoints:
     what saves that never finished left."""
 
     def __init__(self, workdir: str, keep: int = 2, base: FrozenBase | None = None, clean_unfinished: bool = False):
-        root = os.path.join(os.path.abspath(workdir), CHECKPOINTS_DIR)
-        self.workdir = os.path.abspath(workdir)
+        check_store(workdir)
+        self.workdir = storage.absolute(workdir)
+        root = os.path.join(self.workdir, CHECKPOINTS_DIR)
         self.latest = ocp.CheckpointManager(os.path.join(root, "latest"),
                                             options=_options("latest", keep, clean_unfinished))
         self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=_options("best", 1, clean_unfinished))

@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from sft_jax import storage
 from sft_jax.checkpoint_failures import event_loop_closed
 from sft_jax.state import array_checksums
 
@@ -84,15 +85,14 @@ def verify(saved: dict, item: str, restored: dict[str, jax.Array], where: str) -
 def check_files(step_dir: str, items: tuple[str, ...]) -> None:
     """Raises DamagedStep for a JSON file of the step that is not valid JSON, or an item that is missing."""
     for item in items:
-        if not os.path.isdir(os.path.join(step_dir, item)):
+        if not storage.isdir(os.path.join(step_dir, item)):
             raise DamagedStep(step_dir, f"{item}/ is missing")
     for name in _JSON_FILES + tuple(f"{item}/_METADATA" for item in items if item != "meta"):
         path = os.path.join(step_dir, name)
-        if not os.path.exists(path) and name == "_CHECKPOINT_METADATA":
+        if not storage.exists(path) and name == "_CHECKPOINT_METADATA":
             continue  # optional for orbax: only the saved time is lost
         try:
-            with open(path, "rb") as f:
-                json.loads(f.read())
+            json.loads(storage.read_bytes(path))
         except FileNotFoundError:
             raise DamagedStep(step_dir, f"{name} is missing") from None
         except (ValueError, OSError) as e:
@@ -136,11 +136,11 @@ def set_aside(step_dir: str, which: str) -> str:
     root = os.path.dirname(os.path.dirname(step_dir))
     dest = os.path.join(root, DAMAGED_DIR, f"{which}-{os.path.basename(step_dir)}-{time.strftime('%Y%m%dT%H%M%S')}")
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        storage.makedirs(os.path.dirname(dest))
         base, n = dest, 1
-        while os.path.exists(dest):
+        while storage.exists(dest):
             dest, n = f"{base}.{n}", n + 1
-        os.rename(step_dir, dest)
+        storage.rename(step_dir, dest)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

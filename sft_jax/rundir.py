@@ -16,6 +16,8 @@
 
 Training, predict, generate and loading models from earlier runs all go through `RunDir`. Training claims the
 workdir (`RunDir.claim`): one run at a time; predict and generate only read a finished one and take no lock.
+A workdir may be a local path, a `file://` URL or on gs:// (`sft_jax.storage`); orbax cannot write checkpoints
+to s3:// (`sft_jax.checkpoint.check_store`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import os
 import sys
 from typing import Any
 
-from sft_jax.checkpoint import CHECKPOINTS_DIR, Checkpoints, DamagedCheckpoint
+from sft_jax import storage
+from sft_jax.checkpoint import CHECKPOINTS_DIR, Checkpoints, DamagedCheckpoint, check_store
 from sft_jax.data.batching import LabelVocab
 from sft_jax.workdir_claim import Claim, claim
 from sft_jax.workdir_lock import WorkdirLock
@@ -47,8 +50,7 @@ def read_json(path: str, what: str) -> Any:
     """The JSON in a run file; one cut short or garbled is a ValueError naming it (json's own message names
     no file)."""
     try:
-        with open(path, "rb") as f:
-            return json.loads(f.read())
+        return json.loads(storage.read_bytes(path))
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         detail = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else e
         raise ValueError(f"{path} is damaged ({detail}); it holds the run's {what}: restore it or use a new "
@@ -59,21 +61,21 @@ class RunDir:
     """One run's directory: its file paths, and reading and writing what it holds."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
+        self.path = storage.normalize(path)
 
     def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        return storage.join(self.path, name)
 
     def is_run(self, *, labels: bool = False) -> bool:
         """Whether this is an sft_jax workdir (config.json and checkpoints/, and labels.json if `labels`)."""
         names = (CONFIG_FILE, CHECKPOINTS_DIR) + ((LABELS_FILE,) if labels else ())
-        return os.path.isdir(self.path) and all(os.path.exists(self.file(n)) for n in names)
+        return storage.isdir(self.path) and all(storage.exists(self.file(n)) for n in names)
 
     # --- config -------------------------------------------------------------------------------------------
     def read_config(self) -> dict[str, Any]:
         """The run's resolved config; FileNotFoundError when this is not a workdir."""
         path = self.file(CONFIG_FILE)
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"{self.path}: no {CONFIG_FILE}; is this a sft_jax workdir?")
         config = read_json(path, "resolved config")
         if not isinstance(config, dict):
@@ -81,15 +83,13 @@ class RunDir:
         return config
 
     def write_config(self, config: dict[str, Any]) -> None:
-        tmp = self.file(CONFIG_FILE + ".tmp")  # replaced at once: a crash never leaves half a config.json
-        with open(tmp, "w") as f:
-            json.dump(config, f, indent=1, default=str)
-        os.replace(tmp, self.file(CONFIG_FILE))
+        # Written whole (CONFIG_FILE.tmp replaced at once): a crash never leaves half a config.json.
+        storage.write_json(self.file(CONFIG_FILE), config, default=str)
 
     def has_trained(self) -> bool:
         """Whether a run has trained here (config.json is written at its first step): what a run left behind
         before that (labels.json of a failed set-up) binds no later run."""
-        return os.path.isfile(self.file(CONFIG_FILE))
+        return storage.isfile(self.file(CONFIG_FILE))
 
     def check_resume(self, config: dict[str, Any]) -> None:
         """Refuses to resume a run whose config differs from `config` in a key that changes the experiment; a
@@ -115,13 +115,15 @@ class RunDir:
         return claim(self, (LABELS_FILE, METRICS_FILE, CONFIG_FILE + ".tmp"))
 
     def ensure_writable(self) -> None:
-        """Creates the directory and fails now, not at the first checkpoint an hour later, if it is read-only."""
+        """Creates the directory and fails now, not at the first checkpoint an hour later, if it is read-only (or on
+        a store orbax cannot write checkpoints to)."""
+        check_store(self.path)
         try:
-            os.makedirs(self.path, exist_ok=True)
+            storage.makedirs(self.path)
             probe = self.file(f".write_test.{os.getpid()}")
-            with open(probe, "w") as f:
+            with storage.open(probe, "w") as f:
                 f.write("ok")
-            os.remove(probe)
+            storage.remove(probe)
         except OSError as e:
             raise PermissionError(f"{self.path}: cannot write the workdir ({e.strerror or e})") from None
 
@@ -131,7 +133,7 @@ class RunDir:
         return self.file(LABELS_FILE)
 
     def read_labels(self) -> LabelVocab:
-        if not os.path.isfile(self.labels_path):
+        if not storage.isfile(self.labels_path):
             raise FileNotFoundError(f"{self.path}: no {LABELS_FILE}; is this the workdir of a classification run?")
         saved = read_json(self.labels_path, "label vocabulary")
         labels = saved.get("labels") if isinstance(saved, dict) else None
@@ -140,16 +142,17 @@ class RunDir:
         return LabelVocab(labels)
 
     def write_labels(self, vocab: LabelVocab) -> None:
-        vocab.save(self.labels_path)
+        storage.write_json(self.labels_path, {"labels": vocab.labels})
 
     def write_results(self, results: dict[str, Any]) -> None:
-        with open(self.file(RESULTS_FILE), "w") as f:
-            json.dump(results, f, indent=1)
+        storage.write_json(self.file(RESULTS_FILE), results)
 
     def append_generations(self, rows: list[dict[str, Any]]) -> None:
-        with open(self.file(GENERATIONS_FILE), "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        out = storage.Appender(self.file(GENERATIONS_FILE))
+        try:
+            out.write("".join(json.dumps(row) + "\n" for row in rows))
+        finally:
+            out.close()
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def restore_params(self, target_params: dict, which: str = "best", *, fallback: bool = True) -> dict:

@@ -9,6 +9,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from sft_jax import storage
 from sft_jax.workdir_lock import LOCK_FILE, WorkdirLock, WorkdirLocked, describe
 
 _EVENTS_PREFIX = "events.out.tfevents."  # TensorBoard's event files, which set-up opens
@@ -68,7 +69,7 @@ def claim(rundir, setup_files: tuple[str, ...]) -> Iterator[Claim]:
         if lock is not None:
             lock.release()
         raise error
-    before = set(os.listdir(rundir.path))
+    before = set(storage.listdir(rundir.path))
     run = Claim(rundir, lock)
     try:
         yield run
@@ -103,7 +104,9 @@ def _gather(code: int) -> list[int]:
 
 
 def _missing_dirs(path: str) -> list[str]:
-    """The directories `os.makedirs(path)` would create, deepest first."""
+    """The directories `os.makedirs(path)` would create, deepest first (none on an object store)."""
+    if storage.is_remote(path):
+        return []
     missing = []
     path = os.path.abspath(path)
     while not os.path.exists(path):
@@ -118,7 +121,13 @@ def _missing_dirs(path: str) -> list[str]:
 def _remove_setup_files(path: str, before: set[str], created: list[str], setup_files: tuple[str, ...]) -> None:
     """Removes the `setup_files` and empty directories that appeared since `before` (anything else new is left
     alone); then, if nothing else is left and this run created the workdir, the lock file and the directories
-    it created."""
+    it created. On an object store (no directories) only the `setup_files` and event files go."""
+    if storage.is_remote(path):
+        for name in set(storage.listdir(path)) - before:
+            if name in setup_files or name.startswith(_EVENTS_PREFIX):
+                with contextlib.suppress(OSError):
+                    storage.remove(storage.join(path, name))
+        return
     for name in set(os.listdir(path)) - before:
         full = os.path.join(path, name)
         try:

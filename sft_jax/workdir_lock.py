@@ -6,7 +6,8 @@ The file also holds who took it (host, pid, start time): only to name the holder
 a lock released cleanly (emptied on release) from one whose holder died (still filled in: "taken over").
 
 A multi-host run takes it once, in process 0: every process sharing the filesystem asking for it would make
-all but one of them refuse their own run. On filesystems without locks a warning says the workdir is unguarded.
+all but one of them refuse their own run. On filesystems without locks, and on object stores (gs://, s3://),
+which have none a crashed holder would release, a warning says the workdir is unguarded.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import socket
 import sys
 import time
+
+from sft_jax import storage
 
 LOCK_FILE = "run.lock"
 _HOLDER_WAIT_S = 2.0  # how long a refused run waits for a winner that has the lock but not yet written its name
@@ -49,8 +52,8 @@ class WorkdirLock:
     deletes the lock file, for a workdir being removed)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = os.fspath(path)
-        self.file = os.path.join(self.path, LOCK_FILE)
+        self.path = storage.normalize(path)
+        self.file = storage.join(self.path, LOCK_FILE)
         self._fd: int | None = None
 
     @property
@@ -59,6 +62,8 @@ class WorkdirLock:
 
     def holder(self) -> dict | None:
         """Who holds (or last held without releasing) the lock, from the file; None when nobody is recorded."""
+        if storage.is_remote(self.path):
+            return None
         try:
             fd = os.open(self.file, os.O_RDONLY)
         except FileNotFoundError:
@@ -71,6 +76,10 @@ class WorkdirLock:
     def acquire(self) -> dict | None:
         """Takes the lock, or raises WorkdirLocked naming its holder. Returns the holder of a lock whose process
         died without releasing it (and says so on stderr), else None."""
+        if storage.is_remote(self.path):
+            print(f"warning: {self.path}: object stores have no locks that end with their holder, so none is "
+                  "taken; another run on this workdir would not be stopped", file=sys.stderr)
+            return None
         while True:
             try:
                 fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)

@@ -80,6 +80,7 @@ def test_of_runs_claiming_at_the_same_instant_exactly_one_wins(tmp_path):
     workdir, go = tmp_path / "run", tmp_path / "go"
     script = ("import os, sys, time\nfrom sft_jax.rundir import RunDir\n"
               "from sft_jax.workdir_lock import WorkdirLocked\n"
+              "print('ready', flush=True)\n"
               f"while not os.path.exists({str(go)!r}):\n    time.sleep(0.001)\n"
               "try:\n"
               f"    with RunDir({str(workdir)!r}).claim():\n"
@@ -87,8 +88,11 @@ def test_of_runs_claiming_at_the_same_instant_exactly_one_wins(tmp_path):
               "except WorkdirLocked as e:\n    print(e, flush=True)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(3)]
-    time.sleep(8)  # all have imported sft_jax (a late one would still be refused: the winner holds it 3 s)
-    go.touch()
+    try:
+        for p in procs:  # all have imported sft_jax and wait for the same instant
+            assert p.stdout.readline().strip() == "ready", p.communicate(timeout=120)[1][-2000:]
+    finally:
+        go.touch()  # on a failure too: no process is left waiting
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     lines = [out.strip() for out, _ in outs]

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_jax import storage
 from sft_jax.data import columnar
 from sft_jax.data.batching import LabelVocab, TrainBatches
 from sft_jax.data.sources import DataError, iter_jsonl, label_to_str, open_tfds, tfds_label
@@ -133,6 +134,7 @@ def _read_tfds_images(spec: str, image_field: str, label_field: str, data_dir: s
     return out
 
 
+@storage.reads_data  # gs:// and s3:// specs: read from a local mirror
 def read_image_records(spec: str, *, image_field: str = "image", label_field: str = "label",
                        data_dir: str | None = None, classes: Sequence[str] = ()) -> list[ImageRecord]:
     """Labelled image records from a manifest, a class folder (optionally `[a:b]`-sliced), a Parquet / Arrow

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_jax import storage
 from sft_jax.data import columnar
 from sft_jax.data.batching import bucket_length
 from sft_jax.data.sources import DataError, iter_jsonl
@@ -39,6 +40,7 @@ def _slice(spec: str) -> tuple[str, float, float]:
     return path, lo, hi
 
 
+@storage.reads_data  # gs:// and s3:// specs: read from a local mirror
 def read_documents(spec: str, text_field: str = "text") -> list[Document]:
     """A .txt file (one document), or a .jsonl / .parquet / .arrow file or `datasets` folder (`DIR[:SPLIT]`)
     of `{text_field: ...}` records (one document each).

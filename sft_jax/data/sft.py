@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sft_jax import storage
 from sft_jax.data import columnar
 from sft_jax.data.lm import LmDataset, _slice
 from sft_jax.data.sources import DataError, iter_jsonl
@@ -151,6 +152,7 @@ def _read_lines(path: str) -> list[str]:
     return raw.decode("utf-8").splitlines()
 
 
+@storage.reads_data  # gs:// and s3:// specs: read from a local mirror
 def read_sft(spec: str, fields: Fields = DEFAULT_FIELDS, max_examples: int = 0) -> list[Record]:
     """Reads a .jsonl / .parquet / .arrow file, a `datasets` folder or `parallel:SRC,TGT` into records.
     `max_examples` > 0 keeps the first N.

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Iterator
 
+from sft_jax import storage
 from sft_jax.data import columnar
 from sft_jax.data.errors import DataError
 
@@ -151,6 +152,7 @@ def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | Non
         yield _make_example(record, f"{spec}:{i}", text_field, label_field)
 
 
+@storage.reads_data  # gs:// and s3:// specs: read from a local mirror
 def read_classification(
     spec: str, *, text_field: str = "text", label_field: str = "label", data_dir: str | None = None
 ) -> list[Example]:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 
-from sft_jax import distributed
+from sft_jax import distributed, storage
 from sft_jax.rundir import METRICS_FILE, RunDir
 from sft_jax.trainer.trackers import Trackers
 
@@ -14,10 +13,9 @@ def drop_after(path: str, step: int) -> int:
     """Removes from metrics.jsonl the lines of steps after `step` (a run resumed from `step` logs them again) and
     a last line cut short by a killed process; returns how many went. A damaged line before the last is a
     ValueError naming the file and line."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return 0
-    with open(path, "rb") as f:
-        lines = f.read().splitlines(keepends=True)
+    lines = storage.read_bytes(path).splitlines(keepends=True)
     keep = []
     for i, line in enumerate(lines):
         if not line.strip():
@@ -32,10 +30,7 @@ def drop_after(path: str, step: int) -> int:
         if logged <= step:
             keep.append(line if line.endswith(b"\n") else line + b"\n")
     if len(keep) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            f.writelines(keep)
-        os.replace(tmp, path)  # at once: a crash here leaves the old file, not half of it
+        storage.write_text(path, b"".join(keep).decode())  # at once: a crash here leaves the old file, not half
     return len(lines) - len(keep)
 
 
@@ -51,14 +46,13 @@ class MetricWriter:
             path = rundir.file(METRICS_FILE)
             sent_until = last_step(path)  # what W&B / MLflow got before this resume, which they cannot drop
             drop_after(path, resume_step)
-            self.jsonl = open(path, "a")
+            self.jsonl = storage.Appender(path)  # flushed at each write
             self.trackers = Trackers(rundir, resume_step, config, sent_until)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.active:
             return
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
         self.trackers.log(step, values)
 
     def write_results(self, results: dict) -> None:
@@ -74,10 +68,10 @@ class MetricWriter:
 
 def last_step(path: str) -> int:
     """The last step metrics.jsonl holds (0: none); lines that do not parse are drop_after's to report."""
-    if not os.path.exists(path):
+    if not storage.exists(path):
         return 0
     steps = [0]
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         for line in f:
             try:
                 steps.append(int(json.loads(line)["step"]))
