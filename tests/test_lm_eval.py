@@ -95,22 +95,34 @@ def test_forgetting_probe_and_command_line_on_the_run(sharp_llama_dir, tmp_path,
 
     # `python -m sft_jax.lm_eval`, the harness's command line with the model registered, on the run's best
     # checkpoint (`workdir=`: LoRA merged, one device): the metrics the probe got from the train state's params.
-    # In-process: a fresh interpreter would spend its time importing JAX, torch and the harness; and the
-    # harness indexes only the tasks of --include_path, not its own thousands of task files (seconds).
-    from lm_eval.tasks import TaskManager
-
-    assert TaskManager.__init__.__defaults__ == (None, None, True, None)  # verbosity, include_path, include_defaults
-    monkeypatch.setattr(TaskManager.__init__, "__defaults__", (None, None, False, None))
+    # In-process: a fresh interpreter would spend its time importing JAX, torch and the harness.
     out = tmp_path / "harness"
-    monkeypatch.setattr(sys, "argv", [
-        "sft_jax.lm_eval", "--model", "sft_jax", "--model_args", f"workdir={workdir},mesh=data:1",
-        "--tasks", "tiny_mc,tiny_ppl", "--include_path", TASKS_DIR, "--limit", "3", "--output_path", str(out)])
-    runpy.run_module("sft_jax.lm_eval", run_name="__main__", alter_sys=True)
+    _command_line(monkeypatch, "--model", "sft_jax", "--model_args", f"workdir={workdir},mesh=data:1",
+                  "--tasks", "tiny_mc,tiny_ppl", "--include_path", TASKS_DIR, "--limit", "3", "--output_path", str(out))
     written = json.loads(next(out.rglob("results_*.json")).read_text())
     assert written["config"]["model"] == "sft_jax"
     for task, metric in (("tiny_mc", "acc"), ("tiny_ppl", "word_perplexity"), ("tiny_ppl", "byte_perplexity")):
         assert written["results"][task][f"{metric},none"] == pytest.approx(
             results[f"forgetting/lm_eval/{task}/{metric}/after"], rel=1e-5)
+
+
+def _command_line(monkeypatch, *args: str) -> None:
+    """Runs `python -m sft_jax.lm_eval ARGS` in this process, the harness indexing only the tasks of
+    --include_path, not its own thousands of task files (seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    assert TaskManager.__init__.__defaults__ == (None, None, True, None)  # verbosity, include_path, include_defaults
+    monkeypatch.setattr(TaskManager.__init__, "__defaults__", (None, None, False, None))
+    monkeypatch.setattr(sys, "argv", ["sft_jax.lm_eval", *args])
+    runpy.run_module("sft_jax.lm_eval", run_name="__main__", alter_sys=True)
+
+
+def test_command_line_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _command_line(monkeypatch, "--model", "sft_jax", "--model_args", f"workdir={tmp_path}", "--tasks", "tiny_mc",
+                      "--include_path", TASKS_DIR)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and err[-1].startswith(f"error: {tmp_path}") and "Traceback" not in "".join(err)
 
 
 def test_unknown_task_and_model_args_are_one_line_errors(sharp_llama_dir):

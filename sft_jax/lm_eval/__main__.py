@@ -5,12 +5,20 @@
 Every flag is the harness's own (`lm-eval run --help`); model arguments: `sft_jax/lm_eval/__init__.py`.
 """
 
-from sft_jax import platform
+from sft_jax import cli, platform
 
-if __name__ == "__main__":
+
+def main() -> None:
     platform.configure_cpu()  # before anything starts JAX's backend
     from lm_eval.__main__ import cli_evaluate
 
     import sft_jax.lm_eval  # noqa: F401  (registers the model)
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except (ValueError, FileNotFoundError) as e:  # a bad model argument, workdir or task: one line
+        cli.fail(e)
+
+
+if __name__ == "__main__":
+    main()
