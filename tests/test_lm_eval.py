@@ -133,3 +133,18 @@ def test_unknown_task_and_model_args_are_one_line_errors(sharp_llama_dir):
     with pytest.raises(ValueError, match="mesh='fsdp=2': expected AXIS:SIZE pairs"):
         parse_mesh("fsdp=2")
     assert parse_mesh("fsdp:4/tensor:2") == {"fsdp": 4, "tensor": 2}
+
+
+def test_bad_probe_keys_are_one_line_errors(tiny_llama_dir, tmp_path):
+    from conftest import lm_config
+
+    from sft_jax.config_defaults import validate
+
+    config = lm_config(tiny_llama_dir, tmp_path, "full")
+    config.forgetting.lm_eval_tasks = ("tiny_mc",)
+    config.forgetting.lm_eval_include_path = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"^config.forgetting.lm_eval_include_path: .*missing: no such folder$"):
+        validate(config)
+    config.forgetting.lm_eval_include_path, config.forgetting.lm_eval_limit = TASKS_DIR, -1
+    with pytest.raises(ValueError, match=r"^config.forgetting.lm_eval_limit: must be >= 0, got -1$"):
+        validate(config)
