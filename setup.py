@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8,<4",
     "pillow>=10,<14",  # image decoding (image_classification)
     "pyarrow==26.0.1",  # Parquet / Arrow files and `datasets` folders as data (sft_jax/data/columnar.py)
+    "grain==0.2.18",  # the (seed, step) order of streamed training data (sft_jax/data/streaming.py)
 ]
 
 EXTRAS = {

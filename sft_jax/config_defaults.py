@@ -105,6 +105,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.max_eval_examples = 0  # 0: all
     c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data directory; None: TFDS's
     c.data.max_train_examples = 0  # 0: all; else the first N after a seeded shuffle
+    # True: data.train (.jsonl or .parquet) is read record by record as batches need it, never held in memory
+    # (text classification and sft; each process reads its rows; see sft_jax/data/streaming.py)
+    c.data.streaming = False
     # An example longer than max_length: "truncate" (logged, counted in results.json as data/*_truncated) or
     # "error" (stop, naming its file and line).
     c.data.too_long = "truncate"

@@ -13,6 +13,7 @@ from conftest import resumed_after_crash, sentiment_records, write_jsonl
 from sft_jax import storage
 from sft_jax.data.errors import DataError
 from sft_jax.data.lm import read_documents
+from sft_jax.data.random_access import open_records, scan
 from sft_jax.data.sources import read_classification
 from sft_jax.train import train_and_evaluate
 
@@ -93,6 +94,20 @@ def test_s3_data_errors_name_the_url_and_a_changed_object_is_fetched_again(s3):
     docs = _put(f"{s3}/data/docs.txt", "".join(f"document {i}\n" for i in range(10)))
     assert [(d.where, d.text) for d in read_documents(docs + "[10%:30%]")] == [(f"{docs}:2",
                                                                                 "document 1\ndocument 2\n")]
+
+
+def test_s3_training_file_streams_from_its_mirror_named_by_its_url(s3):
+    url = _put(f"{s3}/data/stream.jsonl", _jsonl(sentiment_records(2)) + "\n{not json\n")
+    records = open_records(url)
+    assert [records[0][0], records[1][0]] == [f"{url}:1", f"{url}:2"]
+    first, second = next(iter(scan(url))), records[1]
+    assert first == records[0] and second[1] == sentiment_records(2)[1]
+    with pytest.raises(DataError, match=rf"^{url}:4: malformed JSON"):
+        records[2]
+    with pytest.raises(DataError, match=rf"^{url}:4: malformed JSON"):
+        list(scan(url))
+    with pytest.raises(DataError, match=rf"^{s3}/data/gone.jsonl: file not found$"):
+        open_records(f"{s3}/data/gone.jsonl")
 
 
 def test_s3_workdir_stops_in_one_line_before_writing(s3, tiny_config):

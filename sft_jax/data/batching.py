@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -28,10 +28,15 @@ class LabelVocab:
         self._index = {label: i for i, label in enumerate(self.labels)}
 
     @classmethod
-    def from_examples(cls, examples: Sequence[Example]) -> LabelVocab:
-        found = {e.label for e in examples}
+    def from_examples(cls, examples: Iterable[Example]) -> LabelVocab:
+        """The labels of `examples` (a list, or an iterator read once: a stream's scan)."""
+        found, where = set(), "training data"
+        for e in examples:
+            if not found:
+                where = e.where.rsplit(":", 1)[0]
+            found.add(e.label)
         if len(found) < 2:
-            raise DataError(f"{examples[0].where.rsplit(':', 1)[0]}: found {len(found)} label(s) {sorted(found)}; "
+            raise DataError(f"{where}: found {len(found)} label(s) {sorted(found)}; "
                             "classification needs at least 2")
         # Integer labels keep their numeric order (so "2" follows "1", not "10").
         if all(label.lstrip("-").isdigit() for label in found):

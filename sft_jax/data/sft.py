@@ -421,6 +421,16 @@ def reference_output(record: Record) -> str:
     return record.output
 
 
+def encode_checked(record: Record, tokenizer, fmt: PromptFormat, max_length: int,
+                   too_long: str) -> tuple[list[int], list[int], bool]:
+    """`encode_record`, stopping with a DataError naming the record when it is too long and too_long="error"."""
+    ids, mask, cut = encode_record(record, tokenizer, fmt, max_length)
+    if cut and too_long == "error":
+        raise DataError(f"{record.where}: longer than max_length={max_length} tokens "
+                        "(config.data.too_long='error'; 'truncate' cuts the input, then the output)")
+    return ids, mask, cut
+
+
 def encode_sft(records: Sequence[Record], tokenizer, fmt: PromptFormat, max_length: int,
                too_long: str = "truncate") -> LmDataset:
     """Tokens and target masks of `records`. A record over max_length is truncated (logged and counted) or,
@@ -428,10 +438,7 @@ def encode_sft(records: Sequence[Record], tokenizer, fmt: PromptFormat, max_leng
     tokens, masks, where = [], [], []
     truncated = 0
     for record in records:
-        ids, mask, cut = encode_record(record, tokenizer, fmt, max_length)
-        if cut and too_long == "error":
-            raise DataError(f"{record.where}: longer than max_length={max_length} tokens "
-                            "(config.data.too_long='error'; 'truncate' cuts the input, then the output)")
+        ids, mask, cut = encode_checked(record, tokenizer, fmt, max_length, too_long)
         truncated += cut
         tokens.append(np.asarray(ids, np.int32))
         masks.append(np.asarray(mask, np.int32))

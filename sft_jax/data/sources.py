@@ -36,7 +36,7 @@ def label_to_str(value: object, where: str, field: str) -> str:
     return label
 
 
-def _make_example(record: dict, where: str, text_field: str, label_field: str) -> Example:
+def make_example(record: dict, where: str, text_field: str, label_field: str) -> Example:
     for field in (text_field, label_field):
         if field not in record or record[field] is None:
             raise DataError(f"{where}: missing field {field!r} (record has {sorted(record)})")
@@ -54,25 +54,37 @@ def iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     """Yields ("file:line", record) for each non-blank line of a JSONL file of objects."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # -sig: drop a leading BOM
-            except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+            if not is_blank(raw):
+                yield parse_jsonl_line(raw, f"{path}:{lineno}", first=lineno == 1)
+
+
+def is_blank(raw: bytes) -> bool:
+    """Whether a JSONL line holds only whitespace (a BOM too); an undecodable line is not blank: its parse says
+    why."""
+    try:
+        return not raw.decode("utf-8").lstrip("\ufeff").strip()
+    except UnicodeDecodeError:
+        return False
+
+
+def parse_jsonl_line(raw: bytes, where: str, first: bool = False) -> tuple[str, dict]:
+    """(where, record) of one non-blank JSONL line; `first`: the file's first line, which may start with a BOM."""
+    try:
+        line = raw.decode("utf-8-sig" if first else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return where, record
 
 
 def _read_jsonl(path: str, text_field: str, label_field: str) -> Iterator[Example]:
     for where, record in iter_jsonl(path):
-        yield _make_example(record, where, text_field, label_field)
+        yield make_example(record, where, text_field, label_field)
 
 
 def _read_delimited(path: str, delimiter: str, text_field: str, label_field: str) -> Iterator[Example]:
@@ -96,7 +108,7 @@ def _read_delimited(path: str, delimiter: str, text_field: str, label_field: str
                     continue
                 if len(row) != len(header):
                     raise DataError(f"{where}: expected {len(header)} columns, found {len(row)}")
-                yield _make_example({text_field: row[ti], label_field: row[li]}, where, text_field, label_field)
+                yield make_example({text_field: row[ti], label_field: row[li]}, where, text_field, label_field)
     except UnicodeDecodeError:
         raise DataError(_utf8_error(path)) from None
 
@@ -149,7 +161,7 @@ def _read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | Non
     for i in range(len(source)):
         record = dict(source[i])
         record[label_field] = tfds_label(record, label_field, names, f"{spec}:{i}")
-        yield _make_example(record, f"{spec}:{i}", text_field, label_field)
+        yield make_example(record, f"{spec}:{i}", text_field, label_field)
 
 
 @storage.reads_data  # gs:// and s3:// specs: read from a local mirror
@@ -161,7 +173,7 @@ def read_classification(
     if spec.startswith("tfds:"):
         examples = list(_read_tfds(spec, text_field, label_field, data_dir))
     elif columnar.is_columnar(spec):
-        examples = [_make_example(record, where, text_field, label_field)
+        examples = [make_example(record, where, text_field, label_field)
                     for where, record in columnar.iter_records(spec, label_field)]
     else:
         if not os.path.exists(spec):

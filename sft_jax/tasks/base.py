@@ -43,6 +43,7 @@ class Task(abc.ABC):
                           forgetting summary reports a "drop" of those and a "rise" of the others);
       exclusive_options   config keys only this task reads, each with what it is: set for another task,
                           they are refused (`registry.check_config`) instead of silently ignored;
+      streams             whether it reads `config.data.streaming` training data (`data.streaming`);
       rebuilds_base       whether the parameters a run never trains are rebuilt bit-identically from its
                           config.json (pre-trained weights, then the run's deterministic changes: adapters,
                           quantisation, scanning, storage dtype), by the task and by its loaders of a workdir:
@@ -62,6 +63,7 @@ class Task(abc.ABC):
     higher_is_better: ClassVar[dict[str, bool]] = {}
     exclusive_options: ClassVar[dict[str, str]] = {}
     rebuilds_base: ClassVar[bool] = False
+    streams: ClassVar[bool] = False
 
     model_def: ModelDef
     params: dict[str, jax.Array]
@@ -90,6 +92,9 @@ class Task(abc.ABC):
         if config.early_stopping.metric not in names:
             raise ValueError(f"config.early_stopping.metric: {config.early_stopping.metric!r} is not one of "
                              f"{names} for task {config.task!r}")
+        if config.data.streaming and not cls.streams:
+            raise ValueError(f"config.data.streaming: task {config.task!r} reads its training data into memory; "
+                             "set streaming=False")
         if config.regularizer.ewc and not cls.supports_ewc():
             raise ValueError(f"config.regularizer.ewc: task {config.task!r} has no Fisher objective")
 

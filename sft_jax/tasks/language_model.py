@@ -17,10 +17,11 @@ import numpy as np
 import tqdm
 
 from sft_jax import distributed, generate, regularizers, sharding
-from sft_jax.data import batching
+from sft_jax.data import batching, random_access
 from sft_jax.data import lm as lm_data
 from sft_jax.data import sft as sft_data
 from sft_jax.data.sources import DataError
+from sft_jax.data.streaming import streamed_batches
 from sft_jax.evaluate import text_metrics
 from sft_jax.evaluate.perplexity import wikitext2_perplexity
 from sft_jax.losses import lm_loss
@@ -65,6 +66,7 @@ class LanguageModel(Task):
     exclusive_options = {"lm_loss_chunk": "the chunked language-model loss",
                          "quantize_base": "a quantised base (QLoRA)", "scan_layers": "scanned layers"}
     rebuilds_base = True  # build_lm from config.json, as `load_finetuned_lm` does: checkpoints hold what trains
+    streams = True  # sft records; documents are split into blocks, which needs them all (refused below)
 
     @classmethod
     def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -73,6 +75,9 @@ class LanguageModel(Task):
 
     @classmethod
     def check_config(cls, config: ml_collections.ConfigDict) -> None:
+        if config.data.streaming and (config.task != "sft" or config.packing):
+            raise ValueError("config.data.streaming: streams sft records unpacked; documents (language_modeling) "
+                             "and packing need the whole data set in memory")
         if config.eval_generation.metrics and config.task != "sft":
             raise ValueError("config.eval_generation.metrics: generation metrics need task='sft'")
         if config.scan_layers:
@@ -108,7 +113,10 @@ class LanguageModel(Task):
         self.layout = decoder_layout(model_config.num_layers, segment_sizes(model))
         self.loss_fn = loss_fn(config)
         self.pad_id = self.tokenizer.pad_token_id
-        if config.packing:
+        if config.data.streaming:
+            self.batches = streamed_batches(config, self.train_ds, self._encode_records, self.pad_id,
+                                            collate=lm_data.make_lm_batch)
+        elif config.packing:
             packed = lm_data.pack(self.train_ds, max(config.buckets))
             self.batches = batching.TrainBatches(packed, config.batch_size, config.buckets, config.seed,
                                                  self.pad_id, collate=lm_data.make_packed_batch)
@@ -116,25 +124,44 @@ class LanguageModel(Task):
             self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
                                                  self.pad_id, collate=lm_data.make_lm_batch)
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
-                        "train_rows": len(self.batches.ds),
-                        "train_target_tokens": self.train_ds.num_targets,
                         "eval_target_tokens": self.eval_ds.num_targets,
-                        "data/train_truncated": self.train_ds.truncated,
                         "data/eval_truncated": self.eval_ds.truncated}
+        if not config.data.streaming:  # a stream tokenizes its records as it reads them
+            self.summary.update({"train_rows": len(self.batches.ds), "train_target_tokens": self.train_ds.num_targets,
+                                 "data/train_truncated": self.train_ds.truncated})
 
     def _load_data(self) -> tuple[lm_data.LmDataset, lm_data.LmDataset]:
         c, d = self.config, self.config.data
         if c.task == "sft":
             fields, fmt = sft_fields(c), prompt_format(c)
             self.eval_records = sft_data.read_sft(d.eval, fields, d.max_eval_examples)
-            train_records = batching.subsample(sft_data.read_sft(d.train, fields), d.max_train_examples, c.seed)
             eval_ds = sft_data.encode_sft(self.eval_records, self.tokenizer, fmt, c.max_length, d.too_long)
+            if d.streaming:  # one pass checks every record; the records stay on disk
+                for where, raw in random_access.scan(d.train):
+                    _one_record(raw, where, fields)
+                return random_access.open_records(d.train), eval_ds
+            train_records = batching.subsample(sft_data.read_sft(d.train, fields), d.max_train_examples, c.seed)
             train_ds = sft_data.encode_sft(train_records, self.tokenizer, fmt, c.max_length, d.too_long)
             return train_ds, eval_ds
         read = lm_data.read_documents
         eval_ds = lm_data.encode_documents(read(d.eval, d.text_field), self.tokenizer, c.max_length)
         train_ds = lm_data.encode_documents(read(d.train, d.text_field), self.tokenizer, c.max_length)
         return train_ds, eval_ds
+
+    def _encode_records(self, items: list[tuple[str, dict]]) -> lm_data.LmDataset:
+        """A streamed batch's sft records, tokenized with their target masks as in memory."""
+        c = self.config
+        fields, fmt = sft_fields(c), prompt_format(c)
+        tokens, masks, where, cut = [], [], [], 0
+        for at, raw in items:
+            record = _one_record(raw, at, fields)
+            ids, mask, truncated = sft_data.encode_checked(record, self.tokenizer, fmt, c.max_length,
+                                                           c.data.too_long)
+            tokens.append(np.asarray(ids, np.int32))
+            masks.append(np.asarray(mask, np.int32))
+            where.append(record.where)
+            cut += truncated
+        return lm_data.LmDataset(tokens, masks, where, cut)
 
     def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
         loss_sum = correct = count = 0.0
@@ -273,3 +300,12 @@ def load_lm(model: str | None = None, workdir: str | None = None, dtype: str | N
     if dtype and jnp.dtype(dtype) != jnp.dtype(config.dtype):
         lm = with_dtype(lm, jnp.dtype(dtype))
     return lm, tokenizer
+
+
+def _one_record(raw: dict, where: str, fields) -> sft_data.Record:
+    """The one example of a streamed sft record (a stream is indexed by record, so one example each)."""
+    records = sft_data.parse_record(raw, where, fields)
+    if len(records) != 1:
+        raise DataError(f"{where}: {len(records)} instances in one record; config.data.streaming reads one example "
+                        "per record (write one record per instance)")
+    return records[0]

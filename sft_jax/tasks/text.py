@@ -10,9 +10,10 @@ import numpy as np
 from flax import nnx
 
 from sft_jax import distributed, regularizers
-from sft_jax.data import batching
+from sft_jax.data import batching, random_access
 from sft_jax.data import lm as lm_data
-from sft_jax.data.sources import DataError, read_classification
+from sft_jax.data.sources import DataError, make_example, read_classification
+from sft_jax.data.streaming import streamed_batches
 from sft_jax.evaluate.stsb import stsb_spearman
 from sft_jax.losses import classification_loss, simcse_loss
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
@@ -56,6 +57,7 @@ class TextClassification(classification.ClassificationTask):
     EWC's Fisher is that of unsupervised SimCSE on sentences of `regularizer.fisher_data`."""
 
     higher_is_better = {"stsb_spearman": True}
+    streams = True
 
     def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
         self.config = config
@@ -79,25 +81,45 @@ class TextClassification(classification.ClassificationTask):
         self.model_def, self.params, self.layout = model.model_def, model.params, model.layout
         self.loss_fn = classification_loss
         self.pad_id = self.tokenizer.pad_token_id
-        self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
-                                             self.pad_id)
+        if config.data.streaming:
+            self.batches = streamed_batches(config, self.train_ds, self._encode_records, self.pad_id)
+        else:
+            self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
+                                                 self.pad_id)
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
-                        "num_labels": len(self.vocab), "data/train_truncated": self.train_ds.truncated,
-                        "data/eval_truncated": self.eval_ds.truncated}
+                        "num_labels": len(self.vocab), "data/eval_truncated": self.eval_ds.truncated}
+        if not config.data.streaming:  # a stream meets its long texts as it reads them
+            self.summary["data/train_truncated"] = self.train_ds.truncated
         self._embed = embed_fn(self.model_def)
 
     def _load_data(self, rundir: RunDir):
         """Reads and tokenizes train and eval data; the label vocabulary comes from train (or the workdir)."""
         d = self.config.data
         read = dict(text_field=d.text_field, label_field=d.label_field, data_dir=d.tfds_data_dir)
-        train_ex, eval_ex = read_classification(d.train, **read), read_classification(d.eval, **read)
+        eval_ex = read_classification(d.eval, **read)
+        if d.streaming:  # one pass checks every record and finds the labels; the records stay on disk
+            train_ex = (make_example(r, where, d.text_field, d.label_field) for where, r in random_access.scan(d.train))
+            train_ds = random_access.open_records(d.train)
+        else:
+            train_ex = read_classification(d.train, **read)
         vocab = classification.label_vocab(d.train, rundir, train_ex)
-        train_ex = batching.subsample(train_ex, d.max_train_examples, self.config.seed)
         # Encoding the eval set first checks its labels before any time is spent on training.
         length = self.config.max_length
         eval_ds = batching.encode_classification(eval_ex, self.tokenizer, vocab, length, d.too_long)
-        train_ds = batching.encode_classification(train_ex, self.tokenizer, vocab, length, d.too_long)
+        if not d.streaming:
+            train_ex = batching.subsample(train_ex, d.max_train_examples, self.config.seed)
+            train_ds = batching.encode_classification(train_ex, self.tokenizer, vocab, length, d.too_long)
         return vocab, train_ds, eval_ds
+
+    def _encode_records(self, items: list[tuple[str, dict]]) -> batching.EncodedDataset:
+        """A streamed batch's records, checked and tokenized as in memory (`too_long` applies per record)."""
+        d = self.config.data
+        examples = [make_example(r, where, d.text_field, d.label_field) for where, r in items]
+        labels = np.array([self.vocab.encode(e.label, e.where) for e in examples], np.int32)
+        where = [e.where for e in examples]
+        ids, cut = batching.tokenize(self.tokenizer, [e.text for e in examples], self.config.max_length, where,
+                                     d.too_long)
+        return batching.EncodedDataset(ids, labels, where, cut)
 
     def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
         return classification.evaluate(eval_fn, params, self.eval_ds, batch_size=self.config.eval_batch_size,
