@@ -147,6 +147,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.deterministic = False
 
     c.log_every = 20  # steps between training-metric lines (metrics.jsonl, TensorBoard)
+    # (first, last): a JAX profiler trace of steps first..last (counted from 1) in WORKDIR/profile, for
+    # TensorBoard's profile tab or Perfetto; (): none
+    c.profile_steps = ()
     # Experiment trackers beside metrics.jsonl and TensorBoard (process 0 logs): the config once, each train /
     # eval line at its step, results.json at the end. A resumed run appends to the same tracker run (its id is
     # kept in WORKDIR/trackers.json).
@@ -157,6 +160,9 @@ def defaults() -> ml_collections.ConfigDict:
     # the full mlflow; file: stores, MLFLOW_ALLOW_FILE_STORE=true in the environment: MLflow 3 refuses them).
     c.logging.mlflow = ""
     c.logging.mlflow_experiment = "sft_jax"  # the MLflow experiment the run goes in (created if missing)
+    # Peak FLOP/s of one device in the compute dtype, the denominator of train/mfu; 0: the vendor's figure for
+    # known GPUs and TPUs, a measured matmul peak on CPU (sft_jax/trainer/throughput.py)
+    c.logging.peak_flops = 0.0
     c.eval_every = 200  # steps between evaluations (and at the end)
     c.checkpoint_every = 200  # steps between checkpoints (latest/; best/ at evaluations)
     c.early_stopping = ml_collections.ConfigDict()
@@ -241,6 +247,12 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def _check_profile_steps(steps) -> None:
+    if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps) and 1 <= steps[0] <= steps[1]):
+        raise ValueError(f"config.profile_steps: expected () or (first, last) with 1 <= first <= last, got "
+                         f"{tuple(steps)!r}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first unknown key or invalid value; the task of `config.task` checks the
     options that are its own (`sft_jax.tasks.check_config`)."""
@@ -264,10 +276,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "data.too_long", ("truncate", "error"))
     _check_choice(config, "logging.wandb_mode", ("online", "offline"))
     for key in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm", "head_dropout", "max_train_seconds",
-                "data.max_train_examples", "data.max_eval_examples", "lora.dropout", "lm_loss_chunk"):
+                "logging.peak_flops", "data.max_train_examples", "data.max_eval_examples", "lora.dropout",
+                "lm_loss_chunk"):
         if _get(config, key) < 0:
             raise ValueError(f"config.{key}: must be >= 0, got {_get(config, key)}")
     _check_warmup(config)
+    _check_profile_steps(config.profile_steps)
     for axis, size in config.mesh.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ValueError(f"config.mesh.{axis}: must be a positive int or -1 (the remaining devices), got {size!r}")

@@ -154,9 +154,14 @@ class Appender:
 
 
 # --- remote data, read from a local mirror -------------------------------------------------------------------
+def cache_root() -> str:
+    """sft_jax's per-machine cache: $SFT_JAX_CACHE, else ~/.cache/sft_jax."""
+    return os.environ.get("SFT_JAX_CACHE") or os.path.expanduser("~/.cache/sft_jax")
+
+
 def cache_dir() -> str:
-    """Where remote data is mirrored: $SFT_JAX_CACHE, else ~/.cache/sft_jax."""
-    return os.path.join(os.environ.get("SFT_JAX_CACHE") or os.path.expanduser("~/.cache/sft_jax"), "remote")
+    """Where remote data is mirrored: `cache_root()`/remote."""
+    return os.path.join(cache_root(), "remote")
 
 
 def local_copy(url: str) -> str:

@@ -21,7 +21,7 @@ from sft_jax.trainer.metrics import MetricWriter  # noqa: E402
 
 # Wall-time metrics: the resumed process recomputes step 3 with the same values except these, and the trackers
 # keep the killed process's step 3.
-TIMING_KEYS = ("train/examples_per_s",)
+TIMING_KEYS = ("train/examples_per_s", "train/tokens_per_s", "train/mfu")
 
 
 class CrashAfterStep3(Exception):

@@ -31,7 +31,7 @@ from flax import nnx
 
 from sft_jax import optim, sharding, strategies
 from sft_jax.config_defaults import validate
-from sft_jax.flops import step_flops
+from sft_jax.flops import decoder_flops_model, step_flops
 from sft_jax.models import remat as remat_lib
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import adapt_lm, decoder_layout
@@ -207,14 +207,9 @@ def compile_step(config: ml_collections.ConfigDict, devices=None) -> CompiledSte
     step = make_train_step(model_def, tx, loss_fn, trainable, state_sharding=state_shard, batch_sharding=b_shard,
                            accum_steps=config.grad_accum_steps, logical_rules=sharding.run_logical_rules(config))
     state, batch = _abstract(state, state_shard), _abstract(batch, {k: b_shard for k in batch})
-    plain = nnx.eval_shape(lambda: adapt_lm(DecoderLM(model_config, rngs=nnx.Rngs(0)), config.strategy,
-                                            config.lora, config.seed))
-    plain_def, plain_params = ModelDef.split(plain)
-    plain_labels = strategies.label_params(plain_def.names, strategies.strategy_rules(
-        config.strategy, decoder_layout(model_config.num_layers), config.frozen_layers))
+    logical = decoder_flops_model(config, model_config)
     return CompiledStep(step.lower(state, batch).compile(), state, batch, mesh, model_config, tuple(trainable), tied,
-                        {k: tuple(v.shape) for k, v in plain_params.items()},
-                        tuple(strategies.trainable_names(plain_labels)), attention)
+                        logical.shapes, logical.trainable, attention)
 
 
 def plan(config: ml_collections.ConfigDict, *, device_memory_gb: float = 80.0, devices=None) -> Plan:

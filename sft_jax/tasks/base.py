@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sft_jax.flops import FlopsModel
 from sft_jax.models.layout import ParamLayout
 from sft_jax.rundir import RunDir
 from sft_jax.state import ModelDef
@@ -115,6 +116,16 @@ class Task(abc.ABC):
     def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
         """How many real tokens a host batch holds (0 for inputs that are not tokens), for tokens/s."""
         return 0
+
+    def flops_model(self, trainable: tuple[str, ...]) -> FlopsModel | None:
+        """What counts the model FLOPs of a train step of this run (MFU) with `trainable` parameters; None: the
+        task does not count them (no MFU is logged)."""
+        return None
+
+    def flops_shape(self, batch: dict[str, np.ndarray]) -> tuple[int, int]:
+        """(rows, sequence length) a host batch is computed at, for `flops_model`."""
+        rows, length = batch["input_ids"].shape
+        return rows, length
 
     def probes(self, params: dict) -> dict[str, float]:
         """Forgetting probes of general ability (named as in `higher_is_better`); {} when none is configured."""

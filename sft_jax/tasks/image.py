@@ -15,6 +15,7 @@ from flax import nnx
 from sft_jax import distributed, regularizers
 from sft_jax.data import batching, images
 from sft_jax.data.sources import DataError
+from sft_jax.flops import FlopsModel
 from sft_jax.losses import image_classification_loss
 from sft_jax.models.vit import ImageClassifier, ViTConfig, vit_layout
 from sft_jax.rundir import RunDir
@@ -75,6 +76,7 @@ class ImageClassification(classification.ClassificationTask):
             rundir.write_labels(self.vocab)
         self.model_def, self.params = ModelDef.split(module)
         self.layout = vit_layout(spec.vit_config.num_hidden_layers)
+        self.vit_config = spec.vit_config
         self.loss_fn = image_classification_loss
         self.batches = images.ImageTrainBatches(self.train_ds, config.batch_size, config.seed, mean=spec.mean,
                                                 std=spec.std, crop_padding=config.image.crop_padding,
@@ -83,6 +85,15 @@ class ImageClassification(classification.ClassificationTask):
                         "num_labels": len(self.vocab), "image_size": size}
         if self.source_ds is not None:
             self.summary["source_eval_examples"] = len(self.source_ds)
+
+    def flops_model(self, trainable: tuple[str, ...]) -> FlopsModel:
+        """The patch projection (a convolution kernel) is left out: under 1% of a ViT's matmul FLOPs."""
+        c = self.vit_config
+        return FlopsModel({k: tuple(v.shape) for k, v in self.params.items()}, tuple(trainable),
+                          {"layers": c.num_hidden_layers, "width": c.hidden_size, "causal": False})
+
+    def flops_shape(self, batch: dict[str, np.ndarray]) -> tuple[int, int]:
+        return len(batch["pixel_values"]), self.vit_config.num_patches + 1  # the patches and the class token
 
     def _read(self, spec: str, classes: tuple[str, ...] | None = None) -> list:
         d = self.config.data

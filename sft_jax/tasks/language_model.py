@@ -24,6 +24,7 @@ from sft_jax.data.sources import DataError
 from sft_jax.data.streaming import streamed_batches
 from sft_jax.evaluate import text_metrics
 from sft_jax.evaluate.perplexity import wikitext2_perplexity
+from sft_jax.flops import FlopsModel, decoder_flops_model
 from sft_jax.losses import lm_loss
 from sft_jax.models.decoder import DecoderConfig, DecoderLM
 from sft_jax.models.finetuned import build_lm, decoder_layout, with_dtype
@@ -105,6 +106,7 @@ class LanguageModel(Task):
             frozen_layers=config.frozen_layers, ignore_weights=tuple(config.ignore_weights),
             placement=lambda names, shapes, axes: sharding.run_param_shardings(config, mesh, names, shapes, axes))
         check_fits(self.tokenizer, model_config.vocab_size, config.tokenizer or config.model)
+        self.model_config = model_config
         longest = max(config.max_length, max(config.buckets))
         if longest > model_config.max_position_embeddings:
             raise ValueError(f"config.max_length={longest} exceeds the model's "
@@ -202,6 +204,9 @@ class LanguageModel(Task):
 
     def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
         return int(np.count_nonzero(batch["segment_ids"]))
+
+    def flops_model(self, trainable: tuple[str, ...]) -> FlopsModel:
+        return decoder_flops_model(self.config, self.model_config)  # the plain model's, however it is stored
 
     def fisher(self, params: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """Next-token batches of regularizer.fisher_data (max_length-token blocks), drawn with the seed."""

@@ -15,6 +15,7 @@ from sft_jax.data import lm as lm_data
 from sft_jax.data.sources import DataError, make_example, read_classification
 from sft_jax.data.streaming import streamed_batches
 from sft_jax.evaluate.stsb import stsb_spearman
+from sft_jax.flops import FlopsModel
 from sft_jax.losses import classification_loss, simcse_loss
 from sft_jax.models.classifier import EncoderClassifier, bert_layout
 from sft_jax.models.loading.hf import load_encoder, load_encoder_config, load_tokenizer
@@ -74,6 +75,7 @@ class TextClassification(classification.ClassificationTask):
             # RoBERTa positions count the ids that are not pad_token_id: another pad id would shift them.
             raise ValueError(f"{config.model}: tokenizer pad id {self.tokenizer.pad_token_id} differs from "
                              f"pad_token_id {encoder_config.pad_token_id} of config.json")
+        self.encoder_config = encoder_config
         self.vocab, self.train_ds, self.eval_ds = self._load_data(rundir)
         model = TextClassifier(config, len(self.vocab))
         if distributed.is_primary():
@@ -127,6 +129,11 @@ class TextClassification(classification.ClassificationTask):
 
     def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
         return int(np.count_nonzero(batch["attention_mask"]))
+
+    def flops_model(self, trainable: tuple[str, ...]) -> FlopsModel:
+        c = self.encoder_config
+        return FlopsModel({k: tuple(v.shape) for k, v in self.params.items()}, tuple(trainable),
+                          {"layers": c.num_hidden_layers, "width": c.hidden_size, "causal": False})
 
     def fisher(self, params: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         return regularizers.empirical_fisher(self.model_def, params, names, simcse_loss, self._fisher_batches(),

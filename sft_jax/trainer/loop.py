@@ -14,8 +14,9 @@ from sft_jax.config_defaults import early_stopping_mode, validate
 from sft_jax.models import quant
 from sft_jax.rundir import RunDir
 from sft_jax.state import count_params, params_fingerprint
-from sft_jax.trainer import forgetting, guards, setup, trackers
+from sft_jax.trainer import forgetting, guards, setup, throughput, trackers
 from sft_jax.trainer.metrics import MetricWriter, due
+from sft_jax.trainer.profile import StepProfiler
 from sft_jax.workdir_claim import Claim
 
 
@@ -51,13 +52,16 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
         results[f"forgetting/{name}/before"] = value
 
     writer = MetricWriter(rundir, resume_step=int(state.step), config=config)  # drops lines logged after the checkpoint
-    step = int(state.step)
+    step = prior_step = int(state.step)
     t0, examples, tokens, eval_time = time.time(), 0, 0, 0.0
     bar = tqdm.tqdm(total=config.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                     disable=not distributed.is_primary())
     last_eval, last = None, False
     prior_seconds = meta.get("train_seconds", 0.0)  # training time of earlier processes (resumes)
     nonfinite: list[tuple[int, jax.Array]] = []  # (step, flag) of steps not yet checked on the host
+    speed = _throughput(config, task, run)
+    flops_model = task.flops_model(run.trainable)
+    profiler = StepProfiler(config.profile_steps, rundir.file("profile"))
     preempt = guards.Preemption()
     try:
         while (step < config.max_steps and not meta["stopped_early"] and not meta.get("out_of_time")
@@ -65,9 +69,17 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
             ckpt.poll()  # a save that failed in the background stops the run here, not at the next save
             distributed.set_phase(f"train step {step + 1}")  # named if another process dies meanwhile
             host_batch = task.batches.batch(step)
-            tokens += task.batch_tokens(host_batch)
+            batch_tokens = task.batch_tokens(host_batch)
+            tokens += batch_tokens
+            profiler.before(step + 1)
             state, m = run.train_fns(step)(state, sharding.put_batch(host_batch, run.b_shard))
+            profiler.after(step + 1, state)
             claim.commit(config)  # compiled and running: from here the workdir is this run's
+            if step == prior_step:  # this process's first step compiled: the windows start after it
+                jax.block_until_ready(m)
+                speed.restart()
+            else:
+                speed.add(batch_tokens, flops_model.per_step(*task.flops_shape(host_batch)) if flops_model else 0.0)
             step += 1
             examples += config.batch_size
             meta["train_seconds"] = prior_seconds + time.time() - t0 - eval_time
@@ -82,21 +94,24 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
             if due(step, config.log_every, last):
                 m = {k: float(v) for k, v in jax.device_get(m).items()}
                 rate = examples / max(time.time() - t0 - eval_time, 1e-9)
+                window = speed.report()
                 writer.write(step, {"train/loss": m["loss"], **task.train_metrics(m), "train/grad_norm": m["grad_norm"],
                                     "train/learning_rate": float(run.schedule(step - 1)), "train/examples_per_s": rate,
-                                    "train/skipped_steps": meta.get("skipped_steps", 0)})
-                bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}")
+                                    **window, "train/skipped_steps": meta.get("skipped_steps", 0)})
+                bar.set_postfix(loss=f"{m['loss']:.4f}", ex_per_s=f"{rate:.1f}", **_speed_postfix(window))
             bar.update(1)
             if due(step, config.eval_every, last):
                 distributed.set_phase(f"the evaluation at step {step}")
                 t_eval = time.time()
                 last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar)
                 eval_time += time.time() - t_eval
+                speed.exclude(time.time() - t_eval)
             if due(step, config.checkpoint_every, last, meta["stopped_early"], preempt.requested):
                 guards.check_saveable(state)
                 distributed.set_phase(f"the checkpoint save of step {step}")
                 ckpt.save_latest(state, meta)
     finally:
+        profiler.close()
         preempt.restore()
         bar.close()  # also when the loop raises: the error prints on a line of its own
     distributed.set_phase(f"the last checkpoint save and final evaluation (step {step})")
@@ -135,6 +150,27 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     writer.close()
     ckpt.close()
     return results
+
+
+def _throughput(config, task, run: setup.Training) -> throughput.Throughput:
+    """The window counter of train/tokens_per_s and train/mfu (process 0 logs: only it finds the peak)."""
+    peak = None
+    if distributed.is_primary():
+        from sft_jax.train_step import compiler_options
+
+        options = compiler_options(config.cpu_matmuls, decoder=task.decoder) or None
+        peak = throughput.total_peak_flops(config.dtype, config.logging.peak_flops, list(run.b_shard.mesh.devices.flat),
+                                           compiler_options=options)
+    return throughput.Throughput(peak)
+
+
+def _speed_postfix(window: dict[str, float]) -> dict[str, str]:
+    out = {}
+    if "train/tokens_per_s" in window:
+        out["tok_per_s"] = f"{window['train/tokens_per_s']:.0f}"
+    if "train/mfu" in window:
+        out["mfu"] = f"{window['train/mfu']:.0%}"
+    return out
 
 
 def _evaluate(config, task, run: setup.Training, state, step: int, meta: dict, ckpt: Checkpoints,
