@@ -53,6 +53,6 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    # sft-jax train | predict | generate | export | plan: the `python -m sft_jax.<module>` commands.
+    # sft-jax train | predict | generate | export | plan | lm_eval: the `python -m sft_jax.<module>` commands.
     entry_points={"console_scripts": ["sft-jax=sft_jax.console:main"]},
 )
