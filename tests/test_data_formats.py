@@ -361,8 +361,37 @@ def test_hf_spec_reads_the_local_datasets_cache(hf_cache):
     assert "no split 'validation' in the local cache" in _one_line(read_classification, "hf:myorg/tiny:validation")
     assert _one_line(read_classification, "hf:other/absent:train") == (
         f"hf:other/absent:train: not in the local Hugging Face datasets cache (looked for "
-        f"{hf_cache / 'other___absent'}; set HF_DATASETS_CACHE, or run datasets.load_dataset where the hub is "
-        "reachable)")
+        f"{hf_cache / 'other___absent'}) and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid downloading it")
+
+
+def test_hf_spec_downloads_what_the_cache_lacks_where_the_hub_may_be_used(hf_cache, tmp_path, monkeypatch):
+    """The hub is stood in for by a local dataset: load_dataset("myorg/other") fills the cache as a download
+    would (ORG___NAME/CONFIG/VERSION/HASH), once; a failed download is one line."""
+    datasets = pytest.importorskip("datasets")
+    for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    source = tmp_path / "hub" / "other" / "data"
+    source.mkdir(parents=True)
+    write_jsonl(source / "train.jsonl", sentiment_records(3, offset=20))
+    real_load, calls = datasets.load_dataset, []
+
+    def load_dataset(name, config=None, cache_dir=None):
+        calls.append((name, config, cache_dir))
+        if name != "myorg/other":
+            raise ConnectionError(f"cannot reach the hub for {name}\n(details)")
+        real_load(str(source.parent), config, cache_dir=cache_dir)
+        pathlib.Path(cache_dir, "other").rename(pathlib.Path(cache_dir, "myorg___other"))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    expected = [r["text"] for r in sentiment_records(3, offset=20)]
+    assert [e.text for e in read_classification("hf:myorg/other:train")] == expected
+    assert [e.text for e in read_classification("hf:myorg/other")] == expected  # cached now: no second download
+    assert calls == [("myorg/other", None, str(hf_cache))]
+    assert [e.text for e in read_classification("hf:myorg/tiny:train")][:1] == [sentiment_records(1)[0]["text"]]
+    assert len(calls) == 1  # a cached dataset is never downloaded
+    assert _one_line(read_classification, "hf:myorg/gone:train") == (
+        f"hf:myorg/gone:train: not in the local Hugging Face datasets cache (looked for {hf_cache / 'myorg___gone'}) "
+        "and the download failed (ConnectionError: cannot reach the hub for myorg/gone)")
 
 
 def test_hf_spec_reads_shards_in_order(hf_cache):

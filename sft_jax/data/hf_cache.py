@@ -1,10 +1,11 @@
-"""`hf:ORG/NAME[:CONFIG][:SPLIT]`: a dataset from the local Hugging Face `datasets` cache, read offline.
+"""`hf:ORG/NAME[:CONFIG][:SPLIT]`: a dataset from the local Hugging Face `datasets` cache.
 
 `datasets.load_dataset("ORG/NAME", CONFIG)` leaves its data as Arrow files in
     CACHE/ORG___NAME/CONFIG/VERSION/HASH/NAME-SPLIT.arrow    (or NAME-SPLIT-00000-of-00003.arrow, ...)
 beside a dataset_info.json with the features and splits; CACHE is $HF_DATASETS_CACHE, else $HF_HOME/datasets,
-else ~/.cache/huggingface/datasets. `columnar` reads those files like any Arrow file: nothing is downloaded and
-the `datasets` library is not needed.
+else ~/.cache/huggingface/datasets. `columnar` reads those files like any Arrow file, without the `datasets`
+library. A dataset (or config) not in the cache is downloaded into it once with `datasets.load_dataset` where the
+hub may be used (`datasets` installed; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE not set), then read the same way.
 
 Choosing: `hf:ORG/NAME:X` is config X when the cache holds a config of that name, else split X. A config or
 split left out is the only one cached, else the choices are named in the error (a guess could train on the
@@ -75,6 +76,33 @@ def _splits(data_dir: str) -> list[str]:
     return sorted(names)
 
 
+def hub_offline() -> bool:
+    """Whether the environment forbids the hub, as huggingface_hub and datasets read it."""
+    return any(os.environ.get(k, "").upper() in ("1", "ON", "YES", "TRUE")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _download(spec: str, name: str, config: str | None, dataset_dir: str) -> None:
+    """Fills the cache with `name` (its `config`) through `datasets.load_dataset`, or says in one line why not."""
+    if hub_offline():
+        raise DataError(f"{spec}: not in the local Hugging Face datasets cache (looked for {dataset_dir}) and "
+                        "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE forbid downloading it")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{spec}: not in the local Hugging Face datasets cache (looked for {dataset_dir}); pip "
+                        "install datasets to download it, or set HF_DATASETS_CACHE to where it is") from None
+    try:
+        datasets.load_dataset(name, config, cache_dir=cache_root())
+    except Exception as e:  # an unknown dataset or config, no network, a gated dataset: all one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{spec}: not in the local Hugging Face datasets cache (looked for {dataset_dir}) and "
+                        f"the download failed ({type(e).__name__}: {reason})") from None
+    if not _subdirs(dataset_dir):
+        raise DataError(f"{spec}: datasets.load_dataset({name!r}) left nothing in {dataset_dir} (a dataset "
+                        "streamed or stored elsewhere); point HF_DATASETS_CACHE at its Arrow files")
+
+
 def resolve(spec: str) -> CachedSplit:
     """The Arrow files and features of `hf:ORG/NAME[:CONFIG][:SPLIT]` in the local cache."""
     parts = spec[len(PREFIX):].split(":")
@@ -84,9 +112,11 @@ def resolve(spec: str) -> CachedSplit:
     root = cache_root()
     dataset_dir = os.path.join(root, name.replace("/", "___"))
     configs = _subdirs(dataset_dir)
-    if not configs:
-        raise DataError(f"{spec}: not in the local Hugging Face datasets cache (looked for {dataset_dir}; set "
-                        "HF_DATASETS_CACHE, or run datasets.load_dataset where the hub is reachable)")
+    missing = not configs or (len(rest) == 2 and rest[0] not in configs)
+    if missing and not (configs and hub_offline()):  # offline, a missing config is named with those cached
+        # The named config, or the dataset's default one (`hf:ORG/NAME:X` takes X as a split then).
+        _download(spec, name, rest[0] if len(rest) == 2 else None, dataset_dir)
+        configs = _subdirs(dataset_dir)
     config = split = None
     if len(rest) == 2:
         config, split = rest
