@@ -65,8 +65,9 @@ def defaults() -> ml_collections.ConfigDict:
     # splash. Soft-capped layers (Gemma 2) stay blocked under dot_product; splash caps them itself.
     c.attention = "auto"
     # On CPU: "onednn" hands the float32 matmuls of the train and eval steps to oneDNN, "xla" leaves XLA:CPU's
-    # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS). No effect on
-    # GPU or TPU.
+    # own, "auto" picks by model: oneDNN for encoders, XLA's for decoders (train_step.CPU_MATMULS); "measure"
+    # times the run's own matmul shapes under both, once per CPU model (sft_jax/cpu_matmul_choice.py). No effect
+    # on GPU or TPU.
     c.cpu_matmuls = "auto"
     # image_classification with model="vit-scratch": the size of the randomly initialised ViT (HF ViTConfig names).
     c.vit = ml_collections.ConfigDict()
@@ -271,7 +272,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "optimizer_state_dtype", ("float32", "bfloat16", "int8"))
     _check_choice(config, "attention", ("auto", "blocked", "dot_product", "splash"))
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
-    _check_choice(config, "cpu_matmuls", ("auto", "xla", "onednn"))
+    _check_choice(config, "cpu_matmuls", ("auto", "measure", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)
     _check_choice(config, "data.too_long", ("truncate", "error"))
     _check_choice(config, "logging.wandb_mode", ("online", "offline"))

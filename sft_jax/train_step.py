@@ -243,16 +243,17 @@ CPU_MATMULS = {
     "onednn": {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
-CPU_MATMUL_CHOICES = ("auto", *CPU_MATMULS)
+CPU_MATMUL_CHOICES = ("auto", "measure", *CPU_MATMULS)
 
 
 def compiler_options(cpu_matmuls: str = "auto", devices=None, *, decoder: bool = False) -> dict:
     """XLA compiler options for `make_train_step` / `make_eval_step`: those of `CPU_MATMULS[cpu_matmuls]`
-    ("auto": "xla" for a `decoder`, "onednn" otherwise) when `devices` (default: jax.devices()) are CPUs,
-    none on GPU or TPU."""
+    ("auto": "xla" for a `decoder`, "onednn" otherwise; "measure", which the trainer resolves first
+    (`cpu_matmul_choice`), as "auto" where nothing was measured) when `devices` (default: jax.devices()) are
+    CPUs, none on GPU or TPU."""
     if cpu_matmuls not in CPU_MATMUL_CHOICES:
         raise ValueError(f"cpu_matmuls: {cpu_matmuls!r} is not one of {CPU_MATMUL_CHOICES}")
-    if cpu_matmuls == "auto":
+    if cpu_matmuls in ("auto", "measure"):
         cpu_matmuls = "xla" if decoder else "onednn"
     devices = jax.devices() if devices is None else devices
     return dict(CPU_MATMULS[cpu_matmuls]) if all(d.platform == "cpu" for d in devices) else {}

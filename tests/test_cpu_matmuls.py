@@ -26,12 +26,14 @@ def test_options_by_platform_and_name():
     assert compiler_options("auto", cpu) == CPU_MATMULS["onednn"]  # encoders
     assert compiler_options("auto", cpu, decoder=True) == {}
     assert compiler_options("onednn", gpu) == {}  # XLA:CPU options never reach a GPU or TPU compile
-    with pytest.raises(ValueError, match=r"^cpu_matmuls: 'mkl' is not one of \('auto', 'xla', 'onednn'\)$"):
+    assert compiler_options("measure", cpu, decoder=True) == {}  # unresolved (nothing measured): as auto
+    with pytest.raises(ValueError, match=r"^cpu_matmuls: 'mkl' is not one of \('auto', 'measure', 'xla', 'onednn'\)$"):
         compiler_options("mkl", cpu)
     c = defaults()
     assert c.cpu_matmuls == "auto"
     c.cpu_matmuls = "mkl"
-    with pytest.raises(ValueError, match=r"^config.cpu_matmuls: 'mkl' is not one of \('auto', 'xla', 'onednn'\)$"):
+    with pytest.raises(ValueError, match=r"^config.cpu_matmuls: 'mkl' is not one of \('auto', 'measure', 'xla', "
+                                         r"'onednn'\)$"):
         validate(c)
 
 

@@ -156,11 +156,8 @@ def _throughput(config, task, run: setup.Training) -> throughput.Throughput:
     """The window counter of train/tokens_per_s and train/mfu (process 0 logs: only it finds the peak)."""
     peak = None
     if distributed.is_primary():
-        from sft_jax.train_step import compiler_options
-
-        options = compiler_options(config.cpu_matmuls, decoder=task.decoder) or None
         peak = throughput.total_peak_flops(config.dtype, config.logging.peak_flops, list(run.b_shard.mesh.devices.flat),
-                                           compiler_options=options)
+                                           compiler_options=run.compiler_options or None)
     return throughput.Throughput(peak)
 
 

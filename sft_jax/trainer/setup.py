@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import tqdm
 
-from sft_jax import groups, optim, regularizers, sharding, strategies
+from sft_jax import cpu_matmul_choice, groups, optim, regularizers, sharding, strategies
 from sft_jax.checkpoint import Checkpoints, FrozenBase
 from sft_jax.models import fused_attention
 from sft_jax.models import remat as remat_lib
@@ -24,7 +24,14 @@ from sft_jax.models.layout import in_storage_dtype as in_storage_dtype  # re-exp
 from sft_jax.models.layout import storage_dtype as storage_dtype
 from sft_jax.state import ModelDef, TrainState
 from sft_jax.tasks.base import Task
-from sft_jax.train_step import compiler_options, compute_cast_plan, make_eval_step, make_train_step, with_compute_params
+from sft_jax.train_step import (
+    CPU_MATMULS,
+    compiler_options,
+    compute_cast_plan,
+    make_eval_step,
+    make_train_step,
+    with_compute_params,
+)
 
 
 def master_names(params: dict, trainable, master_dtype: str = "none") -> tuple[str, ...]:
@@ -126,6 +133,7 @@ class Training:
     trainable: tuple[str, ...]
     p_shard: dict
     b_shard: jax.sharding.NamedSharding
+    compiler_options: dict  # XLA's, of the train and eval steps (the CPU matmul library)
 
 
 def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, workdir: str) -> Training:
@@ -172,14 +180,25 @@ def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, wo
         cast_plan = compute_cast_plan(task.model_def, task.loss_fn, state.params,
                                       task.batches.batch(int(state.step)), phased[start_phase][1])
         state, state_shard = with_compute_params(state, cast_plan, state_shard)
-    xla_options = compiler_options(config.cpu_matmuls, b_shard.mesh.devices.flat, decoder=task.decoder)
-    train_fns = groups.PhasedStep(phased, lambda names: make_train_step(
-        task.model_def, tx, task.loss_fn, names, state_sharding=state_shard, batch_sharding=b_shard,
-        accum_steps=config.grad_accum_steps, logical_rules=logical_rules, compiler_options=xla_options))
+    def step_for(names, xla_options):
+        return make_train_step(task.model_def, tx, task.loss_fn, names, state_sharding=state_shard,
+                               batch_sharding=b_shard, accum_steps=config.grad_accum_steps,
+                               logical_rules=logical_rules, compiler_options=xla_options)
+
+    library = config.cpu_matmuls
+    on_cpu = all(d.platform == "cpu" for d in b_shard.mesh.devices.flat)
+    if library == "measure" and on_cpu:  # the run's own matmuls timed under each library (cached per CPU)
+        start = groups.phase_at([s for s, _ in phased], int(state.step))
+        traced = jax.make_jaxpr(step_for(phased[start][1], None))(
+            state, sharding.put_batch(task.batches.batch(int(state.step)), b_shard))
+        library = cpu_matmul_choice.choose(cpu_matmul_choice.dots_of(traced.jaxpr), CPU_MATMULS,
+                                           log=tqdm.tqdm.write)
+    xla_options = compiler_options(library, b_shard.mesh.devices.flat, decoder=task.decoder)
+    train_fns = groups.PhasedStep(phased, lambda names: step_for(names, xla_options))
     eval_step = make_eval_step(task.model_def, task.loss_fn, params_sharding=p_shard, batch_sharding=b_shard,
                                logical_rules=logical_rules, compiler_options=xla_options)
 
     def eval_fn(params, batch):  # host batches become global arrays (each process puts its own rows)
         return eval_step(params, sharding.put_batch(batch, b_shard))
 
-    return Training(state, meta, train_fns, eval_fn, schedule, trainable, p_shard, b_shard)
+    return Training(state, meta, train_fns, eval_fn, schedule, trainable, p_shard, b_shard, xla_options)
