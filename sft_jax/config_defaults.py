@@ -104,6 +104,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.instruction_field = "instruction"  # sft: field of the instruction
     c.data.messages_field = "messages"  # sft: field of a chat's [{"role", "content"}] list
     c.data.max_eval_examples = 0  # 0: all
+    # > 0: this fraction of the training examples (drawn with the seed) is held out as the validation set that
+    # evaluations, early stopping, the best checkpoint and WiSE-FT's alpha select on; data.eval is then evaluated
+    # once, on the selected checkpoint, as test/... in results.json. 0: select on data.eval itself
+    c.data.validation_fraction = 0.0
     c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data directory; None: TFDS's
     c.data.max_train_examples = 0  # 0: all; else the first N after a seeded shuffle
     # True: data.train (.jsonl or .parquet) is read record by record as batches need it, never held in memory
@@ -283,6 +287,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key}: must be >= 0, got {_get(config, key)}")
     _check_warmup(config)
     _check_profile_steps(config.profile_steps)
+    if not 0 <= config.data.validation_fraction < 1:
+        raise ValueError(f"config.data.validation_fraction: must be in [0, 1), got {config.data.validation_fraction}")
     for axis, size in config.mesh.items():
         if not isinstance(size, int) or (size < 1 and size != -1):
             raise ValueError(f"config.mesh.{axis}: must be a positive int or -1 (the remaining devices), got {size!r}")

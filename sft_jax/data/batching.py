@@ -186,6 +186,19 @@ def eval_batches(ds, batch_size: int, buckets: Sequence[int], pad_id: int, colla
         yield idx, collate(ds, idx, batch_size, buckets, pad_id)
 
 
+def carve_validation(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(train, validation): `fraction` of `records` (at least one, drawn with `seed` in a stream of its own)
+    held out to select on, and the rest; each part in the original order."""
+    if not fraction:
+        return records, []
+    count = max(1, round(len(records) * fraction))
+    if count >= len(records):
+        raise DataError(f"config.data.validation_fraction={fraction}: {count} of {len(records)} training "
+                        "examples held out would leave none to train on")
+    held = set(np.random.default_rng([seed, 1]).permutation(len(records))[:count].tolist())
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
 def subsample(records: list, count: int, seed: int) -> list:
     """The first `count` records of a `seed`ed shuffle (all of them when `count` is 0), in their original order."""
     if not count:

@@ -56,7 +56,10 @@ class Task(abc.ABC):
       layout              where its embeddings, blocks and head live (for strategies and layer groups);
       loss_fn             the training loss, also used by evaluation;
       batches             the training batches (`TrainBatches`);
-      summary             counts for results.json (examples, labels, truncation, ...).
+      summary             counts for results.json (examples, labels, truncation, ...);
+      test_data           with `data.validation_fraction`: the reported split (data.eval), as the attributes
+                          `evaluate` reads its evaluation set from ({"eval_ds": ..., ...}), while those
+                          attributes hold the validation examples carved from train; None otherwise.
     """
 
     strategies: ClassVar[tuple[str, ...]] = ("head", "partial", "full")
@@ -72,6 +75,7 @@ class Task(abc.ABC):
     loss_fn: LossFn
     batches: TrainBatches
     summary: dict[str, Any]
+    test_data: dict[str, Any] | None = None
 
     @abc.abstractmethod
     def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
@@ -93,6 +97,9 @@ class Task(abc.ABC):
         if config.early_stopping.metric not in names:
             raise ValueError(f"config.early_stopping.metric: {config.early_stopping.metric!r} is not one of "
                              f"{names} for task {config.task!r}")
+        if config.data.streaming and config.data.validation_fraction:
+            raise ValueError("config.data.validation_fraction: not with data.streaming (a stream holds no examples to "
+                             "carve from; write the validation examples to their own file and evaluate on it)")
         if config.data.streaming and not cls.streams:
             raise ValueError(f"config.data.streaming: task {config.task!r} reads its training data into memory; "
                              "set streaming=False")
@@ -108,6 +115,20 @@ class Task(abc.ABC):
     def evaluate(self, eval_fn: EvalFn, params: dict, step: int | None = None) -> dict[str, float]:
         """The task's metrics (`metric_names`) of `params` on its evaluation set; `step` labels any output
         written along the way (generations)."""
+
+    def evaluate_reported(self, eval_fn: EvalFn, params: dict, step: int | None = None) -> dict[str, float]:
+        """With `test_data`: `evaluate` on the reported split, its eval/... metrics named test/...; else {}."""
+        if not self.test_data:
+            return {}
+        selection = {name: getattr(self, name) for name in self.test_data}
+        try:
+            for name, value in self.test_data.items():
+                setattr(self, name, value)
+            metrics = self.evaluate(eval_fn, params, step)
+        finally:
+            for name, value in selection.items():
+                setattr(self, name, value)
+        return {"test/" + k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
 
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Logged training metrics from the train step's summed aux values."""

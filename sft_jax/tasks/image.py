@@ -46,9 +46,12 @@ class ImageClassification(classification.ClassificationTask):
         d = config.data
         train_records, eval_records = self._read(d.train), self._read(d.eval)
         self.vocab = classification.label_vocab(d.train, rundir, train_records)
-        train_records = batching.subsample(train_records, d.max_train_examples, config.seed)
         spec = image_model.resolve_image_model(config.model, config.vit, config.image, jnp.dtype(config.dtype))
         self.image_size = size = spec.vit_config.image_size
+        if d.validation_fraction:  # evaluations select on images carved from train; data.eval is reported
+            self.test_data = {"eval_ds": images.load_images(eval_records, self.vocab, size)}
+            train_records, eval_records = batching.carve_validation(train_records, d.validation_fraction, config.seed)
+        train_records = batching.subsample(train_records, d.max_train_examples, config.seed)
         # Eval first: its labels are checked before any time is spent decoding the training images.
         self.eval_ds = images.load_images(eval_records, self.vocab, size)
         self.train_ds = images.load_images(train_records, self.vocab, size)

@@ -142,12 +142,23 @@ class LanguageModel(Task):
                 for where, raw in random_access.scan(d.train):
                     _one_record(raw, where, fields)
                 return random_access.open_records(d.train), eval_ds
-            train_records = batching.subsample(sft_data.read_sft(d.train, fields), d.max_train_examples, c.seed)
+            train_records = sft_data.read_sft(d.train, fields)
+            if d.validation_fraction:  # evaluations select on records carved from train; data.eval is reported
+                self.test_data = {"eval_ds": eval_ds, "eval_records": self.eval_records}
+                train_records, self.eval_records = batching.carve_validation(train_records, d.validation_fraction,
+                                                                             c.seed)
+                eval_ds = sft_data.encode_sft(self.eval_records, self.tokenizer, fmt, c.max_length, d.too_long)
+            train_records = batching.subsample(train_records, d.max_train_examples, c.seed)
             train_ds = sft_data.encode_sft(train_records, self.tokenizer, fmt, c.max_length, d.too_long)
             return train_ds, eval_ds
         read = lm_data.read_documents
         eval_ds = lm_data.encode_documents(read(d.eval, d.text_field), self.tokenizer, c.max_length)
-        train_ds = lm_data.encode_documents(read(d.train, d.text_field), self.tokenizer, c.max_length)
+        documents = read(d.train, d.text_field)
+        if d.validation_fraction:  # evaluations select on documents carved from train; data.eval is reported
+            self.test_data = {"eval_ds": eval_ds}
+            documents, held = batching.carve_validation(documents, d.validation_fraction, c.seed)
+            eval_ds = lm_data.encode_documents(held, self.tokenizer, c.max_length)
+        train_ds = lm_data.encode_documents(documents, self.tokenizer, c.max_length)
         return train_ds, eval_ds
 
     def _encode_records(self, items: list[tuple[str, dict]]) -> lm_data.LmDataset:

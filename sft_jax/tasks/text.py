@@ -107,6 +107,10 @@ class TextClassification(classification.ClassificationTask):
         vocab = classification.label_vocab(d.train, rundir, train_ex)
         # Encoding the eval set first checks its labels before any time is spent on training.
         length = self.config.max_length
+        if d.validation_fraction:  # evaluations select on examples carved from train; data.eval is reported
+            self.test_data = {"eval_ds": batching.encode_classification(eval_ex, self.tokenizer, vocab, length,
+                                                                        d.too_long)}
+            train_ex, eval_ex = batching.carve_validation(train_ex, d.validation_fraction, self.config.seed)
         eval_ds = batching.encode_classification(eval_ex, self.tokenizer, vocab, length, d.too_long)
         if not d.streaming:
             train_ex = batching.subsample(train_ex, d.max_train_examples, self.config.seed)

@@ -45,6 +45,8 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     state, meta = run.state, run.meta
     results = {"trainable_params": count_params(task.params, run.trainable),
                "total_params": quant.count_weights(task.params), **task.summary}
+    if task.test_data:
+        results["test_examples"] = len(task.test_data["eval_ds"])
     # The "before" probe runs once, on the pre-trained weights, and is kept in the checkpoint meta for resumes.
     if "probes_before" not in meta:
         meta["probes_before"] = task.probes(task.params)
@@ -130,6 +132,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
         results.update(last_eval)  # the last evaluation was of these very parameters
     else:
         results.update(task.evaluate(run.eval_fn, best_params, meta["best_step"]))
+    results.update(task.evaluate_reported(run.eval_fn, best_params, meta["best_step"]))  # with a validation split
     results.update(forgetting.summarise(task, meta["probes_before"], task.probes(best_params)))
     if pretrained is not None:
         results.update(forgetting.wise_ft_sweep(task, config.wise_ft.alphas, run.eval_fn, pretrained, best_params,

@@ -1,0 +1,80 @@
+"""experiments/protocol.py: the statistics tables are made of (sample SD, t-interval, paired differences), the
+budget and seed checks, and the kept files of each run (config, results, metrics, code version)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+
+from experiments import protocol
+
+
+def test_summary_is_the_mean_sample_sd_and_t_interval():
+    s = protocol.summarize([1.0, 2.0, 3.0])
+    assert (s.n, s.mean, s.sd) == (3, 2.0, 1.0)
+    half = 4.302652729911275 / math.sqrt(3)  # t(0.975, 2 degrees of freedom) * sd / sqrt(n)
+    assert s.low == pytest.approx(2.0 - half) and s.high == pytest.approx(2.0 + half)
+    assert s.format(scale=100, digits=1) == "200.0 ± 248.4 [-48.4, 448.4] (n=3)"
+    one = protocol.summarize([0.5])
+    assert one.n == 1 and math.isnan(one.sd) and one.format() == "0.50 (n=1, no interval)"
+    with pytest.raises(ValueError, match="no values"):
+        protocol.summarize([])
+
+
+def test_paired_differences_use_the_shared_seeds_only():
+    a = {0: 0.90, 1: 0.88, 2: 0.91, 7: 0.5}
+    b = {0: 0.85, 1: 0.86, 2: 0.86}
+    d = protocol.paired(a, b)
+    assert d.n == 3 and d.mean == pytest.approx((0.05 + 0.02 + 0.05) / 3)
+    with pytest.raises(ValueError, match="share no seed"):
+        protocol.paired({0: 1.0}, {1: 1.0})
+
+
+def test_budget_and_seed_checks_name_the_arm():
+    protocol.check_equal_budget({"full": {"max_steps": 300}, "head": {"max_steps": 300}})
+    with pytest.raises(ValueError, match=r"unequal budgets \(max_steps\): \{'full': 3000, 'head': 1500\}"):
+        protocol.check_equal_budget({"full": {"max_steps": 3000}, "head": {"max_steps": 1500}})
+    with pytest.raises(ValueError, match=r"arm 'head': 2 seeds, the protocol asks for at least 3"):
+        protocol.check_seeds({"full": [0, 1, 2], "head": [0, 1, 1]})
+
+
+def _git(root, *args):
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=root, check=True,
+                   capture_output=True)
+
+
+def test_kept_runs_hold_their_files_and_code_version(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    _git(repo, "add", "code.py")
+    _git(repo, "commit", "-q", "-m", "c")
+    assert protocol.code_version(str(repo))["dirty"] is False
+    (repo / "code.py").write_text("x = 2\n")
+    version = protocol.code_version(str(repo))
+    assert version["dirty"] is True and len(version["commit"]) == 40
+    assert protocol.code_version(str(tmp_path / "nowhere")) == {"commit": None, "dirty": None}
+
+    experiment = tmp_path / "exp"
+    for arm, seed, acc in (("full", 0, 0.9), ("full", 1, 0.8), ("head", 0, 0.7)):
+        workdir = tmp_path / f"w_{arm}_{seed}"
+        workdir.mkdir()
+        (workdir / "config.json").write_text(json.dumps({"seed": seed, "max_steps": 10}))
+        (workdir / "results.json").write_text(json.dumps({"eval/accuracy": acc}))
+        (workdir / "metrics.jsonl").write_text(json.dumps({"step": 10, "eval/accuracy": acc}) + "\n")
+        protocol.keep_run(str(workdir), str(experiment), arm, seed, command=f"train {arm}", budget="10 steps")
+    runs = protocol.load_runs(str(experiment))
+    assert [(r["arm"], r["seed"]) for r in runs] == [("full", 0), ("full", 1), ("head", 0)]
+    assert runs[1]["metrics"] == [{"step": 10, "eval/accuracy": 0.8}] and runs[1]["config"]["seed"] == 1
+    assert runs[0]["provenance"]["command"] == "train full" and runs[0]["provenance"]["budget"] == "10 steps"
+    assert protocol.by_arm(runs, "eval/accuracy") == {"full": {0: 0.9, 1: 0.8}, "head": {0: 0.7}}
+    assert protocol.provenance_line(runs).startswith("3 runs, code version ")
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        (tmp_path / "unfinished").mkdir()
+        (tmp_path / "unfinished" / "config.json").write_text("{}")
+        (tmp_path / "unfinished" / "results.json").write_text("{}")
+        protocol.keep_run(str(tmp_path / "unfinished"), str(experiment), "full", 2)
