@@ -1,5 +1,6 @@
 """The PyTorch + transformers side of the benchmark: the same model, weights, batch, strategy and AdamW
-(weight decay 0.01, gradient clipping at 1.0), in eager mode, float32 or bfloat16 autocast."""
+(weight decay 0.01, gradient clipping at 1.0), eager or under `torch.compile` (default or max-autotune), in
+float32 or bfloat16 autocast. Imports no JAX (a memory-measuring process holds only its own framework)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments.benchmarks.ours import FROZEN_LAYERS
+from experiments.benchmarks.cases import COMPILERS, FROZEN_LAYERS, variant_name
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -61,16 +62,18 @@ def _freeze(model: nn.Module, trainable) -> None:
 
 
 class TorchStep:
-    """One PyTorch train step per `step()`; `autocast` runs it in bfloat16 autocast (float32 master weights)."""
+    """One PyTorch train step per `step()`; `autocast` runs it in bfloat16 autocast (float32 master weights).
+    `model_dir`: the same architecture from another directory (a tiny one in the smoke test)."""
 
-    def __init__(self, model: str, strategy: str, batch: dict[str, np.ndarray], device: str, cache: str):
+    def __init__(self, model: str, strategy: str, batch: dict[str, np.ndarray], device: str, cache: str,
+                 model_dir: str | None = None):
         import transformers
 
         self.device, self.kind = device, model
         if model == "minilm":
             from sft_jax.models.registry import resolve_model_dir
 
-            encoder = transformers.BertModel.from_pretrained(str(resolve_model_dir("minilm-l6")),
+            encoder = transformers.BertModel.from_pretrained(model_dir or str(resolve_model_dir("minilm-l6")),
                                                              add_pooling_layer=False, attn_implementation="sdpa")
             net = MeanPoolClassifier(encoder)
             frozen_below = FROZEN_LAYERS["minilm"]
@@ -78,7 +81,7 @@ class TorchStep:
                      "partial": lambda n: not n.startswith("encoder.embeddings.") and not any(
                          n.startswith(f"encoder.encoder.layer.{i}.") for i in range(frozen_below))}
         else:
-            net = transformers.LlamaForCausalLM.from_pretrained(smollm2_hf_dir(cache), dtype=torch.float32,
+            net = transformers.LlamaForCausalLM.from_pretrained(model_dir or smollm2_hf_dir(cache), dtype=torch.float32,
                                                                 attn_implementation="sdpa")
             frozen_below = FROZEN_LAYERS["smollm2"]
             if strategy == "head":  # untied, as sft_jax's build_lm does: the LM head learns on its own copy
@@ -104,25 +107,47 @@ class TorchStep:
         self.batch = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
         self.autocast = False
 
-    def _loss(self):
+    def _loss(self, net):
         b = self.batch
         if self.kind == "minilm":
-            logits = self.net(b["input_ids"].long(), b["attention_mask"].long())
+            logits = net(b["input_ids"].long(), b["attention_mask"].long())
             return nn.functional.cross_entropy(logits.float(), b["labels"].long())
-        logits = self.net(input_ids=b["input_ids"].long()).logits
+        logits = net(input_ids=b["input_ids"].long()).logits
         return nn.functional.cross_entropy(logits.float().flatten(0, 1), b["targets"].long().flatten())
 
-    def step(self) -> float:
-        ctx = (torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16) if self.autocast
+    def step(self, net: nn.Module | None = None, autocast: bool | None = None) -> float:
+        """One step through `net` (default: the eager model; a `torch.compile` wrapper of it shares its
+        parameters) in bfloat16 autocast if `autocast` (default: the attribute)."""
+        autocast = self.autocast if autocast is None else autocast
+        ctx = (torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16) if autocast
                else contextlib.nullcontext())
         self.opt.zero_grad(set_to_none=True)
         with ctx:
-            loss = self._loss()
+            loss = self._loss(self.net if net is None else net)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         value = float(loss.detach())  # waits for the step (synchronises on GPU)
         return value
+
+
+class TorchVariant:
+    """One way of running a TorchStep: `compiler` (a COMPILERS key) in `dtype` (float32, or bfloat16 autocast
+    over float32 weights). The variants of one TorchStep share its weights and optimizer state: a step's time
+    does not depend on their values, and the model is held once."""
+
+    def __init__(self, torch_step: TorchStep, compiler: str, dtype: str):
+        self.torch_step, self.compiler, self.dtype = torch_step, compiler, dtype
+        mode = COMPILERS[compiler]
+        # Compilation is lazy: a compiler that fails on this CPU fails in the first step()
+        self.net = torch_step.net if mode is None else torch.compile(torch_step.net, mode=mode)
+
+    @property
+    def name(self) -> str:
+        return variant_name(self.compiler, self.dtype)
+
+    def step(self) -> float:
+        return self.torch_step.step(self.net, autocast=self.dtype == "bfloat16")
 
 
 def torch_matmul_peak(dtype: str, n: int, device: str, repeats: int = 5) -> float:

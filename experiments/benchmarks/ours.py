@@ -4,9 +4,9 @@ and the FLOP count of one step (the MFU numerator)."""
 from __future__ import annotations
 
 import jax
-import numpy as np
 import optax
 
+from experiments.benchmarks.cases import FROZEN_LAYERS, MODELS, synthetic_batch
 from sft_jax import optim, sharding, strategies
 from sft_jax.config_defaults import defaults
 from sft_jax.flops import step_flops
@@ -15,32 +15,18 @@ from sft_jax.state import ModelDef
 from sft_jax.train_step import compiler_options, compute_cast_plan, make_train_step, with_compute_params
 from sft_jax.trainer.setup import init_state
 
-MODELS = {"minilm": "minilm-l6", "smollm2": "smollm2-135m-instruct"}
 # config.cpu_matmuls for the steps built here; None: the config default (ab/cpu_matmuls.py sets it).
 CPU_MATMULS = None
-# partial: the lower half of the blocks frozen (with the embeddings), as in the SST-2 experiment.
-FROZEN_LAYERS = {"minilm": 3, "smollm2": 15}
-
-
-def synthetic_batch(model: str, batch: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Full-length rows of random tokens (no padding, every position a target for the LM)."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, 20000, (batch, seq_len), dtype=np.int32)
-    if model == "minilm":
-        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": rng.integers(0, 2, batch,
-                dtype=np.int32), "weights": np.ones(batch, np.float32)}
-    return {"input_ids": ids, "targets": np.roll(ids, -1, axis=1), "loss_mask": np.ones(ids.shape, np.float32),
-            "segment_ids": np.ones_like(ids), "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32),
-                                                                          ids.shape).copy()}
 
 
 class OursStep:
     """sft_jax's jitted, donated train step for (model, strategy, dtype) with AdamW (weight decay 0.01,
     clipping at 1.0), on a one-device mesh; `step()` runs one step and waits for it."""
 
-    def __init__(self, model: str, strategy: str, dtype: str, batch: int, seq_len: int):
-        c = defaults()
-        c.model, c.strategy, c.dtype = MODELS[model], strategy, dtype
+    def __init__(self, model: str, strategy: str, dtype: str, batch: int, seq_len: int,
+                 model_dir: str | None = None):
+        c = defaults()  # model_dir: the same architecture from another directory (a tiny one in the smoke test)
+        c.model, c.strategy, c.dtype = model_dir or MODELS[model], strategy, dtype
         c.frozen_layers = FROZEN_LAYERS[model] if strategy == "partial" else 0
         if model == "minilm":
             from sft_jax.tasks.text import TextClassifier

@@ -1,13 +1,16 @@
 """RESULTS.md (tables, targets, plots) from the benchmark's records; the folder's notes.md (the analysis) is
-appended."""
+appended. Reads runs of every format so far: before issue 27 a row's baseline was PyTorch float32 eager only
+and memory one shared process's peak; those runs recorded no CPU family or flags."""
 
 from __future__ import annotations
 
 import os
 
+from experiments.benchmarks.machine import cpu_line
 from experiments.common import markdown_table
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TARGET_RATIO = 1.3  # issue 27: against the fastest PyTorch variant of the same dtype
 
 
 def _find(records, model, strategy, dtype):
@@ -15,23 +18,21 @@ def _find(records, model, strategy, dtype):
                  and "sweep" not in r), None)
 
 
+def _x(value, fmt: str = ".2f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def targets(records) -> list[list]:
-    """(target, measured, met) for each target of the issue that this run measured."""
+    """(target, measured, met) for each of issue 27's targets that this run measured; none for a run made before
+    rows were compared within their dtype."""
     rows = []
-    for model in ("minilm", "smollm2"):
-        r = _find(records, model, "full", "float32")
-        if r:
-            rows.append([f"{model} full float32 >= 1.0x PyTorch", f"{r['ratio']:.2f}x", r["ratio"] >= 1.0])
     for r in records:
-        if r["dtype"] == "bfloat16" and "sweep" not in r:
-            rows.append([f"{r['model']} {r['strategy']} bfloat16 >= 1.5x PyTorch float32", f"{r['ratio']:.2f}x",
-                         r["ratio"] >= 1.5])
-    head, full = _find(records, "minilm", "head", "float32"), _find(records, "minilm", "full", "float32")
-    if head and full:
-        x = full["ours_step_s"] / head["ours_step_s"]
-        cpu = full["ours_cpu_s_per_step"] / head["ours_cpu_s_per_step"]
-        rows.append(["minilm head >= 3x minilm full (float32)", f"{x:.2f}x ({cpu:.2f}x in CPU s)", x >= 3.0])
-    if full:
+        if "torch_variants" in r and "sweep" not in r and r["strategy"] in ("full", "lora"):
+            measured = f"{r['ratio']:.2f}x vs {r['baseline']}" if r["baseline"] else "no PyTorch variant ran"
+            rows.append([f"{r['model']} {r['strategy']} {r['dtype']} >= {TARGET_RATIO}x the fastest PyTorch "
+                         f"variant of the same dtype", measured, r["ratio"] is not None and r["ratio"] >= TARGET_RATIO])
+    full = _find(records, "minilm", "full", "float32")
+    if full and "torch_variants" in full:
         # An MFU above 100% anywhere means the peak (measured under other jobs' load) is understated.
         ok = "unreliable" if any(r["mfu"] > 1.0 for r in records) else full["mfu"] >= 0.7
         rows.append(["minilm full float32 MFU >= 70% of the float32 matmul peak", f"{full['mfu']:.0%}", ok])
@@ -46,13 +47,15 @@ def _plot(records, out: str) -> list[str]:
 
     lines = []
     for sweep, axis in (("seq-minilm", "seq_len"), ("seq-smollm2", "seq_len"), ("batch-minilm", "batch")):
-        rs = sorted((r for r in records if r.get("sweep") == sweep), key=lambda r: r[axis])
+        rs = sorted((r for r in records if r.get("sweep") == sweep and r.get("baseline_step_s")),
+                    key=lambda r: r[axis])
         if not rs:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.5))
         xs = [r[axis] for r in rs]
         ax.plot(xs, [r["ours_step_s"] for r in rs], "o-", label="sft_jax float32")
-        ax.plot(xs, [r["baseline_step_s"] for r in rs], "s--", label="PyTorch float32")
+        peer = "PyTorch float32 (fastest variant)" if "torch_variants" in rs[0] else "PyTorch float32 eager"
+        ax.plot(xs, [r["baseline_step_s"] for r in rs], "s--", label=peer)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(axis)
@@ -83,64 +86,138 @@ def _by_library(peaks: dict) -> str:
     return f" (best of: {', '.join(parts)})" if parts else ""
 
 
-def write_report(records: list[dict], meta: dict, out: str) -> None:
+def machine_line(meta: dict) -> str:
+    """The machine and both frameworks' matmul peaks, as written beside every table."""
+    p = meta["peaks_flops"]
+    cpu = (f"CPU {cpu_line(meta['cpu'])}" if meta.get("cpu") else
+           f"{p['device']} (this run recorded no CPU family, model or flags)" if p["device"].startswith("cpu")
+           else p["device"])
+    return (f"Machine: {cpu}. Matmul peaks ({p['matmul_n']}^3, GFLOP/s): JAX float32 {p['jax-float32'] / 1e9:.1f}, "
+            f"bfloat16 {p['jax-bfloat16'] / 1e9:.1f}; PyTorch float32 {p['torch-float32'] / 1e9:.1f}, bfloat16 "
+            f"{p['torch-bfloat16'] / 1e9:.1f}.")
+
+
+def _baseline_text(meta: dict) -> str:
+    if "torch_variants" not in meta:
+        return ("- baseline (this run predates issue 27): PyTorch eager float32 only; `ratio` = its step time / "
+                "ours, and the bfloat16 rows too compare sft_jax bfloat16 with PyTorch float32 eager")
+    return ("- baseline: PyTorch + transformers (`BertModel` / `LlamaForCausalLM`, sdpa attention), the same "
+            "weights, batch, strategy (frozen parameters `requires_grad=False`), AdamW (weight decay 0.01) and "
+            "gradient clipping; LoRA rank 8 on q/k/v/o/gate/up/down in both. Variants timed in this run, in the same "
+            f"rotation as sft_jax: {', '.join(meta['torch_variants'])} (`compile`: `torch.compile(model)`, "
+            "`max-autotune`: its mode of that name; the model's forward and backward compiled, clipping and AdamW "
+            "eager), each in float32 and in bfloat16 autocast (float32 master weights). Every sft_jax row is "
+            "compared with the fastest variant of its own dtype (float32 with float32, bfloat16 with bfloat16 "
+            "autocast), named in the table. `ratio` = that variant's step time / ours (wall clock); `ratio (CPU s)` "
+            "the same with CPU seconds per step (all threads), which other jobs' load disturbs less; `ratio / "
+            "peak` = (sft_jax tokens/s / JAX's matmul peak of that dtype) / (PyTorch tokens/s / PyTorch's peak "
+            "of that dtype), the ratio with each framework's own GEMM speed on this CPU divided out")
+
+
+def _header(meta: dict) -> list[str]:
     peaks = meta["peaks_flops"]
-    lines = ["# Train-step throughput: sft_jax vs PyTorch + transformers", "",
-             "Made by (the numbers below are that run's):", "", "```", meta["command"], "```", "",
-             f"- device: {peaks['device']}; both frameworks on the same {peaks['threads']} threads "
-             f"(affinity mask; `torch.set_num_threads`); jax {meta['jax']}, torch {meta['torch']}",
-             f"- matmul peak ({peaks['matmul_n']}^3, measured in this run, the best at start and end): JAX float32 "
-             f"{peaks['jax-float32'] / 1e9:.1f} GFLOP/s, JAX bfloat16 {peaks['jax-bfloat16'] / 1e9:.1f} GFLOP/s"
-             + _by_library(peaks) + f"; PyTorch float32 {peaks['torch-float32'] / 1e9:.1f}, bfloat16 "
-             f"{peaks['torch-bfloat16'] / 1e9:.1f}",
-             f"- machine load average (1, 5, 15 min) at start {tuple(round(x, 1) for x in meta['load_avg_start'])},"
-             f" at end {tuple(round(x, 1) for x in meta['load_avg_end'])} ("
-             + ("no other jobs on this machine; it is a virtual machine, though, whose speed still drifted by "
-                "+-15% between runs" if _quiet(meta) else "a shared machine: other jobs ran alongside")
-             + "; variants are timed in rotating rounds so they see the same conditions)",
-             f"- timing: {meta['warmup']} warm-up steps (the first compiles), then {meta['rounds']} rounds of "
-             f"{meta['steps_per_round']} step(s) per variant; median per-step time; wall {meta['wall_s']:.0f} s",
-             "- baseline: PyTorch eager float32 (transformers `BertModel` / `LlamaForCausalLM`, sdpa attention), "
-             "the same weights, batch, strategy (frozen parameters `requires_grad=False`), AdamW (weight decay "
-             "0.01) and gradient clipping; LoRA rank 8 on q/k/v/o/gate/up/down in both. `ratio` = baseline step "
-             "time / ours (wall clock); `ratio (CPU s)` the same with CPU seconds per step (all threads), which other "
-             "jobs' load disturbs less; bfloat16 rows compare sft_jax bfloat16 with PyTorch float32",
-             "- MFU = model FLOPs per step / step time / the JAX matmul peak of the same dtype. Model FLOPs: per "
-             "token 2N forward for every matmul weight of N entries, 2N for its input gradient where backprop "
-             "passes through it, 2N for its weight gradient where it trains (6N for `full`); attention "
-             "4 * seq_len * width per layer forward (half when causal), x3 where backprop passes; embedding "
-             "lookups free (a tied LM head counted as a matmul)", ""]
+    threads = meta.get("threads") or {"jax": peaks["threads"], "torch": peaks["threads"]}
+    load = ("no other jobs on this machine; a virtual machine's speed still drifts between runs" if _quiet(meta)
+            else "a shared machine: other jobs ran alongside")
+    return ["# Train-step throughput: sft_jax vs PyTorch + transformers", "",
+            "Made by (the numbers below are that run's):", "", "```", meta["command"], "```", "",
+            f"- {machine_line(meta)} Peaks measured in this run, the best at start and end"
+            + _by_library(peaks) + ".",
+            f"- threads: sft_jax {threads['jax']} (affinity mask), PyTorch {threads['torch']} "
+            f"(`torch.set_num_threads`); jax {meta['jax']}, torch {meta['torch']}",
+            f"- machine load average (1, 5, 15 min) at start {tuple(round(x, 1) for x in meta['load_avg_start'])},"
+            f" at end {tuple(round(x, 1) for x in meta['load_avg_end'])} ({load}; variants are timed in rotating "
+            "rounds so they see the same conditions)",
+            f"- timing: {meta['warmup']} warm-up step(s) (the first compiles), then {meta['rounds']} rounds of "
+            f"{meta['steps_per_round']} step(s) per variant; median per-step time; wall {meta['wall_s']:.0f} s",
+            _baseline_text(meta),
+            "- MFU = model FLOPs per step / step time / the JAX matmul peak of the same dtype; `PyTorch MFU` the "
+            "same FLOPs over the PyTorch variant's time and PyTorch's own peak. Model FLOPs: per token 2N forward "
+            "for every matmul weight of N entries, 2N for its input gradient where backprop passes through it, 2N "
+            "for its weight gradient where it trains (6N for `full`); attention 4 * seq_len * width per layer "
+            "forward (half when causal), x3 where backprop passes; embedding lookups free (a tied LM head counted "
+            "as a matmul)", ""]
+
+
+def _memory(r: dict) -> str:
+    if "torch_peak_rss_mb" in r:  # one process per framework, each running only its own step
+        return f"{_x(r.get('ours_peak_rss_mb'), '.0f')} / {_x(r['torch_peak_rss_mb'], '.0f')}"
+    return f"{r['ours_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f} (one process)"
+
+
+def _main_table(main: list[dict], meta: dict) -> list[str]:
+    header = ["model", "strategy", "dtype", "batch x seq", "sft_jax tok/s", "fastest PyTorch variant",
+              "PyTorch tok/s", "ratio", "ratio (CPU s)", "ratio / peak", "MFU", "PyTorch MFU", "compile s",
+              "peak RSS MB sft_jax / PyTorch", "trainable"]
+    rows = [[r["model"], r["strategy"], r["dtype"], f"{r['batch']}x{r['seq_len']}", f"{r['ours_tokens_per_s']:.0f}",
+             r["baseline"] if "torch_variants" in r else "torch-eager-float32 (the only one run)",
+             _x(r["baseline_tokens_per_s"], ".0f"),
+             _x(r["ratio"]), _x(r["baseline_cpu_s_per_step"] and r["baseline_cpu_s_per_step"]
+                                / r["ours_cpu_s_per_step"]),
+             _x(r.get("ratio_peak_normalised")), f"{r['mfu']:.0%}", _x(r.get("baseline_mfu"), ".0%"),
+             f"{r['compile_s']:.1f}", _memory(r), f"{r['trainable_params']:,}"] for r in main]
+    lines = ["## Main cases", "", machine_line(meta), ""] + markdown_table(header, rows) + [
+        "", "MiniLM `lora`: not run, sft_jax implements LoRA for decoders only (classification rejects it)."]
+    if any("torch_peak_rss_mb" in r for r in main):
+        lines.append(f"Peak RSS: each framework's step alone in a process of its own ({meta.get('memory_steps')} "
+                     "steps, Linux VmHWM, compilation included), PyTorch in the variant of the row. The PyTorch "
+                     "process never loads JAX; sft_jax's maps torch's libraries where torch is installed "
+                     "(transformers imports it to load the tokenizer, as a training run does), but holds no torch "
+                     "model.")
+    else:
+        lines.append("Peak RSS (this run): the one shared process's high-water mark while that variant stepped (it "
+                     "includes both frameworks and every model of the group), so compare it within a row only.")
+    return lines + [""]
+
+
+def _variants_table(main: list[dict], meta: dict) -> list[str]:
+    """Every PyTorch variant's tokens/s, one row per group (the records of a group share its variants)."""
+    groups = {}
+    for r in main:
+        if "torch_variants" in r:
+            groups.setdefault((r["model"], r["strategy"], r["batch"], r["seq_len"]), r["torch_variants"])
+    if not groups:
+        return []
+    names = list(dict.fromkeys(n for v in groups.values() for n in v))
+    rows, errors = [], {}
+    for (model, strategy, batch, seq_len), variants in groups.items():
+        cells = []
+        for n in names:
+            v = variants.get(n)
+            if v and "error" in v:
+                errors.setdefault(v["error"], []).append(f"{model} {strategy} {n}")
+            cells.append("" if v is None else "failed" if "error" in v else f"{v['tokens_per_s']:.0f}")
+        rows.append([model, strategy, f"{batch}x{seq_len}"] + cells)
+    lines = ["## Every PyTorch variant (tokens/s)", "", machine_line(meta), ""]
+    lines += markdown_table(["model", "strategy", "batch x seq"] + names, rows) + [""]
+    lines += [f"Failed: {', '.join(where)}: `{err}`" for err, where in errors.items()]
+    return lines + ([""] if errors else [])
+
+
+def write_report(records: list[dict], meta: dict, out: str) -> None:
+    lines = _header(meta)
     main = [r for r in records if "sweep" not in r]
     if main:
-        autocast = any("baseline_bf16_autocast_tokens_per_s" in r for r in main)
-        header = ["model", "strategy", "dtype", "batch x seq", "sft_jax tok/s", "PyTorch fp32 tok/s", "ratio",
-                  "ratio (CPU s)"] + (["PyTorch bf16 autocast tok/s"] if autocast else []) + [
-                  "MFU", "compile s", "peak RSS MB ours / torch", "trainable"]
-        rows = [[r["model"], r["strategy"], r["dtype"], f"{r['batch']}x{r['seq_len']}",
-                 f"{r['ours_tokens_per_s']:.0f}", f"{r['baseline_tokens_per_s']:.0f}", f"{r['ratio']:.2f}",
-                 f"{r['baseline_cpu_s_per_step'] / r['ours_cpu_s_per_step']:.2f}"]
-                + ([f"{r['baseline_bf16_autocast_tokens_per_s']:.0f}" if "baseline_bf16_autocast_tokens_per_s" in r
-                    else "-"] if autocast else [])
-                + [f"{r['mfu']:.0%}", f"{r['compile_s']:.1f}",
-                   f"{r['ours_peak_rss_mb']:.0f} / {r['baseline_peak_rss_mb']:.0f}", f"{r['trainable_params']:,}"]
-                for r in main]
-        lines += ["## Main cases", ""] + markdown_table(header, rows) + [
-            "", "MiniLM `lora`: not run, sft_jax implements LoRA for decoders only (classification rejects it).",
-            "Peak RSS is the whole process's high-water mark while that variant stepped (it includes the other "
-            "models of the group held in memory), so compare it within a row, not as an absolute footprint.", ""]
-        caveat = ("`met` reads this run's ratios as measured, on a machine with no other jobs (both frameworks "
-                  "had both cores)." if _quiet(meta) else "`met` reads this run's ratios as measured. On a loaded "
-                  "machine (see the load average above) these favour sft_jax; check them against a one-thread run "
-                  "(Analysis) before trusting a `yes`.")
-        lines += ["## Targets", "", caveat, ""] + markdown_table(["target", "measured", "met"], targets(records)) + [""]
+        lines += _main_table(main, meta) + _variants_table(main, meta)
+        if any("torch_variants" in r for r in main):
+            caveat = ("`met` reads this run's ratios as measured, on a machine with no other jobs." if _quiet(meta)
+                      else "`met` reads this run's ratios as measured. On a loaded machine (see the load average "
+                      "above) these favour sft_jax; check them against a one-thread run before trusting a `yes`.")
+            lines += ["## Targets", "", caveat, ""] + markdown_table(["target", "measured", "met"],
+                                                                      targets(records)) + [""]
+        else:
+            lines += ["## Targets", "", "Not read from this run: its ratios are against PyTorch float32 eager only "
+                      "(bfloat16 rows included), not against the fastest PyTorch variant of the same dtype.", ""]
     sweeps = [r for r in records if "sweep" in r]
     if sweeps:
-        header = ["sweep", "batch", "seq_len", "sft_jax s/step", "PyTorch s/step", "ratio", "ratio (CPU s)", "MFU"]
-        rows = [[r["sweep"], r["batch"], r["seq_len"], f"{r['ours_step_s']:.3f}", f"{r['baseline_step_s']:.3f}",
-                 f"{r['ratio']:.2f}", f"{r['baseline_cpu_s_per_step'] / r['ours_cpu_s_per_step']:.2f}",
+        header = ["sweep", "batch", "seq_len", "sft_jax s/step", "PyTorch s/step", "PyTorch variant", "ratio",
+                  "ratio (CPU s)", "MFU"]
+        rows = [[r["sweep"], r["batch"], r["seq_len"], f"{r['ours_step_s']:.3f}", _x(r["baseline_step_s"], ".3f"),
+                 r["baseline"] if "torch_variants" in r else "torch-eager-float32", _x(r["ratio"]),
+                 _x(r["baseline_cpu_s_per_step"] and r["baseline_cpu_s_per_step"] / r["ours_cpu_s_per_step"]),
                  f"{r['mfu']:.0%}"] for r in sweeps]
-        lines += ["## Step time against sequence length and batch (float32)", ""] + markdown_table(header, rows)
-        lines += [""] + _plot(records, out)
+        lines += ["## Step time against sequence length and batch (float32)", "", machine_line(meta), ""]
+        lines += markdown_table(header, rows) + [""] + _plot(records, out)
     notes = os.path.join(out, "notes.md")  # each results folder's own analysis
     if os.path.exists(notes):
         lines += [open(notes).read()]

@@ -2,15 +2,19 @@
 
     python -m experiments.benchmarks.run [--quick] [--cases=main,sweeps | minilm-full,smollm2-lora,...]
                                          [--steps=N] [--rounds=R] [--threads=T]
+                                         [--torch_variants=eager,compile,max-autotune]
 
 Cases: MiniLM (all-MiniLM-L6-v2, sequence classification) at batch 32 x 128 and SmolLM2-135M (causal LM)
-at batch 4 x 256, strategies full / partial / head / lora, sft_jax in float32 and bfloat16 against PyTorch
-float32 (and PyTorch bfloat16 autocast for reference); then step time against sequence length and batch size.
-Each group's steps are built first, warmed up (ours: the first call compiles), then timed in rounds that
-rotate through them, so a load change on a shared machine hits all of them alike; the per-step time is the
-median over rounds. Also measured in the same run: the float32 / bfloat16 matmul peak (MFU denominator),
-compile time and peak resident memory. Runs unchanged on a GPU (the device is recorded).
-Writes results.json, RESULTS.md and plots next to this file.
+at batch 4 x 256, strategies full / partial / head / lora, sft_jax in float32 and bfloat16; then step time
+against sequence length and batch size (float32). Each sft_jax row is compared with the fastest PyTorch variant
+of the same dtype: eager, torch.compile (default) and torch.compile (max-autotune), each in float32 and in
+bfloat16 autocast, all timed in the same run (a variant that fails to compile here is recorded as failed).
+Each group's steps are built first, warmed up (the first call compiles), then timed in rounds that rotate
+through them, so a load change on a shared machine hits all of them alike; the per-step time is the median
+over rounds. Also measured in the same run: each framework's float32 / bfloat16 matmul peak (MFU denominators
+and the peak-normalised ratio), compile time, and each framework's peak resident memory in a process of its
+own (memory.py). Runs unchanged on a GPU (the device is recorded).
+Writes results.json, meta.json, RESULTS.md and plots to --out (default: next to this file).
 """
 
 from __future__ import annotations
@@ -19,10 +23,15 @@ import argparse
 import gc
 import json
 import os
-import platform
-import statistics
 import sys
 import time
+
+import numpy as np
+
+from experiments.benchmarks.cases import COMPILERS, DTYPES, case_name, synthetic_batch, variant_name
+from experiments.benchmarks.comparison import score
+from experiments.benchmarks.machine import describe_cpu, device_name
+from experiments.benchmarks.timing import measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,118 +51,82 @@ QUICK_SWEEPS = {
 }
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    try:  # Linux: "5" resets VmHWM, so each timed segment sees its own peak
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def measure(steps: dict, rounds: int, per_round: int, warmup: int) -> dict[str, dict]:
-    """Median seconds per step of each step object, timed in rotating rounds, and its first-call time."""
-    out = {name: {"times": [], "cpu": [], "peak_rss_mb": 0.0} for name in steps}
-    for name, s in steps.items():
-        t = time.perf_counter()
-        s.step()
-        out[name]["first_step_s"] = time.perf_counter() - t
-        for _ in range(warmup - 1):
-            s.step()
-    names = list(steps)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            gc.collect()
-            _reset_peak_rss()
-            t, c = time.perf_counter(), time.process_time()
-            for _ in range(per_round):
-                loss = steps[name].step()
-            out[name]["times"].append((time.perf_counter() - t) / per_round)
-            out[name]["cpu"].append((time.process_time() - c) / per_round)
-            out[name]["peak_rss_mb"] = max(out[name]["peak_rss_mb"], _rss_mb("VmHWM"))
-            if loss != loss:
-                raise FloatingPointError(f"{name}: loss is NaN")
-    for v in out.values():
-        v["step_s"] = statistics.median(v["times"])
-        v["cpu_s"] = statistics.median(v["cpu"])
-    return out
-
-
-def device_name() -> str:
-    import jax
-
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line),
-                   platform.processor())
-        return f"cpu: {cpu} ({len(os.sched_getaffinity(0))} threads)"
-    return f"{d.platform}: {d.device_kind}"
-
-
-class Autocast:
-    """The same torch model and optimizer, stepped under bfloat16 autocast."""
-
-    def __init__(self, torch_step):
-        self.torch_step = torch_step
-
-    def step(self) -> float:
-        self.torch_step.autocast = True
-        try:
-            return self.torch_step.step()
-        finally:
-            self.torch_step.autocast = False
-
-
 def run_group(model: str, strategy: str, batch: int, seq_len: int, dtypes, args, torch_device: str,
-              peaks: dict, torch_bf16: bool) -> list[dict]:
-    from experiments.benchmarks.baseline import TorchStep
-    from experiments.benchmarks.ours import OursStep, synthetic_batch
+              peaks: dict, memory: bool = True) -> list[dict]:
+    """sft_jax in each of `dtypes` and every PyTorch variant of those dtypes, timed in one rotation; one
+    record per sft_jax dtype. `memory`: also each framework's peak RSS, in separate processes."""
+    import torch
 
+    from experiments.benchmarks.baseline import TorchStep, TorchVariant
+    from experiments.benchmarks.ours import OursStep
+
+    model_dir = args.model_dirs.get(model)
     steps, ours = {}, {}
     for dtype in dtypes:
-        ours[dtype] = steps[f"ours-{dtype}"] = OursStep(model, strategy, dtype, batch, seq_len)
-    torch_step = steps["torch-float32"] = TorchStep(model, strategy, synthetic_batch(model, batch, seq_len),
-                                                    torch_device, os.path.join(HERE, "workdirs"))
-
-    if torch_bf16:
-        steps["torch-bf16-autocast"] = Autocast(torch_step)
-    m = measure(steps, args.rounds, args.steps, args.warmup)
-    tokens = batch * seq_len
-    base = m["torch-float32"]
-    records = []
-    for dtype, s in ours.items():
-        r = m[f"ours-{dtype}"]
-        flops = s.flops_per_step(seq_len)
-        rec = {"case": f"{model}-{strategy}-{dtype}-b{batch}-t{seq_len}", "model": model, "strategy": strategy,
-               "dtype": dtype, "batch": batch, "seq_len": seq_len,
-               "ours_tokens_per_s": tokens / r["step_s"], "baseline_tokens_per_s": tokens / base["step_s"],
-               "ratio": base["step_s"] / r["step_s"], "mfu": flops / r["step_s"] / peaks[f"jax-{dtype}"],
-               "device": peaks["device"], "baseline": "torch float32 eager (transformers, sdpa attention)",
-               "ours_step_s": r["step_s"], "baseline_step_s": base["step_s"],
-               # CPU seconds (all threads) per step: less sensitive than wall time to other jobs' load
-               "ours_cpu_s_per_step": r["cpu_s"], "baseline_cpu_s_per_step": base["cpu_s"],
-               "ours_step_times_s": r["times"], "baseline_step_times_s": base["times"],
-               "compile_s": max(r["first_step_s"] - r["step_s"], 0.0),
-               "baseline_first_step_s": base["first_step_s"],
-               "ours_peak_rss_mb": r["peak_rss_mb"], "baseline_peak_rss_mb": base["peak_rss_mb"],
-               "flops_per_step": flops, "baseline_mfu_vs_fp32_peak": flops / base["step_s"] / peaks["jax-float32"],
-               "trainable_params": int(sum(__import__("numpy").prod(s.shapes[n]) for n in s.trainable)),
-               "load_avg_1m": os.getloadavg()[0]}
-        if "torch-bf16-autocast" in m:
-            rec["baseline_bf16_autocast_tokens_per_s"] = tokens / m["torch-bf16-autocast"]["step_s"]
-        records.append(rec)
-        print(f"{rec['case']:<40} ours {rec['ours_tokens_per_s']:9.1f} tok/s  torch {rec['baseline_tokens_per_s']:9.1f}"
-              f"  ratio {rec['ratio']:.2f}  mfu {rec['mfu']:.2f}  compile {rec['compile_s']:.1f}s", flush=True)
-    del steps, ours, torch_step
+        ours[dtype] = steps[f"ours-{dtype}"] = OursStep(model, strategy, dtype, batch, seq_len, model_dir=model_dir)
+    torch_step = TorchStep(model, strategy, synthetic_batch(model, batch, seq_len), torch_device,
+                           os.path.join(HERE, "workdirs"), model_dir=model_dir)
+    variants = {variant_name(c, d): TorchVariant(torch_step, c, d) for d in dtypes for c in args.torch_variants}
+    steps.update(variants)
+    m = measure(steps, args.rounds, args.steps, args.warmup, may_fail=set(variants))
+    torch_variants = {name: variant_times(m[name], v, batch * seq_len) for name, v in variants.items()}
+    records = [ours_record(model, strategy, dtype, batch, seq_len, step, m[f"ours-{dtype}"], torch_variants, peaks)
+               for dtype, step in ours.items()]
+    del steps, ours, variants, torch_step
+    torch._dynamo.reset()  # this group's compiled graphs: later groups' models would hit the recompile limit
     gc.collect()
+    if memory:  # after this process let go of the group's models (the machine's memory is shared)
+        for rec in records:
+            add_peak_memory(rec, args)
     return records
+
+
+def variant_times(t: dict, variant, tokens: int) -> dict:
+    """A PyTorch variant's entry in a record's `torch_variants`: its times, or its one-line error."""
+    head = {"compiler": variant.compiler, "dtype": variant.dtype}
+    if "error" in t:
+        return head | {"error": t["error"]}
+    return head | {"step_s": t["step_s"], "tokens_per_s": tokens / t["step_s"], "cpu_s_per_step": t["cpu_s"],
+                   "step_times_s": t["times"], "first_step_s": t["first_step_s"]}
+
+
+def ours_record(model: str, strategy: str, dtype: str, batch: int, seq_len: int, step, t: dict,
+                torch_variants: dict, peaks: dict) -> dict:
+    """One results.json row: sft_jax's times in `dtype` against the fastest PyTorch variant of that dtype."""
+    tokens = batch * seq_len
+    rec = {"case": case_name(model, strategy, dtype, batch, seq_len), "model": model, "strategy": strategy,
+           "dtype": dtype, "batch": batch, "seq_len": seq_len, "device": peaks["device"],
+           "ours_tokens_per_s": tokens / t["step_s"], "ours_step_s": t["step_s"],
+           # CPU seconds (all threads) per step: less sensitive than wall time to other jobs' load
+           "ours_cpu_s_per_step": t["cpu_s"], "ours_step_times_s": t["times"],
+           "compile_s": max(t["first_step_s"] - t["step_s"], 0.0), "flops_per_step": step.flops_per_step(seq_len),
+           "trainable_params": int(sum(np.prod(step.shapes[n]) for n in step.trainable)),
+           "torch_variants": torch_variants, "load_avg_1m": os.getloadavg()[0]}
+    score(rec, peaks)
+    peer = (f"{rec['baseline']} {rec['baseline_tokens_per_s']:9.1f} tok/s  ratio {rec['ratio']:.2f} "
+            f"(peak-normalised {rec['ratio_peak_normalised']:.2f})" if rec["baseline"] else "no PyTorch variant ran")
+    print(f"{rec['case']:<40} ours {rec['ours_tokens_per_s']:9.1f} tok/s  {peer}  mfu {rec['mfu']:.2f}"
+          f"  compile {rec['compile_s']:.1f}s", flush=True)
+    return rec
+
+
+def add_peak_memory(rec: dict, args) -> None:
+    """Each framework's peak RSS for rec's case, each in a process of its own; PyTorch's in the variant the
+    row is compared with (eager where none ran)."""
+    from experiments.benchmarks.memory import peak_memory
+
+    variant = rec["torch_variants"][rec["baseline"]]["compiler"] if rec["baseline"] else "eager"
+    common = dict(steps=args.memory_steps, threads=args.threads_used, model_dirs=args.model_dir)
+    for key, framework, kw in (("ours", "jax", {}), ("torch", "torch", {"variant": variant})):
+        got = peak_memory(rec["case"], framework, **common, **kw)
+        if "error" in got:
+            rec[f"{key}_memory_error"] = got["error"]
+            print(f"{rec['case']}: {got['error']}", flush=True)
+        rec[f"{key}_peak_rss_mb"] = got.get("peak_rss_mb")
+        rec[f"{key}_memory_process_loaded"] = got.get("frameworks_loaded")
+        if "device_peak_mb" in got:
+            rec[f"{key}_device_peak_mb"] = got["device_peak_mb"]
+    rec["torch_peak_rss_variant"], rec["memory_steps"] = variant, args.memory_steps
 
 
 def run_unit(unit: str, sweeps: dict, records: list, args, torch_device: str, peaks: dict, save) -> None:
@@ -161,18 +134,18 @@ def run_unit(unit: str, sweeps: dict, records: list, args, torch_device: str, pe
     if unit in sweeps:
         model, strategy, points = sweeps[unit]
         for batch, seq_len in points:
+            # no memory processes per sweep point: the sweep tables show step times
             for rec in run_group(model, strategy, batch, seq_len, ("float32",), args, torch_device, peaks,
-                                 torch_bf16=False):
+                                 memory=False):
                 records.append({**rec, "case": f"{unit}:{rec['case']}", "sweep": unit})
             save()
         return
     model, strategy = unit.split("-")
-    batch, seq_len = MAIN[model]
+    batch, seq_len = args.batch or MAIN[model][0], args.seq_len or MAIN[model][1]
     # SmolLM2's float32 and bfloat16 states are not held at once (memory): one group per dtype, each with
-    # its own alternating PyTorch float32 measurement.
-    for dtypes in (("float32",), ("bfloat16",)) if model == "smollm2" else (("float32", "bfloat16"),):
-        records.extend(run_group(model, strategy, batch, seq_len, dtypes, args, torch_device, peaks,
-                                 torch_bf16=model in args.torch_bf16.split(",") and "float32" in dtypes))
+    # its own PyTorch variants of that dtype.
+    for dtypes in (("float32",), ("bfloat16",)) if model == "smollm2" else (DTYPES,):
+        records.extend(run_group(model, strategy, batch, seq_len, dtypes, args, torch_device, peaks))
         save()
 
 
@@ -187,8 +160,20 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=0,
                    help="untimed steps first, the first one compiling (default 2)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: all this process may use)")
-    p.add_argument("--torch_bf16", default="minilm",
-                   help="models (comma list, or 'none') that also get the PyTorch bfloat16 autocast reference")
+    p.add_argument("--torch_variants", default=",".join(COMPILERS),
+                   help=f"PyTorch variants timed in each dtype (comma list of {', '.join(COMPILERS)})")
+    p.add_argument("--batch", type=int, help="the main cases' batch size (default: 32 MiniLM, 4 SmolLM2)")
+    p.add_argument("--seq_len", type=int, help="the main cases' sequence length (default: 128 MiniLM, 256 SmolLM2)")
+    p.add_argument("--model_dir", default="",
+                   help="MODEL=DIR,...: the same architecture from another directory (both frameworks; the smoke "
+                        "test's tiny random BERT)")
+    p.add_argument("--matmul_n", type=int, help="matmul peak size (default: 2048 on CPU, 8192 on GPU)")
+    p.add_argument("--memory_steps", type=int, default=3, help="steps each peak-memory process runs")
+    p.add_argument("--memory_only", "--memory-only", metavar="CASE",
+                   help="measure only the peak memory of CASE (MODEL-STRATEGY-DTYPE-bB-tT) for --framework, in "
+                        "this process, and print it as JSON (what the benchmark runs per case)")
+    p.add_argument("--framework", choices=("jax", "torch"), help="with --memory_only")
+    p.add_argument("--variant", default="eager", choices=tuple(COMPILERS), help="with --memory_only, for torch")
     p.add_argument("--out", default=HERE, help="where results.json, RESULTS.md and plots go")
     p.add_argument("--report_only", action="store_true",
                    help="rewrite RESULTS.md from the results.json and meta.json in --out (no measuring)")
@@ -199,18 +184,30 @@ def main(argv=None) -> None:
         with open(os.path.join(args.out, "results.json")) as f, open(os.path.join(args.out, "meta.json")) as g:
             write_report(json.load(f), json.load(g), args.out)
         return
+    args.model_dirs = dict(kv.split("=", 1) for kv in args.model_dir.split(",") if kv)
+    args.torch_variants = [v for v in args.torch_variants.split(",") if v]
+    if unknown := [v for v in args.torch_variants if v not in COMPILERS]:
+        p.error(f"--torch_variants: unknown {unknown}; expected some of {', '.join(COMPILERS)}")
+    if args.threads:  # both XLA's and torch's thread pools size themselves from the affinity mask
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
+    args.threads_used = threads = len(os.sched_getaffinity(0))
+
+    from sft_jax import host_malloc, platform
+
+    platform.configure_cpu()  # before JAX and torch: the malloc settings must precede any thread's first malloc
+    if args.memory_only:
+        if not args.framework:
+            p.error("--memory_only needs --framework=jax|torch")
+        from experiments.benchmarks.memory import measure_here
+
+        print(json.dumps(measure_here(args.memory_only, args.framework, args.variant, args.memory_steps,
+                                      args.model_dirs.get(args.memory_only.split("-")[0]))), flush=True)
+        return
     os.makedirs(args.out, exist_ok=True)
     args.steps = args.steps or (1 if args.quick else 3)
     args.rounds = args.rounds or (2 if args.quick else 5)
     # 2 even with --quick: after a group's steps are built, the second step is the first on a settled heap
     args.warmup = args.warmup or 2
-    if args.threads:  # both XLA's and torch's thread pools size themselves from the affinity mask
-        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-    threads = len(os.sched_getaffinity(0))
-
-    from sft_jax import host_malloc, platform
-
-    platform.configure_cpu()  # before JAX and torch: the malloc settings must precede any thread's first malloc
     import jax
     import torch
 
@@ -219,16 +216,17 @@ def main(argv=None) -> None:
     from experiments.benchmarks.ours import matmul_peak
 
     torch_device = "cuda" if torch.cuda.is_available() and jax.devices()[0].platform == "gpu" else "cpu"
-    n = 2048 if jax.devices()[0].platform == "cpu" else 8192
+    on_cpu = jax.devices()[0].platform == "cpu"
+    n = args.matmul_n or (2048 if on_cpu else 8192)
     load_start = os.getloadavg()
     peaks = {"device": device_name(), "threads": threads, "matmul_n": n}
 
     # On CPU the JAX peak is the best of the matmul libraries the steps compile with (XLA's own and oneDNN's,
     # `config.cpu_matmuls`): the MiniLM steps run their dots in oneDNN, which reaches a higher 2048^3 rate.
-    jax_libs = ("xla", "onednn") if jax.devices()[0].platform == "cpu" else ("xla",)
+    jax_libs = ("xla", "onednn") if on_cpu else ("xla",)
 
     def measure_peaks(when: str) -> None:  # at start and end; the best counts (a loaded machine only lowers it)
-        for dtype in ("float32", "bfloat16"):
+        for dtype in DTYPES:
             readings = {f"jax-{dtype}-{lib}": matmul_peak(dtype, n, library=lib) for lib in jax_libs}
             readings[f"torch-{dtype}"] = torch_matmul_peak(dtype, n, torch_device)
             for key, value in readings.items():
@@ -257,7 +255,11 @@ def main(argv=None) -> None:
                 "wall_s": time.time() - t0, "jax": jax.__version__, "torch": torch.__version__,
                 "command": command.strip(), "complete": final,
                 "steps_per_round": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-                "host_malloc": host_malloc.applied()}
+                "host_malloc": host_malloc.applied(),
+                # the machine beside every figure; threads: both frameworks' pools (affinity mask, set_num_threads)
+                "cpu": describe_cpu() if on_cpu else None,
+                "threads": {"jax": threads, "torch": torch.get_num_threads()},
+                "torch_variants": args.torch_variants, "torch_attention": "sdpa", "memory_steps": args.memory_steps}
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(records, f, indent=1)
         with open(os.path.join(args.out, "meta.json"), "w") as f:
@@ -278,11 +280,8 @@ def main(argv=None) -> None:
             peaks["errors"] = errors
             save()
     measure_peaks("end")
-    # MFU against the final (best) peaks
-    for r in records:
-        flops_rate = r["flops_per_step"] / r["ours_step_s"]
-        r["mfu"] = flops_rate / peaks[f"jax-{r['dtype']}"]
-        r["baseline_mfu_vs_fp32_peak"] = r["flops_per_step"] / r["baseline_step_s"] / peaks["jax-float32"]
+    for r in records:  # MFU and the peak-normalised ratio against the final (best) peaks
+        score(r, peaks)
     save(final=True)
 
 
