@@ -125,16 +125,27 @@ class Checkpoints:
     def __init__(self, workdir: str, keep: int = 2, base: FrozenBase | None = None, clean_unfinished: bool = False):
         check_store(workdir)
         self.workdir = storage.absolute(workdir)
-        root = os.path.join(self.workdir, CHECKPOINTS_DIR)
-        self.latest = ocp.CheckpointManager(os.path.join(root, "latest"),
+        self.root = os.path.join(self.workdir, CHECKPOINTS_DIR)
+        self.clean_unfinished = clean_unfinished
+        self.latest = ocp.CheckpointManager(os.path.join(self.root, "latest"),
                                             options=_options("latest", keep, clean_unfinished))
-        self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=_options("best", 1, clean_unfinished))
+        self.best = ocp.CheckpointManager(os.path.join(self.root, "best"),
+                                          options=_options("best", 1, clean_unfinished))
+        self._kept: ocp.CheckpointManager | None = None  # opened on first use: most runs keep no steps
         self.base = base
         self._pending: dict[str, int] = {}  # manager name -> step of its save still being written
         self._failed: CheckpointSaveFailed | None = None
 
+    @property
+    def kept(self) -> ocp.CheckpointManager:
+        """`kept/`: full train states of chosen steps (`config.keep_checkpoints_at`), none ever deleted."""
+        if self._kept is None:
+            self._kept = ocp.CheckpointManager(os.path.join(self.root, "kept"),
+                                               options=_options("kept", None, self.clean_unfinished))
+        return self._kept
+
     def _manager(self, which: str) -> ocp.CheckpointManager:
-        return self.best if which == "best" else self.latest
+        return {"best": self.best, "latest": self.latest}.get(which) or self.kept
 
     # --- saving -------------------------------------------------------------------------------------------
     def _save(self, which: str, step: int, params, meta: dict, train: Any | None = None):
@@ -163,6 +174,10 @@ class Checkpoints:
 
     def save_best(self, state: TrainState, meta: dict) -> None:
         self._save("best", int(state.step), state.params, meta)
+
+    def save_kept(self, state: TrainState, meta: dict) -> None:
+        """The whole train state of this step in `kept/`, for forks (`config.fork_from`) and later analysis."""
+        self._save("kept", int(state.step), state.params, meta, _train_item(state))
 
     def _failure(self, which: str, step: int | None, e: BaseException) -> CheckpointSaveFailed:
         if self._failed is None:
@@ -194,12 +209,16 @@ class Checkpoints:
     def wait(self) -> None:
         self._settle("latest")
         self._settle("best")
+        if self._kept is not None:
+            self._settle("kept")
 
     def close(self) -> None:
         if self._failed is None:
             self.wait()
             self.latest.close()
             self.best.close()
+            if self._kept is not None:
+                self._kept.close()
 
     # --- restoring ----------------------------------------------------------------------------------------
     def _read(self, which: str, step: int, target_params: dict, train_target: Any | None = None):
@@ -279,13 +298,30 @@ class Checkpoints:
         """Restores the newest intact step into the shapes, dtypes and shardings of `target`; None when there is
         no checkpoint. A frozen base the checkpoint leaves out comes from `target`, once checked
         (`FrozenBase.check`)."""
-        def read(step: int) -> tuple[TrainState, dict]:
-            params, train, meta, left_out = self._read("latest", step, target.params, _train_item(target))
-            state = TrainState(step=train["step"], params={**{k: target.params[k] for k in left_out}, **params},
-                               opt_state=train["opt_state"], rng=train["rng"], master=train.get("master", {}))
-            return state, meta
+        return self._newest_intact("latest", lambda step: self._read_state("latest", step, target))
 
-        return self._newest_intact("latest", read)
+    def _read_state(self, which: str, step: int, target: TrainState) -> tuple[TrainState, dict]:
+        params, train, meta, left_out = self._read(which, step, target.params, _train_item(target))
+        state = TrainState(step=train["step"], params={**{k: target.params[k] for k in left_out}, **params},
+                           opt_state=train["opt_state"], rng=train["rng"], master=train.get("master", {}))
+        return state, meta
+
+    def steps(self, which: str) -> list[int]:
+        """The steps `which` ("latest", "best", "kept") holds, oldest first."""
+        if which == "kept" and not os.path.isdir(os.path.join(self.root, "kept")):
+            return []
+        return sorted(self._manager(which).all_steps())
+
+    def restore_step(self, target: TrainState, step: int) -> tuple[TrainState, dict]:
+        """The train state of exactly `step`, from `kept/` or else `latest/`, into the shapes, dtypes and
+        shardings of `target`. ValueError naming the steps there are when neither holds it; DamagedStep when it
+        does not read back as saved."""
+        which = "kept" if step in self.steps("kept") else "latest" if step in self.steps("latest") else None
+        if which is None:
+            raise ValueError(f"{self.workdir}: no checkpoint of step {step} (kept: {self.steps('kept') or 'none'}; "
+                             f"latest: {self.steps('latest') or 'none'}); a run keeps steps with "
+                             "config.keep_checkpoints_at")
+        return self._read_state(which, step, target)
 
     def restore_params(self, target_params: dict, which: str = "best") -> tuple[dict, dict]:
         """The parameters of the newest intact `which` checkpoint in the shapes of `target_params` (and a left-out

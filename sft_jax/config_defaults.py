@@ -170,6 +170,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.logging.peak_flops = 0.0
     c.eval_every = 200  # steps between evaluations (and at the end)
     c.checkpoint_every = 200  # steps between checkpoints (latest/; best/ at evaluations)
+    c.keep_checkpoints_at = ()  # steps whose whole train state is kept for good (checkpoints/kept/), e.g. to fork
+    # "WORKDIR@STEP": start from that run's train state at a kept step (or one in its latest/), with this config
+    # (changes that keep the state's structure: learning rate, regularizers, data, steps...); "": from scratch
+    c.fork_from = ""
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.metric = "eval/accuracy"  # metric choosing the best checkpoint (and stopping early)
     # auto: min for loss-like metrics (loss, perplexity, ppl, error in the name), else max. An explicit mode
@@ -287,6 +291,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key}: must be >= 0, got {_get(config, key)}")
     _check_warmup(config)
     _check_profile_steps(config.profile_steps)
+    if not all(isinstance(s, int) and s >= 1 for s in config.keep_checkpoints_at):
+        raise ValueError(f"config.keep_checkpoints_at: expected steps >= 1, got {tuple(config.keep_checkpoints_at)!r}")
+    if config.fork_from:
+        from sft_jax.trainer.fork import parse
+
+        parse(config.fork_from)
     if not 0 <= config.data.validation_fraction < 1:
         raise ValueError(f"config.data.validation_fraction: must be in [0, 1), got {config.data.validation_fraction}")
     for axis, size in config.mesh.items():

@@ -89,8 +89,9 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
                 meta["out_of_time"] = True  # an equal-compute budget: stop here, as if max_steps were reached
             last = step == config.max_steps or bool(meta.get("out_of_time"))
             nonfinite.append((step, m["nonfinite"]))
+            keep = step in config.keep_checkpoints_at
             if due(step, config.log_every, last, step % config.eval_every == 0,
-                   step % config.checkpoint_every == 0, preempt.requested):  # before anything is saved
+                   step % config.checkpoint_every == 0, preempt.requested, keep):  # before anything is saved
                 guards.check_finite(nonfinite, config.nan_policy, meta, ckpt)
                 nonfinite.clear()
             if due(step, config.log_every, last):
@@ -108,6 +109,9 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
                 last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar)
                 eval_time += time.time() - t_eval
                 speed.exclude(time.time() - t_eval)
+            if keep:
+                guards.check_saveable(state)
+                ckpt.save_kept(state, meta)
             if due(step, config.checkpoint_every, last, meta["stopped_early"], preempt.requested):
                 guards.check_saveable(state)
                 distributed.set_phase(f"the checkpoint save of step {step}")
@@ -140,6 +144,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
                     "skipped_steps": meta.get("skipped_steps", 0),
                     "stopped_out_of_time": bool(meta.get("out_of_time")),
+                    **({"forked_from": meta["forked_from"]} if meta.get("forked_from") else {}),
                     "params_fingerprint": params_fingerprint(state.params),
                     "best_params_fingerprint": params_fingerprint(best_params)})
     if examples:

@@ -32,6 +32,7 @@ from sft_jax.train_step import (
     make_train_step,
     with_compute_params,
 )
+from sft_jax.trainer import fork
 
 
 def master_names(params: dict, trainable, master_dtype: str = "none") -> tuple[str, ...]:
@@ -166,6 +167,10 @@ def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, wo
     if restored is not None:
         state, meta = restored
         tqdm.tqdm.write(f"resumed from step {int(state.step)} of {workdir}")
+    elif config.fork_from:  # the parent's state holds its Fisher (EWC) too
+        state = fork.start_from(config.fork_from, state, workdir)
+        meta["forked_from"] = config.fork_from
+        tqdm.tqdm.write(f"forked from {config.fork_from}: training from step {int(state.step)}")
     elif config.regularizer.ewc:  # a resumed state holds its Fisher
         t_fisher = time.time()
         state = state.replace(opt_state=regularizers.set_fisher(state.opt_state, task.fisher(state.params, anchored)))
