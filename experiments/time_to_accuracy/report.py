@@ -1,0 +1,84 @@
+"""RESULTS.md of the time-to-accuracy comparison, from results.json alone."""
+
+from __future__ import annotations
+
+import statistics
+
+from experiments.common import markdown_table
+
+ARMS = ("sft_jax", "hf_trainer")
+ARM_NAMES = {"sft_jax": "sft_jax (python -m sft_jax.main)", "hf_trainer": "HF Trainer (hf_trainer.py)"}
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Over one arm's seeds: how many reached the target, and the mean, min and max of their times."""
+    times = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
+    out = {"seeds": len(runs), "reached": len(times)}
+    if times:
+        out.update(mean=statistics.mean(times), min=min(times), max=max(times))
+    return out
+
+
+def ratio(summaries: dict) -> float | None:
+    """HF Trainer's mean time over sft_jax's (> 1: sft_jax is faster), when every seed of both reached it."""
+    a, b = summaries["sft_jax"], summaries["hf_trainer"]
+    if not (a["seeds"] and a["reached"] == a["seeds"] and b["seeds"] and b["reached"] == b["seeds"]):
+        return None
+    return b["mean"] / a["mean"]
+
+
+def _time(s: dict) -> str:
+    if not s["reached"]:
+        return "not reached"
+    note = "" if s["reached"] == s["seeds"] else f" ({s['reached']} of {s['seeds']} seeds reached it)"
+    return f"{s['mean']:.0f} s [{s['min']:.0f}, {s['max']:.0f}]{note}"
+
+
+def _settings(case: dict) -> list[str]:
+    rows = [[k, v] for k, v in case["settings"].items()]
+    return markdown_table(["setting (both arms)", "value"], rows)
+
+
+def case_section(name: str, case: dict, runs: list[dict]) -> list[str]:
+    direction = ">=" if case["mode"] == "max" else "<="
+    lines = [f"## {name}: time to {case['metric']} {direction} {case['target']}", ""]
+    summaries = {arm: summarise([r for r in runs if r["arm"] == arm]) for arm in ARMS}
+    rows = [[ARM_NAMES[arm], summaries[arm]["seeds"], _time(summaries[arm])] for arm in ARMS]
+    lines += markdown_table(["arm", "seeds", "time to target: mean [min, max] over seeds"], rows)
+    r = ratio(summaries)
+    lines += ["", f"**Ratio HF Trainer / sft_jax: {r:.2f}x**" if r is not None else
+              "Ratio HF Trainer / sft_jax: not computed (a seed of an arm did not reach the target).", ""]
+    per_run = [[r["seed"], r["arm"], "not reached" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}",
+                r["step_at_target"] if r["step_at_target"] is not None else "-",
+                " ".join(f"{e['step']}:{e['value']:.4f}" for e in r["evals"]),
+                f"{r['process_wall_s']:.0f}", f"{r['load_before']:.2f}"] for r in runs]
+    lines += markdown_table(["seed", "arm", "time to target (s)", "step", "evaluations (step:value)",
+                             "process wall (s)", "1-min load before"], per_run)
+    lines += ["", *_settings(case), "", "Commands (seed 0):", ""]
+    lines += [f"    {r['command']}" for r in runs if r["seed"] == runs[0]["seed"]]
+    return lines + [""]
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    lines = ["# Time to accuracy: sft_jax's command line against a Hugging Face Trainer script", "",
+             f"Produced by `{results['command']}` at code version {results['code_version']}"
+             + (" (a --smoke run: a plumbing check, not a measurement)" if results.get("smoke") else "") + ".",
+             "",
+             f"Machine: {m['cpu_model']}, {m['cores']} cores used by each arm (XLA:CPU's threads; "
+             f"torch.set_num_threads({m['cores']})); JAX {m['jax']}, PyTorch {m['torch']}, transformers "
+             f"{m['transformers']}.", "",
+             "Each run is a fresh process started in an emptied folder; the clock starts just before the process "
+             "is launched, so imports, tokenisation, model loading, compilation, checkpoints and every evaluation "
+             "are inside the time. An evaluation's time is when its line appears in the file the arm writes "
+             f"(read every {results['poll_s']} s); a run ends at the first evaluation that reaches the target. "
+             "Seeds run alternately (sft_jax seed 0, HF seed 0, sft_jax seed 1, ...), so slow drift in the "
+             "machine's load falls on both arms. The interval is the min-max over seeds (3 seeds are too few "
+             "for a useful t-interval). Beyond the shared settings: sft_jax runs its config with the STS-B / "
+             "WikiText-2 probes and generation off and no early-stopping patience; the HF script uses the "
+             "Trainer's defaults otherwise (its default optimizer, dataloader without workers, float32, sdpa "
+             "attention, eager). The HF arm's SmolLM2 is sft_jax's export of the same GGUF weights (made once, "
+             "before any timing), with PEFT LoRA on the same projections.", ""]
+    for name, case in results["cases"].items():
+        lines += case_section(name, case, [r for r in results["runs"] if r["case"] == name])
+    return "\n".join(lines)

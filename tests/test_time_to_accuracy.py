@@ -1,0 +1,94 @@
+"""The time-to-accuracy experiment (experiments/time_to_accuracy): both arms' --smoke run end to end on a tiny
+random BERT and 64 jsonl examples, and the HF arm's XSum examples against sft_jax's own encoding."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import sentiment_records, write_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tiny_bert_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tta")
+    train = write_jsonl(tmp / "train.jsonl", sentiment_records(64))
+    dev = write_jsonl(tmp / "dev.jsonl", sentiment_records(16, offset=64))
+    out = tmp / "out"
+    cmd = [sys.executable, "-m", "experiments.time_to_accuracy.run", "--smoke", "--seeds=0", f"--out={out}",
+           f"--model=minilm={tiny_bert_dir}", f"--data=minilm={train},{dev}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_results_hold_both_arms_with_timed_evaluations(smoke_out):
+    results = json.loads((smoke_out / "results.json").read_text())
+    assert results["smoke"] and results["machine"]["cores"] >= 1 and results["code_version"]
+    assert results["cases"]["minilm"]["target"] == 0.88
+    runs = results["runs"]
+    assert [(r["arm"], r["seed"]) for r in runs] == [("sft_jax", 0), ("hf_trainer", 0)]
+    for r in runs:
+        # max_steps 4, an evaluation every 2: steps 2 and 4 unless the target stopped the run at step 2
+        steps = [e["step"] for e in r["evals"]]
+        assert steps in ([2, 4], [2]), (r["arm"], steps)
+        assert all(0.0 <= e["value"] <= 1.0 for e in r["evals"])
+        times = [e["wall_s"] for e in r["evals"]]
+        assert times == sorted(times) and 0 < times[0] <= r["process_wall_s"] + 1
+        reached = [e for e in r["evals"] if e["value"] >= 0.88]
+        if reached:
+            assert r["time_to_target_s"] == reached[0]["wall_s"] and r["step_at_target"] == reached[0]["step"]
+        else:
+            assert r["time_to_target_s"] is None and r["step_at_target"] is None
+    assert "sft_jax.main" in runs[0]["command"] and "hf_trainer.py" in runs[1]["command"]
+
+
+def test_smoke_report_renders(smoke_out):
+    text = (smoke_out / "RESULTS.md").read_text()
+    assert "## minilm: time to eval/accuracy >= 0.88" in text
+    assert "HF Trainer (hf_trainer.py)" in text and "sft_jax (python -m sft_jax.main)" in text
+    assert "Ratio HF Trainer / sft_jax" in text and "--smoke" in text
+
+
+def test_report_ratio_and_interval():
+    from experiments.time_to_accuracy.report import ratio, summarise
+
+    fast = summarise([{"time_to_target_s": t} for t in (10.0, 12.0, 14.0)])
+    slow = summarise([{"time_to_target_s": t} for t in (24.0, 18.0, 30.0)])
+    assert (fast["mean"], fast["min"], fast["max"]) == (12.0, 10.0, 14.0)
+    assert ratio({"sft_jax": fast, "hf_trainer": slow}) == pytest.approx(2.0)
+    missed = summarise([{"time_to_target_s": None}, {"time_to_target_s": 5.0}])
+    assert missed["reached"] == 1 and ratio({"sft_jax": missed, "hf_trainer": slow}) is None
+
+
+def test_hf_xsum_examples_match_sft_jax_encoding():
+    """The HF arm trains on the tokens and targets sft_jax's sft task builds from the same record."""
+    pytest.importorskip("transformers")
+    from experiments.time_to_accuracy.hf_trainer import SUMMARY_PROMPT, xsum_example
+    from sft_jax.data.sft import PAIR, PromptFormat, Record, encode_record
+    from sft_jax.models.loading.lm import load_lm_tokenizer
+
+    try:
+        tokenizer = load_lm_tokenizer("smollm2-135m-instruct")
+    except ValueError as e:
+        pytest.skip(str(e))
+    record = {"document": "The council voted on Tuesday to close the old bridge for repairs.",
+              "summary": "A bridge is to close for repairs."}
+    fmt = PromptFormat(template=SUMMARY_PROMPT + "{input}", chat=True)
+    ids, mask, _ = encode_record(Record(PAIR, "test", input=record["document"], output=record["summary"]),
+                                 tokenizer, fmt, 256)
+    ours = xsum_example(record, tokenizer, 256)
+    n = len(ours["input_ids"])
+    assert ours["input_ids"] == ids[:n]  # sft_jax also keeps the newline after the last <|im_end|> (no target)
+    assert [int(label != -100) for label in ours["labels"]] == mask[:n] and sum(mask[n:]) == 0
+    short = xsum_example({**record, "document": record["document"] * 40}, tokenizer, 64)
+    assert len(short["input_ids"]) <= 64
+    summary_ids = tokenizer(record["summary"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert [x for x in short["labels"] if x != -100] == summary_ids  # the article is cut, never the summary
