@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("sft_jax.export", "write a run's model as Hugging Face, GGUF or PEFT files"),
     "plan": ("sft_jax.plan", "per-device memory and FLOPs of a config's train step, before launching it"),
     "lm_eval": ("sft_jax.lm_eval", "lm-evaluation-harness tasks on a model or a run (--model sft_jax ...)"),
+    "interpolate": ("sft_jax.interpolation", "score a run's weights interpolated from the base or another run"),
 }
 
 

@@ -62,13 +62,13 @@ def test_sft_jax_help_lists_the_commands():
     assert proc.returncode == 0
     for name, (module, _) in console.COMMANDS.items():
         assert f"  {name} " in proc.stdout and f"(python -m {module})" in proc.stdout
-    assert list(console.COMMANDS) == ["train", "predict", "generate", "export", "plan", "lm_eval"]
+    assert list(console.COMMANDS) == ["train", "predict", "generate", "export", "plan", "lm_eval", "interpolate"]
     no_command = _run("sft_jax.console")
     assert no_command.returncode == 2 and no_command.stdout.startswith("usage: sft-jax COMMAND")
     unknown = _run("sft_jax.console", "fit")
     assert unknown.returncode == 2
     assert unknown.stderr.strip() == ("error: sft-jax fit: unknown command; expected one of train, predict, "
-                                      "generate, export, plan, lm_eval")
+                                      "generate, export, plan, lm_eval, interpolate")
 
 
 def test_each_command_runs_its_module():
