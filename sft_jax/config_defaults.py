@@ -207,6 +207,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.lp_ft = ml_collections.ConfigDict()
     c.lp_ft.head_steps = 0  # > 0: LP-FT, the head alone for N steps, then everything the strategy trains
     c.lp_ft.head_learning_rate = 0.0  # the head's learning rate during those steps; 0: learning_rate
+    c.drift = ml_collections.ConfigDict()
+    # True: how far the weights moved from the pre-trained ones, per block (relative change, effective rank and
+    # top singular value share of the change; sft_jax/drift.py), at every evaluation (drift/... in
+    # metrics.jsonl), for the best checkpoint in results.json, and plotted per block in WORKDIR/drift.png
+    c.drift.params = False
     c.wise_ft = ml_collections.ConfigDict()
     # After training: evaluate (1 - a) * pre-trained + a * fine-tuned (head kept) for each a; results.json
     # gets wise_ft/<a>/eval/... and wise_ft/<a>/forgetting/...

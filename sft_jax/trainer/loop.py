@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import tqdm
 
-from sft_jax import distributed, platform, sharding, tasks
+from sft_jax import distributed, drift, platform, sharding, storage, tasks
 from sft_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from sft_jax.config_defaults import early_stopping_mode, validate
 from sft_jax.models import quant
@@ -39,7 +39,9 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     task.params = setup.in_storage_dtype(task.params, config.param_dtype, task.layout)
     task.model_def = setup.with_model_options(task.model_def, task.params, config)
     # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).
-    pretrained = {k: sharding.to_host(v) for k, v in task.params.items()} if config.wise_ft.alphas else None
+    keep_pretrained = config.wise_ft.alphas or config.drift.params
+    pretrained = {k: sharding.to_host(v) for k, v in task.params.items()} if keep_pretrained else None
+    drift_of = _drift_probe(config, task, pretrained)
     ckpt = Checkpoints(workdir, clean_unfinished=True)  # removes what an interrupted save left
     run = setup.prepare(config, task, ckpt, workdir)
     state, meta = run.state, run.meta
@@ -106,7 +108,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
             if due(step, config.eval_every, last):
                 distributed.set_phase(f"the evaluation at step {step}")
                 t_eval = time.time()
-                last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar)
+                last_eval = _evaluate(config, task, run, state, step, meta, ckpt, writer, bar, drift_of)
                 eval_time += time.time() - t_eval
                 speed.exclude(time.time() - t_eval)
             if keep:
@@ -138,7 +140,11 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
         results.update(task.evaluate(run.eval_fn, best_params, meta["best_step"]))
     results.update(task.evaluate_reported(run.eval_fn, best_params, meta["best_step"]))  # with a validation split
     results.update(forgetting.summarise(task, meta["probes_before"], task.probes(best_params)))
-    if pretrained is not None:
+    if drift_of is not None:
+        results.update(drift_of(best_params))
+        if distributed.is_primary() and not storage.is_remote(workdir):
+            drift.plot(results, rundir.file("drift.png"))
+    if config.wise_ft.alphas:
         results.update(forgetting.wise_ft_sweep(task, config.wise_ft.alphas, run.eval_fn, pretrained, best_params,
                                                 run.p_shard, meta["probes_before"]))
     results.update({"step": step, "best_step": meta["best_step"], "stopped_early": meta["stopped_early"],
@@ -178,13 +184,25 @@ def _speed_postfix(window: dict[str, float]) -> dict[str, str]:
     return out
 
 
+def _drift_probe(config, task, pretrained: dict | None):
+    """params -> drift/... metrics against the pre-trained weights (`config.drift.params`), or None."""
+    if not config.drift.params:
+        return None
+    scale = config.lora.alpha / config.lora.rank if config.strategy == "lora" else None
+
+    def probe(params: dict) -> dict[str, float]:
+        return drift.param_drift(pretrained, {k: sharding.to_host(v) for k, v in params.items()}, task.layout, scale)
+
+    return probe
+
+
 def _evaluate(config, task, run: setup.Training, state, step: int, meta: dict, ckpt: Checkpoints,
-              writer: MetricWriter, bar) -> dict[str, float]:
+              writer: MetricWriter, bar, drift_of=None) -> dict[str, float]:
     """Evaluates (and probes, with forgetting.every_eval), keeps the best checkpoint, decides early stopping."""
     ev = task.evaluate(run.eval_fn, state.params, step)
     probed = {f"forgetting/{k}": v for k, v in task.probes(state.params).items()} \
         if config.forgetting.every_eval else {}
-    writer.write(step, {**ev, **probed})
+    writer.write(step, {**ev, **probed, **(drift_of(state.params) if drift_of else {})})
     value, stopping = ev[config.early_stopping.metric], config.early_stopping
     best = meta["best_metric"]
     if guards.improves(value, best, early_stopping_mode(stopping)):  # a non-finite value never does
