@@ -68,8 +68,10 @@ class _DropUnretrievedOrbaxFutures(logging.Filter):
 
 
 def _raised_in_orbax(e: BaseException) -> bool:
-    """Raised through orbax's code, or by TensorStore (whose errors name their spec) that orbax writes with."""
-    if "tensorstore" in str(e).lower():
+    """Raised through orbax's code, or by TensorStore that orbax writes with: its errors name their spec, or,
+    set on a future from its C++ threads with no Python frame, the step's unfinished directory."""
+    text = str(e).lower()
+    if "tensorstore" in text or ".orbax-checkpoint-tmp" in text:
         return True
     tb = e.__traceback__
     while tb is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -59,10 +60,14 @@ def _ints(dims) -> tuple:
     return tuple(_ints(d) for d in dims) if isinstance(dims, (tuple, list)) else int(dims)
 
 
-def _dot_fn(dot: Dot):
+@functools.cache
+def _jitted_dot(dot: Dot, options: tuple):
+    """`dot` compiled alone with XLA `options`, kept for the life of the process (see
+    `sft_jax.trainer.throughput._matmul`: destroying a oneDNN executable just after a call can abort)."""
     _, _, _, _, dims, pref = dot
     pref_type = jnp.dtype(pref) if pref else None
-    return lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=pref_type)
+    return jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=pref_type),
+                   compiler_options=dict(options) or None)
 
 
 def time_dot(dot: Dot, options: dict, repeats: int = 3) -> float:
@@ -71,7 +76,7 @@ def time_dot(dot: Dot, options: dict, repeats: int = 3) -> float:
     rng = np.random.default_rng(0)
     a = jnp.asarray(rng.standard_normal(lhs_shape, np.float32), lhs_dtype)
     b = jnp.asarray(rng.standard_normal(rhs_shape, np.float32), rhs_dtype)
-    f = jax.jit(_dot_fn(dot), compiler_options=options or None)
+    f = _jitted_dot(dot, tuple(sorted((options or {}).items())))
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

@@ -3,7 +3,6 @@ and the FLOP count of one step (the MFU numerator)."""
 
 from __future__ import annotations
 
-import jax
 import optax
 
 from experiments.benchmarks.cases import FROZEN_LAYERS, MODELS, synthetic_batch
@@ -79,20 +78,6 @@ def matmul_peak(dtype: str, n: int, repeats: int = 5, library: str | None = None
     """Best FLOP/s of an n x n x n jitted matmul in `dtype` on the default device (float32 accumulation
     for bfloat16 inputs, as the models' matmuls do). `library`: a `config.cpu_matmuls` value, the CPU matmul
     library to compile it with (None: XLA's own; ignored off CPU, as in the train step)."""
-    import time
+    from sft_jax.trainer.throughput import matmul_peak as peak
 
-    import jax.numpy as jnp
-
-    dt = jnp.dtype(dtype)
-    key = jax.random.key(0)
-    a = jax.random.normal(key, (n, n), dt)
-    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dt)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
-                compiler_options=compiler_options(library or "xla") or None)
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
+    return peak(dtype, n, repeats, compiler_options(library or "xla") or None)

@@ -11,6 +11,7 @@ A device kind none of these covers gets no MFU (tokens/s still logged).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -39,6 +40,15 @@ DEVICE_PEAKS = (
 )
 
 
+@functools.cache
+def _matmul(compiler_options: tuple) -> Callable:
+    """The jitted matmul compiled with `compiler_options`, kept for the life of the process: XLA:CPU's oneDNN
+    thunk hands its scratch object back to a pool just after the result is ready, and an executable destroyed in
+    that instant (a local jitted function going out of scope) aborts the process in ObjectPool's destructor."""
+    return jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32),
+                   compiler_options=dict(compiler_options) or None)
+
+
 def matmul_peak(dtype: str, n: int = 1024, repeats: int = 5, compiler_options: dict | None = None) -> float:
     """Best FLOP/s of an n x n x n jitted matmul in `dtype` on the default device (float32 accumulation for
     bfloat16 inputs, as the models' matmuls do), compiled with `compiler_options` (the CPU matmul library)."""
@@ -46,7 +56,7 @@ def matmul_peak(dtype: str, n: int = 1024, repeats: int = 5, compiler_options: d
     key = jax.random.key(0)
     a = jax.random.normal(key, (n, n), dt)
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dt)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), compiler_options=compiler_options)
+    f = _matmul(tuple(sorted((compiler_options or {}).items())))
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
