@@ -113,6 +113,13 @@ def defaults() -> ml_collections.ConfigDict:
     # True: data.train (.jsonl or .parquet) is read record by record as batches need it, never held in memory
     # (text classification and sft; each process reads its rows; see sft_jax/data/streaming.py)
     c.data.streaming = False
+    # Training sources mixed by weight, instead of data.train: ({"train": PATH, "weight": W, "eval": PATH (optional,
+    # scored as eval/<name>/...), "name": NAME (default: the file's stem), "format": "" | "text"}, ...). Each
+    # source is read like data.train with the same fields ("text": plain documents, every token a target, for
+    # decoders: replay of pre-training-like text in sft); each row of each batch comes from a source drawn with
+    # probability weight / sum of weights by a hash of (seed, step, row), each source in its own shuffled epochs
+    # (sft_jax/data/mixture.py). Empty: data.train alone
+    c.data.mixture = ()
     # An example longer than max_length: "truncate" (logged, counted in results.json as data/*_truncated) or
     # "error" (stop, naming its file and line).
     c.data.too_long = "truncate"
@@ -342,7 +349,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_ignore_patterns(config.ignore_weights)
     _validate_images(config)
     _validate_forgetting(config)
-    if not config.data.train:
+    if not config.data.train and not config.data.mixture:
         raise ValueError("config.data.train: no training data given")
     if not config.data.eval:
         raise ValueError("config.data.eval: no evaluation data given")

@@ -15,6 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from sft_jax.data import mixture
 from sft_jax.flops import FlopsModel
 from sft_jax.models.layout import ParamLayout
 from sft_jax.rundir import RunDir
@@ -45,6 +46,8 @@ class Task(abc.ABC):
       exclusive_options   config keys only this task reads, each with what it is: set for another task,
                           they are refused (`registry.check_config`) instead of silently ignored;
       streams             whether it reads `config.data.streaming` training data (`data.streaming`);
+      mixture_formats     the `format` values a source of `config.data.mixture` may have ("": the task's own
+                          records; `data.mixture`); () for a task that trains on data.train alone;
       rebuilds_base       whether the parameters a run never trains are rebuilt bit-identically from its
                           config.json (pre-trained weights, then the run's deterministic changes: adapters,
                           quantisation, scanning, storage dtype), by the task and by its loaders of a workdir:
@@ -59,7 +62,9 @@ class Task(abc.ABC):
       summary             counts for results.json (examples, labels, truncation, ...);
       test_data           with `data.validation_fraction`: the reported split (data.eval), as the attributes
                           `evaluate` reads its evaluation set from ({"eval_ds": ..., ...}), while those
-                          attributes hold the validation examples carved from train; None otherwise.
+                          attributes hold the validation examples carved from train; None otherwise;
+      source_evals        with `data.mixture`: for each source with evaluation data, its name and the attributes
+                          `evaluate` reads for it (like `test_data`); {} otherwise.
     """
 
     strategies: ClassVar[tuple[str, ...]] = ("head", "partial", "full")
@@ -68,6 +73,7 @@ class Task(abc.ABC):
     exclusive_options: ClassVar[dict[str, str]] = {}
     rebuilds_base: ClassVar[bool] = False
     streams: ClassVar[bool] = False
+    mixture_formats: ClassVar[tuple[str, ...]] = ()
 
     model_def: ModelDef
     params: dict[str, jax.Array]
@@ -76,6 +82,7 @@ class Task(abc.ABC):
     batches: TrainBatches
     summary: dict[str, Any]
     test_data: dict[str, Any] | None = None
+    source_evals: dict[str, dict[str, Any]] = {}  # noqa: RUF012 (replaced, never mutated)
 
     @abc.abstractmethod
     def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
@@ -94,6 +101,7 @@ class Task(abc.ABC):
             raise ValueError(f"config.strategy: {config.strategy} is not supported by task {config.task!r}; "
                              f"use one of {cls.strategies}")
         names = cls.metric_names(config)
+        names += mixture.metric_names(config, names)
         if config.early_stopping.metric not in names:
             raise ValueError(f"config.early_stopping.metric: {config.early_stopping.metric!r} is not one of "
                              f"{names} for task {config.task!r}")
@@ -103,8 +111,26 @@ class Task(abc.ABC):
         if config.data.streaming and not cls.streams:
             raise ValueError(f"config.data.streaming: task {config.task!r} reads its training data into memory; "
                              "set streaming=False")
+        if config.data.mixture:
+            cls._check_mixture(config)
         if config.regularizer.ewc and not cls.supports_ewc():
             raise ValueError(f"config.regularizer.ewc: task {config.task!r} has no Fisher objective")
+
+    @classmethod
+    def _check_mixture(cls, config: ml_collections.ConfigDict) -> None:
+        if not cls.mixture_formats:
+            raise ValueError(f"config.data.mixture: task {config.task!r} trains on data.train alone")
+        for i, source in enumerate(mixture.sources(config)):
+            if source.format not in cls.mixture_formats:
+                raise ValueError(f"config.data.mixture[{i}].format: {source.format!r} is not one task "
+                                 f"{config.task!r} reads; use one of {cls.mixture_formats}")
+        d = config.data
+        for key, value in (("data.train", d.train), ("data.streaming", d.streaming),
+                           ("data.validation_fraction", d.validation_fraction),
+                           ("data.max_train_examples", d.max_train_examples), ("packing", config.packing)):
+            if value:
+                raise ValueError(f"config.{key}: not with data.mixture (each source of the mixture names its own "
+                                 f"training file, read whole into memory and unpacked); got {value!r}")
 
     @classmethod
     def supports_ewc(cls) -> bool:
@@ -120,15 +146,28 @@ class Task(abc.ABC):
         """With `test_data`: `evaluate` on the reported split, its eval/... metrics named test/...; else {}."""
         if not self.test_data:
             return {}
-        selection = {name: getattr(self, name) for name in self.test_data}
+        metrics = self._evaluate_on(self.test_data, eval_fn, params, step)
+        return {"test/" + k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
+
+    def evaluate_sources(self, eval_fn: EvalFn, params: dict, step: int | None = None) -> dict[str, float]:
+        """`evaluate` on the evaluation data of each mixture source (`source_evals`), its eval/... metrics named
+        eval/<source>/...; {} without a mixture."""
+        out = {}
+        for name, data in self.source_evals.items():
+            metrics = self._evaluate_on(data, eval_fn, params, step)
+            out.update({f"eval/{name}/{k[len('eval/'):]}": v for k, v in metrics.items() if k.startswith("eval/")})
+        return out
+
+    def _evaluate_on(self, data: dict[str, Any], eval_fn: EvalFn, params: dict, step: int | None) -> dict[str, float]:
+        """`evaluate` with the attributes `data` names set to its values for the call."""
+        selection = {name: getattr(self, name) for name in data}
         try:
-            for name, value in self.test_data.items():
+            for name, value in data.items():
                 setattr(self, name, value)
-            metrics = self.evaluate(eval_fn, params, step)
+            return self.evaluate(eval_fn, params, step)
         finally:
             for name, value in selection.items():
                 setattr(self, name, value)
-        return {"test/" + k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/")}
 
     def train_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Logged training metrics from the train step's summed aux values."""

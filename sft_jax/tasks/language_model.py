@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 
 from sft_jax import distributed, generate, regularizers, sharding
-from sft_jax.data import batching, random_access
+from sft_jax.data import batching, mixture, random_access
 from sft_jax.data import lm as lm_data
 from sft_jax.data import sft as sft_data
 from sft_jax.data.sources import DataError
@@ -68,6 +68,7 @@ class LanguageModel(Task):
                          "quantize_base": "a quantised base (QLoRA)", "scan_layers": "scanned layers"}
     rebuilds_base = True  # build_lm from config.json, as `load_finetuned_lm` does: checkpoints hold what trains
     streams = True  # sft records; documents are split into blocks, which needs them all (refused below)
+    mixture_formats = ("", "text")  # the task's records; plain text (documents) for sft too
 
     @classmethod
     def metric_names(cls, config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -118,6 +119,9 @@ class LanguageModel(Task):
         if config.data.streaming:
             self.batches = streamed_batches(config, self.train_ds, self._encode_records, self.pad_id,
                                             collate=lm_data.make_lm_batch)
+        elif config.data.mixture:
+            self.batches = mixture.mixture_batches(config, self.train_ds, self.pad_id, collate=lm_data.make_lm_batch)
+            self.train_ds = self.batches.ds
         elif config.packing:
             packed = lm_data.pack(self.train_ds, max(config.buckets))
             self.batches = batching.TrainBatches(packed, config.batch_size, config.buckets, config.seed,
@@ -131,9 +135,13 @@ class LanguageModel(Task):
         if not config.data.streaming:  # a stream tokenizes its records as it reads them
             self.summary.update({"train_rows": len(self.batches.ds), "train_target_tokens": self.train_ds.num_targets,
                                  "data/train_truncated": self.train_ds.truncated})
+        if config.data.mixture:
+            self.summary.update(self.batches.summary())
 
     def _load_data(self) -> tuple[lm_data.LmDataset, lm_data.LmDataset]:
         c, d = self.config, self.config.data
+        if d.mixture:
+            return self._load_mixture()
         if c.task == "sft":
             fields, fmt = sft_fields(c), prompt_format(c)
             self.eval_records = sft_data.read_sft(d.eval, fields, d.max_eval_examples)
@@ -161,6 +169,35 @@ class LanguageModel(Task):
         train_ds = lm_data.encode_documents(documents, self.tokenizer, c.max_length)
         return train_ds, eval_ds
 
+    def _load_mixture(self) -> tuple[list[lm_data.LmDataset], lm_data.LmDataset]:
+        """([training rows of each source], eval) of `data.mixture`, each source read in its own format; the
+        sources' own evaluation data become `source_evals`."""
+        sources = mixture.sources(self.config)
+        eval_ds, self.eval_records = self._read_eval(self.config.data.eval, "")
+        self.source_evals = {}
+        for s in sources:
+            if s.eval:
+                ds, records = self._read_eval(s.eval, s.format)
+                self.source_evals[s.name] = {"eval_ds": ds, "eval_records": records}
+        return [self._read_train(s.train, s.format) for s in sources], eval_ds
+
+    def _read_train(self, spec: str, source_format: str) -> lm_data.LmDataset:
+        """Training rows of `spec`: sft records for task sft, else (or with format "text") documents."""
+        c = self.config
+        if c.task == "sft" and source_format != "text":
+            records = sft_data.read_sft(spec, sft_fields(c))
+            return sft_data.encode_sft(records, self.tokenizer, prompt_format(c), c.max_length, c.data.too_long)
+        return lm_data.encode_documents(lm_data.read_documents(spec, c.data.text_field), self.tokenizer, c.max_length)
+
+    def _read_eval(self, spec: str, source_format: str) -> tuple[lm_data.LmDataset, list[sft_data.Record]]:
+        """(evaluation rows, the sft records generation metrics prompt with: [] for documents) of `spec`."""
+        c = self.config
+        if c.task == "sft" and source_format != "text":
+            records = sft_data.read_sft(spec, sft_fields(c), c.data.max_eval_examples)
+            return sft_data.encode_sft(records, self.tokenizer, prompt_format(c), c.max_length,
+                                       c.data.too_long), records
+        return self._read_train(spec, source_format), []
+
     def _encode_records(self, items: list[tuple[str, dict]]) -> lm_data.LmDataset:
         """A streamed batch's sft records, tokenized with their target masks as in memory."""
         c = self.config
@@ -186,7 +223,7 @@ class LanguageModel(Task):
             count += float(aux["count"])
         loss = loss_sum / count
         out = {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/accuracy": correct / count}
-        if self.config.eval_generation.metrics:
+        if self.config.eval_generation.metrics and self.eval_records:  # none for a mixture's plain-text source
             out.update(self._generation_metrics(params, step))
         return out
 

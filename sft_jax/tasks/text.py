@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from sft_jax import distributed, regularizers
-from sft_jax.data import batching, random_access
+from sft_jax.data import batching, mixture, random_access
 from sft_jax.data import lm as lm_data
 from sft_jax.data.sources import DataError, make_example, read_classification
 from sft_jax.data.streaming import streamed_batches
@@ -59,6 +59,7 @@ class TextClassification(classification.ClassificationTask):
 
     higher_is_better = {"stsb_spearman": True}
     streams = True
+    mixture_formats = ("",)
 
     def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir):
         self.config = config
@@ -85,6 +86,9 @@ class TextClassification(classification.ClassificationTask):
         self.pad_id = self.tokenizer.pad_token_id
         if config.data.streaming:
             self.batches = streamed_batches(config, self.train_ds, self._encode_records, self.pad_id)
+        elif config.data.mixture:
+            self.batches = mixture.mixture_batches(config, self.train_ds, self.pad_id)
+            self.train_ds = self.batches.ds
         else:
             self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
                                                  self.pad_id)
@@ -92,6 +96,8 @@ class TextClassification(classification.ClassificationTask):
                         "num_labels": len(self.vocab), "data/eval_truncated": self.eval_ds.truncated}
         if not config.data.streaming:  # a stream meets its long texts as it reads them
             self.summary["data/train_truncated"] = self.train_ds.truncated
+        if config.data.mixture:
+            self.summary.update(self.batches.summary())
         self._embed = embed_fn(self.model_def)
 
     def _load_data(self, rundir: RunDir):
@@ -99,6 +105,8 @@ class TextClassification(classification.ClassificationTask):
         d = self.config.data
         read = dict(text_field=d.text_field, label_field=d.label_field, data_dir=d.tfds_data_dir)
         eval_ex = read_classification(d.eval, **read)
+        if d.mixture:
+            return self._load_mixture(rundir, eval_ex, read)
         if d.streaming:  # one pass checks every record and finds the labels; the records stay on disk
             train_ex = (make_example(r, where, d.text_field, d.label_field) for where, r in random_access.scan(d.train))
             train_ds = random_access.open_records(d.train)
@@ -116,6 +124,23 @@ class TextClassification(classification.ClassificationTask):
             train_ex = batching.subsample(train_ex, d.max_train_examples, self.config.seed)
             train_ds = batching.encode_classification(train_ex, self.tokenizer, vocab, length, d.too_long)
         return vocab, train_ds, eval_ds
+
+    def _load_mixture(self, rundir: RunDir, eval_ex: list, read: dict):
+        """(vocab, [training examples of each source], eval) of `data.mixture`: the labels of every source make
+        one vocabulary (one head); each source's own evaluation data becomes `source_evals`."""
+        c = self.config
+        sources = mixture.sources(c)
+        parts = [read_classification(s.train, **read) for s in sources]
+        vocab = classification.label_vocab(", ".join(s.train for s in sources), rundir,
+                                           [e for part in parts for e in part])
+
+        def encode(examples):
+            return batching.encode_classification(examples, self.tokenizer, vocab, c.max_length, c.data.too_long)
+
+        eval_ds = encode(eval_ex)
+        self.source_evals = {s.name: {"eval_ds": encode(read_classification(s.eval, **read))}
+                             for s in sources if s.eval}
+        return vocab, [encode(part) for part in parts], eval_ds
 
     def _encode_records(self, items: list[tuple[str, dict]]) -> batching.EncodedDataset:
         """A streamed batch's records, checked and tokenized as in memory (`too_long` applies per record)."""

@@ -138,6 +138,7 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
         results.update(last_eval)  # the last evaluation was of these very parameters
     else:
         results.update(task.evaluate(run.eval_fn, best_params, meta["best_step"]))
+        results.update(task.evaluate_sources(run.eval_fn, best_params, meta["best_step"]))  # with data.mixture
     results.update(task.evaluate_reported(run.eval_fn, best_params, meta["best_step"]))  # with a validation split
     results.update(forgetting.summarise(task, meta["probes_before"], task.probes(best_params)))
     if drift_of is not None:
@@ -199,7 +200,7 @@ def _drift_probe(config, task, pretrained: dict | None):
 def _evaluate(config, task, run: setup.Training, state, step: int, meta: dict, ckpt: Checkpoints,
               writer: MetricWriter, bar, drift_of=None) -> dict[str, float]:
     """Evaluates (and probes, with forgetting.every_eval), keeps the best checkpoint, decides early stopping."""
-    ev = task.evaluate(run.eval_fn, state.params, step)
+    ev = {**task.evaluate(run.eval_fn, state.params, step), **task.evaluate_sources(run.eval_fn, state.params, step)}
     probed = {f"forgetting/{k}": v for k, v in task.probes(state.params).items()} \
         if config.forgetting.every_eval else {}
     writer.write(step, {**ev, **probed, **(drift_of(state.params) if drift_of else {})})
