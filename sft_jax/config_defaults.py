@@ -219,6 +219,17 @@ def defaults() -> ml_collections.ConfigDict:
     # top singular value share of the change; sft_jax/drift.py), at every evaluation (drift/... in
     # metrics.jsonl), for the best checkpoint in results.json, and plotted per block in WORKDIR/drift.png
     c.drift.params = False
+    # True: linear CKA between each block's output hidden states of the pre-trained and of the current model, on
+    # the real tokens of the reference inputs (drift/cka/block_I and drift/cka/mean; sft_jax/representation_drift.py),
+    # at every evaluation, for the best checkpoint, and plotted per block in WORKDIR/drift.png
+    c.drift.cka = False
+    # True (decoder LMs): KL(pre-trained || current) of the next-token distributions, the mean over the real
+    # tokens of the reference inputs (drift/kl_next_token), logged as drift.cka is
+    c.drift.kl = False
+    # The reference inputs of drift.cka / drift.kl: the first N evaluation examples, one batch, the same at every
+    # evaluation. The probe runs the pre-trained and the current model on them (the trained tensors' pre-trained
+    # values kept on the host, put on the devices while it runs); a decoder's two [N, length, vocab] logits too
+    c.drift.reference_examples = 16
     c.wise_ft = ml_collections.ConfigDict()
     # After training: evaluate (1 - a) * pre-trained + a * fine-tuned (head kept) for each a; results.json
     # gets wise_ft/<a>/eval/... and wise_ft/<a>/forgetting/...
@@ -426,6 +437,8 @@ def _validate_forgetting(config: ml_collections.ConfigDict) -> None:
     bad = [a for a in config.wise_ft.alphas if not 0 <= float(a) <= 1]
     if bad:
         raise ValueError(f"config.wise_ft.alphas: {bad} outside [0, 1]")
+    if (config.drift.cka or config.drift.kl) and config.drift.reference_examples < 1:
+        raise ValueError(f"config.drift.reference_examples: must be >= 1, got {config.drift.reference_examples}")
 
 
 def _check_keys(config, reference, prefix: str) -> None:

@@ -100,21 +100,30 @@ def _unit_order(unit: str) -> tuple:
     return ({"embeddings": 0, "head": 2, WHOLE: 3}[unit], 0)
 
 
+# The per-block families drift.png shows, where a run logged them: (metric prefix, y-axis label).
+_PANELS = (("drift/relative_change/", "||theta - theta0|| / ||theta0||"),
+           ("drift/effective_rank/", "effective rank of the change"),
+           ("drift/cka/", "CKA with the pre-trained model"))
+
+
 def plot(metrics: Mapping[str, float], path: str) -> None:
-    """Relative change and effective rank of the change per block (PNG)."""
+    """Per block, side by side: relative change and effective rank of the change (`drift.params`), and the
+    CKA of the block's representations with the pre-trained model's (`drift.cka`) (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    blocks = sorted({k.rsplit("/", 1)[1] for k in metrics if "/block_" in k}, key=_unit_order)
-    x = [int(b[len("block_"):]) for b in blocks]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    axes[0].bar(x, [metrics.get(f"drift/relative_change/{b}", np.nan) for b in blocks])
-    axes[0].set_ylabel("||theta - theta0|| / ||theta0||")
-    axes[1].bar(x, [metrics.get(f"drift/effective_rank/{b}", np.nan) for b in blocks])
-    axes[1].set_ylabel("effective rank of the change")
-    for ax in axes:
+    panels = [(prefix, label) for prefix, label in _PANELS if any(k.startswith(prefix + "block_") for k in metrics)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (prefix, label) in zip(axes[0], panels):
+        blocks = sorted((k[len(prefix):] for k in metrics if k.startswith(prefix + "block_")), key=_unit_order)
+        x = [int(b[len("block_"):]) for b in blocks]
+        ax.bar(x, [metrics[prefix + b] for b in blocks])
+        ax.set_xticks(x)
+        ax.set_ylabel(label)
         ax.set_xlabel("block")
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

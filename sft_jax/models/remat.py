@@ -22,6 +22,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from sft_jax.models import block_outputs
 from sft_jax.models.mixed import PROJECTION
 
 REMAT = ("none", "full", "dots", "offload")
@@ -54,15 +55,16 @@ def check_backend(name: str, devices=None) -> None:
 
 def run_block(layer: nnx.Module, remat: str, *args: Any, **kwargs: Any) -> Any:
     """`layer(*args, **kwargs)`, its activations kept as the `remat` policy says. Arguments must be arrays or
-    None (they are traced); the layer must not change its own state (dropout keys come in as arguments)."""
+    None (they are traced); the layer must not change its own state (dropout keys come in as arguments). Under
+    `block_outputs.recording` its output is recorded (the per-block hidden states of representation drift)."""
     if remat == "none":
-        return layer(*args, **kwargs)
+        return block_outputs.record(layer(*args, **kwargs))
     graphdef, state = nnx.split(layer)
 
     def forward(state, args, kwargs):
         return nnx.merge(graphdef, state)(*args, **kwargs)
 
-    return jax.checkpoint(forward, policy=policy(remat), prevent_cse=True)(state, args, kwargs)
+    return block_outputs.record(jax.checkpoint(forward, policy=policy(remat), prevent_cse=True)(state, args, kwargs))
 
 
 def set_remat(model: nnx.Module, remat: str) -> int:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sft_jax.models import block_outputs
 from sft_jax.models.remat import run_block
 from sft_jax.sharding import constrain
 
@@ -55,17 +56,25 @@ class Segment(nnx.Module):
     def __call__(self, x, positions, segment_ids, index, rng, remat: str):
         s = self.shape
         split = [nnx.split(stack) for stack in self.stacks]
+        recorded = block_outputs.is_recording()
 
         def group(x, xs):
             states, g = xs
-            for j, ((graphdef, _), state) in enumerate(zip(split, states, strict=True)):
-                layer_rng = None if rng is None else jax.random.fold_in(rng, s.start + g * s.period + j)
-                x, _ = run_block(nnx.merge(graphdef, state), remat, x, positions, segment_ids, index, None, layer_rng)
-                x = constrain(x, "batch", "length", "embed")
-            return x, None
+            # The blocks' outputs are arrays of the scan's body: recorded, they leave it as the scan's outputs.
+            with block_outputs.recording() as outputs:
+                for j, ((graphdef, _), state) in enumerate(zip(split, states, strict=True)):
+                    layer_rng = None if rng is None else jax.random.fold_in(rng, s.start + g * s.period + j)
+                    x, _ = run_block(nnx.merge(graphdef, state), remat, x, positions, segment_ids, index, None,
+                                     layer_rng)
+                    x = constrain(x, "batch", "length", "embed")
+            return x, (outputs if recorded else None)
 
         if s.groups:
-            x, _ = jax.lax.scan(group, x, ([state for _, state in split], jnp.arange(s.groups)))
+            x, stacked = jax.lax.scan(group, x, ([state for _, state in split], jnp.arange(s.groups)))
+            if recorded:  # stacked[j][g] is the output of layer start + g * period + j
+                for g in range(s.groups):
+                    for j in range(s.period):
+                        block_outputs.record(stacked[j][g])
         for t, layer in enumerate(self.tail):
             layer_rng = None if rng is None else jax.random.fold_in(rng, s.start + s.period * s.groups + t)
             x, _ = run_block(layer, remat, x, positions, segment_ids, index, None, layer_rng)

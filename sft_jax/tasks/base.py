@@ -115,6 +115,10 @@ class Task(abc.ABC):
             cls._check_mixture(config)
         if config.regularizer.ewc and not cls.supports_ewc():
             raise ValueError(f"config.regularizer.ewc: task {config.task!r} has no Fisher objective")
+        if (config.drift.cka or config.drift.kl) and not cls.supports_reference():
+            raise ValueError(f"config.drift: task {config.task!r} has no reference inputs for drift.cka / drift.kl")
+        if config.drift.kl and not cls.decoder:
+            raise ValueError(f"config.drift.kl: next-token distributions need a decoder LM, not task {config.task!r}")
 
     @classmethod
     def _check_mixture(cls, config: ml_collections.ConfigDict) -> None:
@@ -135,6 +139,11 @@ class Task(abc.ABC):
     @classmethod
     def supports_ewc(cls) -> bool:
         return cls.fisher is not Task.fisher
+
+    @classmethod
+    def supports_reference(cls) -> bool:
+        """Whether the task gives reference inputs (`reference_inputs`): drift.cka and drift.kl need them."""
+        return cls.reference_inputs is not Task.reference_inputs
 
     # --- during and after training ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -190,6 +199,18 @@ class Task(abc.ABC):
     def probes(self, params: dict) -> dict[str, float]:
         """Forgetting probes of general ability (named as in `higher_is_better`); {} when none is configured."""
         return {}
+
+    def reference_inputs(self, count: int, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Representation drift (`sft_jax.representation_drift`): a host batch of `rows` rows holding the first
+        `count` evaluation examples (fewer when there are fewer; the other rows padding), the same at every
+        call, and its token mask [rows, T] (1 for a real token of a real example, 0 for padding). A task
+        without them leaves this as it is: drift.cka and drift.kl are then refused."""
+        raise NotImplementedError
+
+    def reference_forward(self, model, batch: dict[str, jax.Array]) -> jax.Array | None:
+        """Runs `model` on a `reference_inputs` batch (traced; every block's output is recorded on the way,
+        `models.block_outputs`): the next-token logits [rows, T, V] of a decoder LM, None for other models."""
+        raise NotImplementedError
 
     def fisher(self, params: dict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         """EWC: the diagonal Fisher of a pre-training-like objective at `params`, for the parameters `names`

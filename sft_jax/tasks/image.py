@@ -7,6 +7,7 @@ classification loss, on images of the source classes (`regularizer.fisher_data`)
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -97,6 +98,13 @@ class ImageClassification(classification.ClassificationTask):
 
     def flops_shape(self, batch: dict[str, np.ndarray]) -> tuple[int, int]:
         return len(batch["pixel_values"]), self.vit_config.num_patches + 1  # the patches and the class token
+
+    def reference_inputs(self, count: int, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        batch = self.collate(self.eval_ds, np.arange(min(count, len(self.eval_ds))), rows)
+        return batch, np.repeat(batch["weights"][:, None], self.vit_config.num_patches + 1, axis=1)
+
+    def reference_forward(self, model, batch: dict[str, jax.Array]) -> None:
+        model.vit(batch["pixel_values"])  # its blocks' outputs are what is recorded
 
     def _read(self, spec: str, classes: tuple[str, ...] | None = None) -> list:
         d = self.config.data

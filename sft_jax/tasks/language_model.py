@@ -253,6 +253,14 @@ class LanguageModel(Task):
     def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
         return int(np.count_nonzero(batch["segment_ids"]))
 
+    def reference_inputs(self, count: int, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        batch = lm_data.make_lm_batch(self.eval_ds, np.arange(min(count, len(self.eval_ds))), rows,
+                                      self.config.buckets, self.pad_id)
+        return batch, (batch["segment_ids"] != 0).astype(np.float32)  # every real position, targets or prompt
+
+    def reference_forward(self, model, batch: dict[str, jax.Array]) -> jax.Array:
+        return model(batch["input_ids"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+
     def flops_model(self, trainable: tuple[str, ...]) -> FlopsModel:
         return decoder_flops_model(self.config, self.model_config)  # the plain model's, however it is stored
 

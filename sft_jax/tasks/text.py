@@ -159,6 +159,14 @@ class TextClassification(classification.ClassificationTask):
     def batch_tokens(self, batch: dict[str, np.ndarray]) -> int:
         return int(np.count_nonzero(batch["attention_mask"]))
 
+    def reference_inputs(self, count: int, rows: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        batch = batching.make_batch(self.eval_ds, np.arange(min(count, len(self.eval_ds))), rows, self.config.buckets,
+                                    self.pad_id)
+        return batch, batch["attention_mask"]
+
+    def reference_forward(self, model, batch: dict[str, jax.Array]) -> None:
+        model.encoder(batch["input_ids"], batch["attention_mask"])  # its blocks' outputs are what is recorded
+
     def flops_model(self, trainable: tuple[str, ...]) -> FlopsModel:
         c = self.encoder_config
         return FlopsModel({k: tuple(v.shape) for k, v in self.params.items()}, tuple(trainable),

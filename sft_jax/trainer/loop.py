@@ -12,6 +12,7 @@ from sft_jax import distributed, drift, platform, sharding, storage, tasks
 from sft_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from sft_jax.config_defaults import early_stopping_mode, validate
 from sft_jax.models import quant
+from sft_jax.representation_drift import RepresentationDrift
 from sft_jax.rundir import RunDir
 from sft_jax.state import count_params, params_fingerprint
 from sft_jax.trainer import forgetting, guards, setup, throughput, trackers
@@ -39,11 +40,13 @@ def _train(config: ml_collections.ConfigDict, task_cls, rundir: RunDir, claim: C
     task.params = setup.in_storage_dtype(task.params, config.param_dtype, task.layout)
     task.model_def = setup.with_model_options(task.model_def, task.params, config)
     # WiSE-FT interpolates from the pre-trained weights: a host copy (the device ones are donated).
-    keep_pretrained = config.wise_ft.alphas or config.drift.params
+    keep_pretrained = config.wise_ft.alphas or config.drift.params or config.drift.cka or config.drift.kl
     pretrained = {k: sharding.to_host(v) for k, v in task.params.items()} if keep_pretrained else None
-    drift_of = _drift_probe(config, task, pretrained)
     ckpt = Checkpoints(workdir, clean_unfinished=True)  # removes what an interrupted save left
     run = setup.prepare(config, task, ckpt, workdir)
+    drift_of = _drift_probe(config, task, pretrained, run)
+    if not (config.wise_ft.alphas or config.drift.params):
+        pretrained = None  # the representation probe keeps its own host copies: the trained tensors' only
     state, meta = run.state, run.meta
     results = {"trainable_params": count_params(task.params, run.trainable),
                "total_params": quant.count_weights(task.params), **task.summary}
@@ -185,14 +188,24 @@ def _speed_postfix(window: dict[str, float]) -> dict[str, str]:
     return out
 
 
-def _drift_probe(config, task, pretrained: dict | None):
-    """params -> drift/... metrics against the pre-trained weights (`config.drift.params`), or None."""
-    if not config.drift.params:
+def _drift_probe(config, task, pretrained: dict | None, run: setup.Training):
+    """params -> drift/... metrics against the pre-trained model (`config.drift`: the weights' change, the
+    blocks' representations and a decoder's next-token distributions), or None when none is asked for."""
+    d = config.drift
+    probes = []
+    if d.params:
+        scale = config.lora.alpha / config.lora.rank if config.strategy == "lora" else None
+        probes.append(lambda params: drift.param_drift(pretrained, {k: sharding.to_host(v) for k, v in params.items()},
+                                                       task.layout, scale))
+    if d.cka or d.kl:
+        probes.append(RepresentationDrift(task, pretrained, run.trainable, count=d.reference_examples, cka=d.cka,
+                                          kl=d.kl, p_shard=run.p_shard, b_shard=run.b_shard,
+                                          logical_rules=sharding.run_logical_rules(config)))
+    if not probes:
         return None
-    scale = config.lora.alpha / config.lora.rank if config.strategy == "lora" else None
 
     def probe(params: dict) -> dict[str, float]:
-        return drift.param_drift(pretrained, {k: sharding.to_host(v) for k, v in params.items()}, task.layout, scale)
+        return {k: v for one in probes for k, v in one(params).items()}
 
     return probe
 
