@@ -181,6 +181,11 @@ def defaults() -> ml_collections.ConfigDict:
     # "WORKDIR@STEP": start from that run's train state at a kept step (or one in its latest/), with this config
     # (changes that keep the state's structure: learning rate, regularizers, data, steps...); "": from scratch
     c.fork_from = ""
+    # Sequential stages, trained in order by one command (WORKDIR/stages/I, each from the previous stage's model;
+    # image classification): a list of dicts of the keys each stage changes, as dotted paths, e.g.
+    # ({"data.train": A, "data.eval": A_TEST}, {"data.train": B, "data.eval": B_TEST, "learning_rate": 1e-4});
+    # the rest is inherited. results.json holds continual/accuracy_matrix, average_accuracy, bwt and fwt.
+    c.stages = ()
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.metric = "eval/accuracy"  # metric choosing the best checkpoint (and stopping early)
     # auto: min for loss-like metrics (loss, perplexity, ppl, error in the name), else max. An explicit mode

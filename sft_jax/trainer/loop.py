@@ -22,8 +22,13 @@ from sft_jax.workdir_claim import Claim
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint."""
+    """Fine-tunes per `config`, writing everything to `workdir`; resumes from its latest checkpoint. With
+    `config.stages`, trains the stages in order (`sft_jax.trainer.stages`)."""
     validate(config)  # the task's own checks included: before anything loads
+    if config.stages:
+        from sft_jax.trainer.stages import train_stages
+
+        return train_stages(config, workdir, train_and_evaluate)
     trackers.check_installed(config.logging)  # wandb / mlflow named but not installed: one line, now
     task_cls = tasks.get(config.task)
     platform.configure_determinism(config.deterministic)  # XLA_FLAGS: before the backend starts

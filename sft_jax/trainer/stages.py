@@ -1,0 +1,158 @@
+"""`config.stages`: one command trains a sequence of stages, each an ordinary run in WORKDIR/stages/I that starts
+from the previous stage's model (its best checkpoint; LoRA adapters folded in), and scores every stage's
+evaluation set after each stage (the accuracy matrix, `sft_jax.continual`).
+
+A stage is resumed like any run (the same command continues the stage it was killed in, bit-identically); a
+finished stage (its results.json written) is not trained again, and the matrix rows already scored are kept in
+WORKDIR/continual.json. Which head scores stage j with the model after stage i: the current head when stage j
+has the same labels (one shared head), else the head stage j trained (j <= i; a head per stage, the
+task-incremental setting), or the head stage j would start with (j > i). The initial scores b[j] are those of
+the model the first stage starts from, with stage j's initial head.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import tqdm
+
+from sft_jax import continual, distributed, storage
+from sft_jax.config_defaults import validate
+from sft_jax.data import batching, images
+from sft_jax.losses import image_classification_loss
+from sft_jax.rundir import RunDir
+from sft_jax.state import ModelDef
+from sft_jax.tasks import classification, image_model
+from sft_jax.train_step import make_eval_step
+
+MATRIX_FILE = "continual.json"
+# Tasks whose `config.model` may be an earlier run's workdir, which is how a stage starts from the previous one.
+CHAINABLE_TASKS = ("image_classification",)
+
+
+def stage_dir(workdir: str, i: int) -> str:
+    return storage.join(storage.normalize(workdir), "stages", str(i))
+
+
+def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> dict[str, Any]:
+    """Trains the stages of `config.stages` in order with `train_one(config, workdir)` (train_and_evaluate),
+    scoring the matrix after each; returns (and writes to WORKDIR/results.json) the sequence's results."""
+    if config.task not in CHAINABLE_TASKS:
+        raise ValueError(f"config.stages: a stage starts from the previous stage's workdir, which task "
+                         f"{config.task!r} cannot load as its model yet; sequences run for {CHAINABLE_TASKS}")
+    configs = continual.stage_configs(config)
+    for i, c in enumerate(configs):  # every stage's mistakes before the first stage trains
+        try:
+            validate(c)
+        except ValueError as e:
+            raise ValueError(f"config.stages[{i}]: {e}") from None
+    root = RunDir(workdir)
+    root.ensure_writable()
+    saved = _read_matrix(root)
+    rows, initial = saved.get("rows", []), saved.get("initial")
+    dirs = [stage_dir(workdir, i) for i in range(len(configs))]
+    for i, c in enumerate(configs):
+        if i:
+            c.model = dirs[i - 1]
+    scorer = ImageStageScorer(configs, dirs)
+    stage_results = []
+    for i, c in enumerate(configs):
+        done = RunDir(dirs[i]).file("results.json")
+        if storage.isfile(done):
+            results = json.loads(storage.read_bytes(done))
+        else:
+            tqdm.tqdm.write(f"stage {i + 1} of {len(configs)}: {dirs[i]}")
+            results = train_one(c, dirs[i])
+            if results.get("preempted"):
+                return {**results, "stage": i}
+        stage_results.append(results)
+        if len(rows) <= i:
+            rows.append(scorer.row(i))
+            _write_matrix(root, rows, initial)
+    if initial is None:
+        initial = scorer.row(None)
+        _write_matrix(root, rows, initial)
+    out = {"continual/accuracy_matrix": rows, "continual/initial_accuracy": initial,
+           "continual/metric": scorer.metric, **continual.summary(rows, initial)}
+    for i, results in enumerate(stage_results):
+        out.update({f"continual/stage_{i}/{k}": v for k, v in results.items()
+                    if k.startswith(("eval/", "test/", "forgetting/")) or k in ("step", "best_step")})
+    if distributed.is_primary():
+        root.write_results(out)
+    return out
+
+
+def _read_matrix(root: RunDir) -> dict:
+    path = root.file(MATRIX_FILE)
+    return json.loads(storage.read_bytes(path)) if storage.isfile(path) else {}
+
+
+def _write_matrix(root: RunDir, rows: list, initial: list | None) -> None:
+    if distributed.is_primary():
+        storage.write_json(root.file(MATRIX_FILE), {"rows": rows, "initial": initial})
+
+
+class ImageStageScorer:
+    """Accuracy on stage j's evaluation images of the model after stage i (None: the starting model)."""
+
+    metric = "eval/accuracy"
+
+    def __init__(self, configs: list[ml_collections.ConfigDict], dirs: list[str]):
+        self.configs, self.dirs = configs, dirs
+        self._labels: dict[int, list[str]] = {}
+        self._data: dict[int, images.ImageDataset] = {}
+        self._heads: dict[int, image_model.SourceHead] = {}
+
+    def labels(self, j: int) -> list[str]:
+        """Stage j's labels: as its run saved them, or as its training data will give them."""
+        if j not in self._labels:
+            rundir = RunDir(self.dirs[j])
+            if storage.isfile(rundir.labels_path):
+                self._labels[j] = rundir.read_labels().labels
+            else:
+                self._labels[j] = batching.LabelVocab.from_examples(self._records(j, "train")).labels
+        return self._labels[j]
+
+    def _records(self, j: int, split: str) -> list:
+        d = self.configs[j].data
+        return images.read_image_records(d[split], image_field=d.image_field, label_field=d.label_field,
+                                         data_dir=d.tfds_data_dir, classes=tuple(d.classes))
+
+    def _dataset(self, j: int, size: int) -> images.ImageDataset:
+        if j not in self._data:
+            self._data[j] = images.load_images(self._records(j, "eval"), batching.LabelVocab(self.labels(j)), size)
+        return self._data[j]
+
+    def _model(self, i: int | None):
+        """(backbone, head as a SourceHead or None, spec) after stage i, or of the starting model."""
+        if i is None:
+            c = self.configs[0]
+            spec = image_model.resolve_image_model(c.model, c.vit, c.image, jnp.dtype(c.dtype))
+            vit, head = image_model.load_backbone(spec, c.seed, tuple(c.ignore_weights))
+            return vit, head, spec
+        classifier, head, spec = image_model.load_image_run(self.dirs[i], "best", merge=True)
+        return classifier.vit, head, spec
+
+    def _trained_head(self, j: int) -> image_model.SourceHead:
+        if j not in self._heads:
+            self._heads[j] = image_model.load_image_run(self.dirs[j], "best")[1]
+        return self._heads[j]
+
+    def row(self, i: int | None) -> list[float]:
+        """The scores of every stage's evaluation set with the model after stage i (None: the starting one)."""
+        vit, head, spec = self._model(i)
+        scores = []
+        for j, c in enumerate(self.configs):
+            labels = self.labels(j)
+            own = self._trained_head(j) if i is not None and j <= i and head.labels != labels else head
+            module = image_model.build_classifier(vit, labels, own, pooling=c.pooling, dropout=0.0, seed=c.seed)
+            model_def, params = ModelDef.split(module)
+            ev = classification.evaluate(make_eval_step(model_def, image_classification_loss), params,
+                                         self._dataset(j, spec.vit_config.image_size),
+                                         batch_size=c.eval_batch_size, buckets=c.buckets, pad_id=0,
+                                         num_labels=len(labels), collate=images.image_collate(spec.mean, spec.std))
+            scores.append(float(ev[self.metric]))
+        return scores
