@@ -79,3 +79,32 @@ def test_bad_forks_are_one_line(parent, tmp_path, tiny_config):
     tiny_config.fork_from, tiny_config.keep_checkpoints_at = "", (0,)
     with pytest.raises(ValueError, match=r"config.keep_checkpoints_at: expected steps >= 1"):
         validate(tiny_config)
+
+
+def test_fork_experiment_pairs_settings_fork_by_fork(parent, tmp_path):
+    """experiments/forks.py: fork 0 of an empty setting is the parent's continuation; the paired differences
+    are those of the forks' own results, with a t- and a bootstrap interval."""
+    from experiments import forks
+
+    config, workdir, results = parent
+    out = tmp_path / "forks"
+    settings = {"same": {}, "faster": {"learning_rate": config.learning_rate * 10}}
+    table = forks.run_forks(str(workdir), 4, settings, k=2, out=str(out), metric="eval/loss")
+    fork0 = json.loads((out / "same" / "fork_0" / "results.json").read_text())
+    assert fork0["params_fingerprint"] == results["params_fingerprint"]
+    own = {name: [json.loads((out / name / f"fork_{i}" / "results.json").read_text())["eval/loss"] for i in (0, 1)]
+           for name in settings}
+    assert table["scores"] == own and own["same"][0] != own["same"][1]  # fork 1 draws other batches
+    diffs = [own["faster"][i] - own["same"][i] for i in (0, 1)]
+    paired = table["paired"]["faster"]
+    assert paired["mean"] == pytest.approx(sum(diffs) / 2)
+    assert (paired["bootstrap_low"], paired["bootstrap_high"]) == pytest.approx((min(diffs), max(diffs)))
+    assert paired["low"] < paired["mean"] < paired["high"]
+    assert json.loads((out / "forks.json").read_text())["paired"] == table["paired"]
+    assert "| faster |" in (out / "FORKS.md").read_text()
+    again = forks.run_forks(str(workdir), 4, settings, k=2, out=str(out), metric="eval/loss",
+                            train=lambda *a: pytest.fail("a finished fork is trained again"))
+    assert again["scores"] == table["scores"]
+    with pytest.raises(ValueError, match="setting key 'learning_rat'"):
+        forks.run_forks(str(workdir), 4, {"typo": {"learning_rat": 1.0}}, k=2, out=str(tmp_path / "bad"),
+                        metric="eval/loss")
