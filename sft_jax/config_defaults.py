@@ -98,6 +98,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.label_field = "label"  # field (column) holding the class label
     c.data.image_field = "image"  # image records: a path relative to the data file, or image bytes / {"bytes", "path"}
     c.data.classes = ()  # keep only examples of these labels (train, eval); empty: all
+    # The classifier's labels, in this order (a head over classes the training data may not all have, e.g. one
+    # growing head over a sequence's stages); empty: the labels found in the training data, sorted
+    c.data.labels = ()
     # sft records: {"input","output"}, {"instruction","input","output"}, {"instruction","instances"}, {"messages"}
     c.data.input_field = "input"
     c.data.output_field = "output"  # sft: field of the target response
@@ -186,6 +189,9 @@ def defaults() -> ml_collections.ConfigDict:
     # ({"data.train": A, "data.eval": A_TEST}, {"data.train": B, "data.eval": B_TEST, "learning_rate": 1e-4});
     # the rest is inherited. results.json holds continual/accuracy_matrix, average_accuracy, bwt and fwt.
     c.stages = ()
+    # "task": a head per stage (stages with the same labels share one); "class": one head that grows by each
+    # stage's new classes (data.labels of stage I: the labels of stages 0..I), scored over every class seen so far
+    c.stages_scenario = "task"
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.metric = "eval/accuracy"  # metric choosing the best checkpoint (and stopping early)
     # auto: min for loss-like metrics (loss, perplexity, ppl, error in the name), else max. An explicit mode
@@ -310,6 +316,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "schedule", ("linear", "cosine", "constant"))
     _check_choice(config, "cpu_matmuls", ("auto", "measure", "xla", "onednn"))
     _check_choice(config, "pooling", POOLINGS)
+    _check_choice(config, "stages_scenario", ("task", "class"))
+    if len(set(config.data.labels)) != len(config.data.labels):
+        raise ValueError(f"config.data.labels: a label given twice in {tuple(config.data.labels)}")
     _check_choice(config, "data.too_long", ("truncate", "error"))
     _check_choice(config, "logging.wandb_mode", ("online", "offline"))
     for key in ("learning_rate", "warmup_steps", "weight_decay", "clip_norm", "head_dropout", "max_train_seconds",

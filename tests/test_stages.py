@@ -119,3 +119,73 @@ def test_a_bad_stage_fails_before_anything_trains(image_config, colours, tmp_pat
     c.task, c.model = "text_classification", "minilm-l6"
     with pytest.raises(ValueError, match="config.stages: .*'text_classification' cannot load"):
         train_and_evaluate(c, str(tmp_path))
+
+
+def test_class_incremental_grows_one_head(image_config, tmp_path):
+    """stages_scenario='class': stage 1 (blue, yellow) trains a head over green, red, blue, yellow whose first two
+    outputs start as stage 0's; stage 1's classes score 0 before they are seen; there is no FWT."""
+    from PIL import Image
+
+    palette = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (220, 220, 30)}
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        for label, colour in palette.items():
+            (tmp_path / split / label).mkdir(parents=True)
+            for k in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (10, 10, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{k}.png")
+    c = image_config(str(tmp_path / "train"), str(tmp_path / "test"))
+    c.stages_scenario = "class"
+    c.stages = ({"data.classes": ("red", "green")}, {"data.classes": ("blue", "yellow"), "strategy": "head"})
+    results = train_and_evaluate(c, str(tmp_path / "run"))
+    stages = [tmp_path / "run" / "stages" / str(i) for i in (0, 1)]
+    assert [json.loads((d / "labels.json").read_text())["labels"] for d in stages] == [
+        ["green", "red"], ["green", "red", "blue", "yellow"]]
+    r = results["continual/accuracy_matrix"]
+    assert r[0][1] == 0.0 and r[0][0] == json.loads((stages[0] / "results.json").read_text())["eval/accuracy"]
+    assert r[1][1] == json.loads((stages[1] / "results.json").read_text())["eval/accuracy"]
+    assert results["continual/scenario"] == "class" and "continual/fwt" not in results
+    assert results["continual/bwt"] == pytest.approx(r[1][0] - r[0][0])
+    from sft_jax.tasks.image_model import load_image_run
+
+    first, second = (load_image_run(str(d), "latest")[1] for d in stages)
+    assert second.kernel.shape == (first.kernel.shape[0], 4)
+    c.stages = ({"data.classes": ("red", "green"), "data.labels": ("red", "green")}, {})
+    with pytest.raises(ValueError, match="stages_scenario='class' sets each stage's data.labels"):
+        train_and_evaluate(c, str(tmp_path / "bad"))
+
+
+def test_a_grown_head_keeps_the_outputs_of_known_labels():
+    from flax import nnx
+
+    from sft_jax.models.vit import ViT, ViTConfig
+    from sft_jax.tasks.image_model import SourceHead, build_classifier
+
+    vit = ViT(ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    source = SourceHead(["green", "red"], "cls", rng.normal(size=(16, 2)).astype(np.float32),
+                        rng.normal(size=2).astype(np.float32))
+    labels = ["blue", "red", "green", "yellow"]
+    grown = build_classifier(vit, labels, source, pooling="cls", dropout=0.0, seed=0, grow=True)
+    fresh = build_classifier(vit, labels, None, pooling="cls", dropout=0.0, seed=0)
+    kernel, bias = np.asarray(grown.head.kernel.value), np.asarray(grown.head.bias.value)
+    np.testing.assert_array_equal(kernel[:, [2, 1]], source.kernel)
+    np.testing.assert_array_equal(bias[[2, 1]], source.bias)
+    np.testing.assert_array_equal(kernel[:, [0, 3]], np.asarray(fresh.head.kernel.value)[:, [0, 3]])
+    not_grown = build_classifier(vit, labels, source, pooling="cls", dropout=0.0, seed=0)
+    np.testing.assert_array_equal(np.asarray(not_grown.head.kernel.value), np.asarray(fresh.head.kernel.value))
+
+
+def test_data_labels_fix_the_head_and_must_hold_every_training_label(tmp_path):
+    from sft_jax.data.batching import Example
+    from sft_jax.data.sources import DataError
+    from sft_jax.rundir import RunDir
+    from sft_jax.tasks.classification import label_vocab
+
+    examples = [Example(text="a", label="red", where="t.jsonl:1"), Example(text="b", label="blue", where="t.jsonl:2")]
+    assert label_vocab("t.jsonl", RunDir(tmp_path), examples).labels == ["blue", "red"]
+    assert label_vocab("t.jsonl", RunDir(tmp_path), examples, ("red", "green", "blue")).labels == ["red", "green",
+                                                                                                  "blue"]
+    with pytest.raises(DataError, match=r"t.jsonl: label 'red' is not one of config.data.labels \['blue'\]"):
+        label_vocab("t.jsonl", RunDir(tmp_path), examples, ("blue",))

@@ -38,10 +38,15 @@ class LabelVocab:
         if len(found) < 2:
             raise DataError(f"{where}: found {len(found)} label(s) {sorted(found)}; "
                             "classification needs at least 2")
-        # Integer labels keep their numeric order (so "2" follows "1", not "10").
-        if all(label.lstrip("-").isdigit() for label in found):
-            return cls(sorted(found, key=int))
-        return cls(sorted(found))
+        return cls(cls.ordered(found))
+
+    @staticmethod
+    def ordered(labels: Iterable[str]) -> list[str]:
+        """Sorted, integer labels in their numeric order (so "2" follows "1", not "10")."""
+        labels = set(labels)
+        if all(label.lstrip("-").isdigit() for label in labels):
+            return sorted(labels, key=int)
+        return sorted(labels)
 
     def __len__(self) -> int:
         return len(self.labels)

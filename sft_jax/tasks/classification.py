@@ -76,9 +76,19 @@ def add_lora(module: nnx.Module, config: Mapping[str, Any]) -> list[str]:
         raise ValueError(f"config.{e}") from None
 
 
-def label_vocab(data_spec: str, rundir: RunDir, train_examples: Sequence) -> batching.LabelVocab:
-    """The labels found in the training data; on resume they must equal those saved in the workdir."""
-    found = batching.LabelVocab.from_examples(train_examples)
+def label_vocab(data_spec: str, rundir: RunDir, train_examples: Sequence, labels: Sequence[str] = ()
+                ) -> batching.LabelVocab:
+    """The labels found in the training data, or `labels` (config.data.labels) in their order, which must hold
+    every training label; on resume they must equal those saved in the workdir."""
+    if labels:  # the training data may hold only some of them (one stage of a growing head)
+        missing = batching.LabelVocab.ordered({e.label for e in train_examples} - set(labels))
+        if missing:
+            raise DataError(f"{data_spec}: label {missing[0]!r} is not one of config.data.labels {list(labels)}")
+        if len(labels) < 2:
+            raise ValueError(f"config.data.labels: classification needs at least 2 labels, got {list(labels)}")
+        found = batching.LabelVocab(list(labels))
+    else:
+        found = batching.LabelVocab.from_examples(train_examples)
     if not rundir.has_trained():  # labels.json of a run that failed in set-up binds nothing
         return found
     try:

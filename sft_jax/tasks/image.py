@@ -46,7 +46,7 @@ class ImageClassification(classification.ClassificationTask):
         self.config = config
         d = config.data
         train_records, eval_records = self._read(d.train), self._read(d.eval)
-        self.vocab = classification.label_vocab(d.train, rundir, train_records)
+        self.vocab = classification.label_vocab(d.train, rundir, train_records, tuple(d.labels))
         spec = image_model.resolve_image_model(config.model, config.vit, config.image, jnp.dtype(config.dtype))
         self.image_size = size = spec.vit_config.image_size
         if d.validation_fraction:  # evaluations select on images carved from train; data.eval is reported
@@ -68,7 +68,8 @@ class ImageClassification(classification.ClassificationTask):
         if config.forgetting.images:
             self.source_ds = self._source_images(config.forgetting.images)
         module = image_model.build_classifier(vit, self.vocab.labels, self.source, pooling=config.pooling,
-                                              dropout=config.head_dropout, seed=config.seed)
+                                              dropout=config.head_dropout, seed=config.seed,
+                                              grow=bool(d.labels))
         classification.add_lora(module, config)
         if self.source is not None:  # the backbone as it trains (adapters included) under the source head
             probe = ImageClassifier(module.vit, len(self.source.labels), pooling=self.source.pooling,

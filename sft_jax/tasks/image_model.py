@@ -122,10 +122,21 @@ def load_backbone(spec: ImageModelSpec, seed: int = 0, ignore_weights: tuple[str
 
 
 def build_classifier(vit: ViT, labels: list[str], source: SourceHead | None, *, pooling: str, dropout: float,
-                     seed: int) -> ImageClassifier:
-    """`vit` with a head for `labels`: the source head when its labels and pooling are the same, else fresh."""
+                     seed: int, grow: bool = False) -> ImageClassifier:
+    """`vit` with a head for `labels`: the source head when its labels and pooling are the same, else fresh;
+    with `grow` (a head over given labels), each label the source head has keeps its output weights and the
+    others start fresh."""
     module = ImageClassifier(vit, len(labels), pooling=pooling, dropout=dropout, rngs=nnx.Rngs(seed))
-    if source is not None and source.labels == list(labels) and source.pooling == pooling:
+    if source is None or source.pooling != pooling:
+        return module
+    if source.labels == list(labels):
         module.head.kernel.value = jnp.asarray(source.kernel)
         module.head.bias.value = jnp.asarray(source.bias)
+    elif grow:
+        kernel, bias = np.array(module.head.kernel.value), np.array(module.head.bias.value)
+        for i, label in enumerate(labels):
+            if label in source.labels:
+                kernel[:, i] = source.kernel[:, source.labels.index(label)]
+                bias[i] = source.bias[source.labels.index(label)]
+        module.head.kernel.value, module.head.bias.value = jnp.asarray(kernel), jnp.asarray(bias)
     return module

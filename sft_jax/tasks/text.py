@@ -112,7 +112,7 @@ class TextClassification(classification.ClassificationTask):
             train_ds = random_access.open_records(d.train)
         else:
             train_ex = read_classification(d.train, **read)
-        vocab = classification.label_vocab(d.train, rundir, train_ex)
+        vocab = classification.label_vocab(d.train, rundir, train_ex, tuple(d.labels))
         # Encoding the eval set first checks its labels before any time is spent on training.
         length = self.config.max_length
         if d.validation_fraction:  # evaluations select on examples carved from train; data.eval is reported
@@ -132,7 +132,7 @@ class TextClassification(classification.ClassificationTask):
         sources = mixture.sources(c)
         parts = [read_classification(s.train, **read) for s in sources]
         vocab = classification.label_vocab(", ".join(s.train for s in sources), rundir,
-                                           [e for part in parts for e in part])
+                                           [e for part in parts for e in part], tuple(c.data.labels))
 
         def encode(examples):
             return batching.encode_classification(examples, self.tokenizer, vocab, c.max_length, c.data.too_long)

@@ -2,6 +2,12 @@
 from the previous stage's model (its best checkpoint; LoRA adapters folded in), and scores every stage's
 evaluation set after each stage (the accuracy matrix, `sft_jax.continual`).
 
+`config.stages_scenario` chooses the head. "task" (task-incremental): a head per stage, stage j scored under
+its own head (see below). "class" (class-incremental): one head that grows by each stage's new classes (stage
+i's `data.labels` are the labels of stages 0..i, the outputs of known classes carried over), every stage
+scored over all the classes seen so far; a stage whose classes are not yet seen scores 0, and there is no
+forward transfer to report (no initial row).
+
 A stage is resumed like any run (the same command continues the stage it was killed in, bit-identically); a
 finished stage (its results.json written) is not trained again, and the matrix rows already scored are kept in
 WORKDIR/continual.json. Which head scores stage j with the model after stage i: the current head when stage j
@@ -57,7 +63,15 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
     for i, c in enumerate(configs):
         if i:
             c.model = dirs[i - 1]
-    scorer = ImageStageScorer(configs, dirs)
+    scorer = ImageStageScorer(configs, dirs, config.stages_scenario)
+    if config.stages_scenario == "class":
+        if any(c.data.labels for c in configs):
+            raise ValueError("config.stages_scenario='class' sets each stage's data.labels (the classes seen so "
+                             "far); leave config.data.labels empty")
+        seen: list[str] = []
+        for j, c in enumerate(configs):
+            seen += [label for label in scorer.own_labels(j) if label not in seen]
+            c.data.labels = tuple(seen)
     stage_results = []
     for i, c in enumerate(configs):
         done = RunDir(dirs[i]).file("results.json")
@@ -72,11 +86,13 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
         if len(rows) <= i:
             rows.append(scorer.row(i))
             _write_matrix(root, rows, initial)
-    if initial is None:
+    if initial is None and config.stages_scenario == "task":
         initial = scorer.row(None)
         _write_matrix(root, rows, initial)
-    out = {"continual/accuracy_matrix": rows, "continual/initial_accuracy": initial,
+    out = {"continual/accuracy_matrix": rows, "continual/scenario": config.stages_scenario,
            "continual/metric": scorer.metric, **continual.summary(rows, initial)}
+    if initial is not None:
+        out["continual/initial_accuracy"] = initial
     for i, results in enumerate(stage_results):
         out.update({f"continual/stage_{i}/{k}": v for k, v in results.items()
                     if k.startswith(("eval/", "test/", "forgetting/")) or k in ("step", "best_step")})
@@ -100,31 +116,35 @@ class ImageStageScorer:
 
     metric = "eval/accuracy"
 
-    def __init__(self, configs: list[ml_collections.ConfigDict], dirs: list[str]):
-        self.configs, self.dirs = configs, dirs
-        self._labels: dict[int, list[str]] = {}
-        self._data: dict[int, images.ImageDataset] = {}
+    def __init__(self, configs: list[ml_collections.ConfigDict], dirs: list[str], scenario: str = "task"):
+        self.configs, self.dirs, self.scenario = configs, dirs, scenario
+        self._own: dict[int, list[str]] = {}
+        self._data: dict[tuple, images.ImageDataset] = {}
         self._heads: dict[int, image_model.SourceHead] = {}
 
+    def own_labels(self, j: int) -> list[str]:
+        """The labels of stage j's training data, sorted."""
+        if j not in self._own:
+            self._own[j] = batching.LabelVocab.ordered(r.label for r in self._records(j, "train"))
+        return self._own[j]
+
     def labels(self, j: int) -> list[str]:
-        """Stage j's labels: as its run saved them, or as its training data will give them."""
-        if j not in self._labels:
-            rundir = RunDir(self.dirs[j])
-            if storage.isfile(rundir.labels_path):
-                self._labels[j] = rundir.read_labels().labels
-            else:
-                self._labels[j] = batching.LabelVocab.from_examples(self._records(j, "train")).labels
-        return self._labels[j]
+        """Stage j's classifier labels: as its run saved them, else as its config or training data gives them."""
+        rundir = RunDir(self.dirs[j])
+        if storage.isfile(rundir.labels_path):
+            return rundir.read_labels().labels
+        return list(self.configs[j].data.labels) or self.own_labels(j)
 
     def _records(self, j: int, split: str) -> list:
         d = self.configs[j].data
         return images.read_image_records(d[split], image_field=d.image_field, label_field=d.label_field,
                                          data_dir=d.tfds_data_dir, classes=tuple(d.classes))
 
-    def _dataset(self, j: int, size: int) -> images.ImageDataset:
-        if j not in self._data:
-            self._data[j] = images.load_images(self._records(j, "eval"), batching.LabelVocab(self.labels(j)), size)
-        return self._data[j]
+    def _dataset(self, j: int, labels: list[str], size: int) -> images.ImageDataset:
+        key = (j, tuple(labels))
+        if key not in self._data:
+            self._data[key] = images.load_images(self._records(j, "eval"), batching.LabelVocab(labels), size)
+        return self._data[key]
 
     def _model(self, i: int | None):
         """(backbone, head as a SourceHead or None, spec) after stage i, or of the starting model."""
@@ -146,12 +166,18 @@ class ImageStageScorer:
         vit, head, spec = self._model(i)
         scores = []
         for j, c in enumerate(self.configs):
-            labels = self.labels(j)
-            own = self._trained_head(j) if i is not None and j <= i and head.labels != labels else head
+            if self.scenario == "class":  # the head after stage i, over every class seen so far
+                labels, own = head.labels, head
+                if not set(self.own_labels(j)) <= set(labels):
+                    scores.append(0.0)  # stage j's classes have no outputs yet
+                    continue
+            else:
+                labels = self.labels(j)
+                own = self._trained_head(j) if i is not None and j <= i and head.labels != labels else head
             module = image_model.build_classifier(vit, labels, own, pooling=c.pooling, dropout=0.0, seed=c.seed)
             model_def, params = ModelDef.split(module)
             ev = classification.evaluate(make_eval_step(model_def, image_classification_loss), params,
-                                         self._dataset(j, spec.vit_config.image_size),
+                                         self._dataset(j, labels, spec.vit_config.image_size),
                                          batch_size=c.eval_batch_size, buckets=c.buckets, pad_id=0,
                                          num_labels=len(labels), collate=images.image_collate(spec.mean, spec.std))
             scores.append(float(ev[self.metric]))
