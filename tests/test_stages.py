@@ -84,6 +84,9 @@ def test_two_stages_score_every_stage_after_each(image_config, colours, tmp_path
     assert json.loads((tmp_path / "results.json").read_text()) == results
     again = train_and_evaluate(_sequence(image_config, colours, {"strategy": "head"}), str(tmp_path))
     assert again == results  # a finished sequence is read back, not trained again
+    assert json.loads((tmp_path / "config.json").read_text())["stages"][1]["strategy"] == "head"
+    with pytest.raises(ValueError, match=r"cannot resume, the sequence changed \(stages\)"):
+        train_and_evaluate(_sequence(image_config, colours, {"strategy": "full"}), str(tmp_path))
 
 
 def test_a_sequence_killed_mid_stage_resumes_bit_identically(image_config, colours, tmp_path, monkeypatch):

@@ -57,6 +57,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
             raise ValueError(f"config.stages[{i}]: {e}") from None
     root = RunDir(workdir)
     root.ensure_writable()
+    _check_same_sequence(root, config)
     saved = _read_matrix(root)
     rows, initial = saved.get("rows", []), saved.get("initial")
     dirs = [stage_dir(workdir, i) for i in range(len(configs))]
@@ -99,6 +100,21 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
     if distributed.is_primary():
         root.write_results(out)
     return out
+
+
+def _check_same_sequence(root: RunDir, config: ml_collections.ConfigDict) -> None:
+    """Writes the sequence's config (WORKDIR/config.json) on its first run; a rerun with other stages or another
+    scenario would mix two sequences' rows and stops in one line."""
+    sequence = json.loads(json.dumps(config.to_dict(), default=str))  # tuples as JSON reads them back
+    if not storage.isfile(root.file("config.json")):
+        if distributed.is_primary():
+            root.write_config(sequence)
+        return
+    old = root.read_config()
+    changed = [k for k in ("stages", "stages_scenario", "model", "task") if old.get(k) != sequence.get(k)]
+    if changed:
+        raise ValueError(f"{root.path}: cannot resume, the sequence changed ({', '.join(changed)}); use a new "
+                         "workdir")
 
 
 def _read_matrix(root: RunDir) -> dict:
