@@ -17,8 +17,10 @@ RECIPES = {"llama31_8b": "llama-3.1-8b.json", "qwen3_8b": "qwen3-8b.json"}
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices; see conftest.py")
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-@pytest.mark.parametrize("recipe", list(RECIPES))
+# Every method of the Llama recipe and QLoRA of the Qwen3 one: the recipes share their code and differ in the
+# shapes read from config.json.
+@pytest.mark.parametrize("recipe, method", [("llama31_8b", "lora"), ("llama31_8b", "qlora"), ("llama31_8b", "full"),
+                                            ("qwen3_8b", "qlora")])
 def test_recipe_fits_its_devices(recipe, method):
     config = importlib.import_module(f"configs.recipes.{recipe}").get_config(method)
     devices = 8 if method == "full" else 1
