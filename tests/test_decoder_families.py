@@ -326,11 +326,17 @@ def test_cached_decoding_equals_uncached(name, tmp_path):
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     full = model(ids, mask)
     cache = model.init_cache(2, 16)
-    h, cache = model.hidden(ids[:, :5], attention_mask=mask[:, :5], cache=cache)
-    steps = [model.logits(h)]
+
+    @nnx.jit  # compiled once per input length (prefill, then one token), not run op by op
+    def step(model, ids, mask, cache):
+        h, cache = model.hidden(ids, attention_mask=mask, cache=cache)
+        return model.logits(h), cache
+
+    logits, cache = step(model, ids[:, :5], mask[:, :5], cache)
+    steps = [logits]
     for t in range(5, 11):
-        h, cache = model.hidden(ids[:, t:t + 1], attention_mask=mask[:, t:t + 1], cache=cache)
-        steps.append(model.logits(h))
+        logits, cache = step(model, ids[:, t:t + 1], mask[:, t:t + 1], cache)
+        steps.append(logits)
     valid = np.asarray(mask).astype(bool)
     diff = np.abs(np.asarray(jnp.concatenate(steps, axis=1)) - np.asarray(full))[valid]
     assert diff.max() < 2e-5
@@ -350,7 +356,7 @@ def test_gemma2_softcap_gradients_match_torch(tmp_path):
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(targets)[..., None], -1)[..., 0]
         return jnp.sum(nll * mask) / mask.sum()
 
-    grads = jax.grad(loss)(params)
+    grads = jax.jit(jax.grad(loss))(params)  # one compilation, not an op-by-op backward pass
     ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     logits = ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                  position_ids=torch.tensor(_positions(mask))).logits

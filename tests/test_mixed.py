@@ -190,12 +190,17 @@ def test_causal_attend_in_blocks_matches_one_block(window):
     mask = attention_mask(seg, index, seg, index, window)
     real = np.asarray(seg != 0)
     do = do * real[:, :, None, None, None]  # the loss reads real tokens only
-    want, want_vjp = jax.vjp(lambda a, c, e: attend(a, c, e, mask, 0.3), q, kk, v)
-    want_grads = want_vjp(do)
+    def value_and_vjp(fn):  # jitted: one compilation instead of an op-by-op forward and backward
+        def run(q, kk, v, do):
+            out, pullback = jax.vjp(fn, q, kk, v)
+            return out, pullback(do)
+        return jax.jit(run)(q, kk, v, do)
+
+    want, want_grads = value_and_vjp(lambda a, c, e: attend(a, c, e, mask, 0.3))
     for block in (2, 4, 5):
-        got, got_vjp = jax.vjp(lambda a, c, e, n=block: causal_attend(a, c, e, mask, 0.3, window, n), q, kk, v)
+        got, got_grads = value_and_vjp(lambda a, c, e, n=block: causal_attend(a, c, e, mask, 0.3, window, n))
         np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-6)
-        for a, w in zip(got_vjp(do), want_grads):
+        for a, w in zip(got_grads, want_grads):
             np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5)
     # The blocks really skip keys: blocks of 4 query rows over 11 tokens read keys [0, 4), [0, 8), [0, 11)
     # (from start - window + 1 with a window), not all 11 each.

@@ -90,7 +90,7 @@ def test_quantised_lora_model(kind):
     def loss(adapters):
         return jnp.mean(model_def.merge({**frozen, **adapters})(ids) ** 2)
 
-    grads = jax.grad(loss)(adapters)
+    grads = jax.jit(jax.grad(loss))(adapters)  # one compilation, not an op-by-op backward pass
     assert float(jnp.abs(grads["layers/1/mlp/down/lora_b"]).max()) > 0
     kept = saved_residuals(loss, adapters)
     kernel_shapes = {tuple(v.shape) for k, v in reference_params(reference).items()
