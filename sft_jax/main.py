@@ -48,6 +48,7 @@ def summary(results: dict, workdir: str) -> str:
     keys = [k for k in results if k.startswith("eval/")]
     keys += [k for k in results if k.startswith("forgetting/") and k.endswith(("/before", "/after"))]
     keys += ["trainable_params", "total_params", "best_step", "train/examples_per_s", "train/tokens_per_s"]
+    keys += [k for k in results if k.startswith("continual/") and isinstance(results[k], float)]  # config.stages
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {results[k]:.4f}" if isinstance(results[k], float) else f"{k:<{width}}  {results[k]}"
              for k in keys if results.get(k) is not None]

@@ -1,0 +1,144 @@
+"""Split CIFAR-10 (issue 29 item 6): five two-class stages on the CIFAR ViT, plain fine-tuning against L2-SP,
+EWC and LoRA per stage, task- and class-incremental, several seeds; the accuracy matrix, average accuracy and
+BWT (and FWT, task-incremental) of each, with t-intervals over seeds.
+
+    PYTHONPATH=. python -m experiments.continual.run [--methods=plain,l2sp,ewc,lora] [--scenarios=task,class]
+        [--seeds=0,1,2] [--base=WORKDIR]
+    PYTHONPATH=. python -m experiments.continual.run --report      # RESULTS.md and continual.png again
+
+Each sequence is one command line (configs/continual_cifar.py:METHOD,SCENARIO) in workdirs/SCENARIO_METHOD_sSEED
+(ignored by git; a finished one is read back). The starting model is a run of configs/cifar_pretrain.py
+(--base, or trained first into workdirs/base). Each finished sequence's config.json, results.json and
+continual.json, and every stage's results.json and metrics.jsonl, are kept with the code version under
+runs/SCENARIO_METHOD/seed_SEED; RESULTS.md and the plot are made from those files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from experiments import protocol
+from experiments.common import markdown_table, run_cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKDIRS = os.path.join(HERE, "workdirs")
+FIGURES = ("continual/average_accuracy", "continual/bwt", "continual/fwt")
+
+
+def keep(workdir: str, arm: str, seed: int, command: str) -> str:
+    dest = protocol.run_dir(HERE, arm, seed)
+    os.makedirs(dest, exist_ok=True)
+    for name in ("config.json", "results.json", "continual.json"):
+        shutil.copyfile(os.path.join(workdir, name), os.path.join(dest, name))
+    stages = os.path.join(workdir, "stages")
+    for stage in sorted(os.listdir(stages), key=int):
+        for name in ("results.json", "metrics.jsonl"):
+            os.makedirs(os.path.join(dest, "stages", stage), exist_ok=True)
+            shutil.copyfile(os.path.join(stages, stage, name), os.path.join(dest, "stages", stage, name))
+    with open(os.path.join(dest, "provenance.json"), "w") as f:
+        json.dump({"arm": arm, "seed": seed, "command": command, **protocol.code_version(),
+                   "kept_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
+    return dest
+
+
+def load() -> list[dict]:
+    """Every kept sequence: {"arm", "seed", "results", "provenance"}."""
+    runs = []
+    root = os.path.join(HERE, "runs")
+    for arm in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for seed_dir in sorted(os.listdir(os.path.join(root, arm))):
+            path = os.path.join(root, arm, seed_dir)
+            with open(os.path.join(path, "results.json")) as f:
+                results = json.load(f)
+            with open(os.path.join(path, "provenance.json")) as f:
+                provenance = json.load(f)
+            runs.append({"arm": arm, "seed": provenance["seed"], "results": results, "provenance": provenance})
+    return runs
+
+
+def report(runs: list[dict]) -> str:
+    lines = ["# Split CIFAR-10: five two-class stages", "",
+             "Made by `python -m experiments.continual.run` from the kept runs in runs/ only. Starting model: the "
+             "CIFAR ViT of configs/cifar_pretrain.py, trained from scratch on airplane, automobile, bird, cat and "
+             "deer, **so it has seen the classes of stages 1-2 and half of stage 3**. Each stage: 150 steps of 64 "
+             "images, best checkpoint on a validation split carved from the stage's training images, scored on "
+             "the stage's 400 held-out images. Cells: mean ± half-width of the 95% t-interval over seeds [n].",
+             "", protocol.provenance_line(runs), ""]
+    for scenario in ("task", "class"):
+        arms = sorted({r["arm"] for r in runs if r["arm"].startswith(scenario + "_")})
+        if not arms:
+            continue
+        lines += [f"## {scenario}-incremental", ""]
+        rows = []
+        for arm in arms:
+            cells = [arm.split("_", 1)[1]]
+            for key in FIGURES:
+                values = [r["results"][key] for r in runs if r["arm"] == arm and key in r["results"]]
+                cells.append(protocol.summarize(values).format(scale=100, digits=1) if values else "n/a")
+            rows.append(cells)
+        lines += markdown_table(["method", "average accuracy (%)", "BWT (points)", "FWT (points)"], rows) + [""]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for arm in sorted({r["arm"] for r in runs}):
+        mine = [r["results"] for r in runs if r["arm"] == arm]
+        ax.scatter([100 * m["continual/bwt"] for m in mine], [100 * m["continual/average_accuracy"] for m in mine],
+                   label=arm, marker="o" if arm.startswith("task") else "s")
+    ax.set_xlabel("backward transfer (points; < 0: forgetting)")
+    ax.set_ylabel("average accuracy after the last stage (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="plain,l2sp,ewc,lora")
+    p.add_argument("--scenarios", default="task,class")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--base", default="", help="a finished configs/cifar_pretrain.py workdir")
+    p.add_argument("--steps", type=int, default=0, help="steps per stage (default: the config's 150); with "
+                   "--out, a plumbing check whose runs are not kept")
+    p.add_argument("--out", default="", help="workdirs here instead of workdirs/, nothing kept")
+    p.add_argument("--report", action="store_true")
+    args = p.parse_args()
+    if not args.report:
+        workdirs = args.out or WORKDIRS
+        base = args.base or os.path.join(workdirs, "base")
+        if not os.path.exists(os.path.join(base, "results.json")):
+            run_cli("configs/cifar_pretrain.py", base)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        for seed in seeds:  # seeds outermost: a cut-short run still has every arm at the first seeds
+            for scenario in args.scenarios.split(","):
+                for method in args.methods.split(","):
+                    arm = f"{scenario}_{method}"
+                    workdir = os.path.join(workdirs, f"{arm}_s{seed}")
+                    steps = {"max_steps": args.steps, "eval_every": args.steps, "checkpoint_every": args.steps}
+                    results = run_cli(f"configs/continual_cifar.py:{method},{scenario}", workdir,
+                                      {"model": os.path.abspath(base), "seed": seed, **(steps if args.steps else {})})
+                    if not args.out:
+                        keep(workdir, arm, seed, results["command"])
+        if args.out:
+            return
+    runs = load()
+    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
+        f.write(report(runs))
+    if runs:
+        plot(runs, os.path.join(HERE, "continual.png"))
+    print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")
+
+
+if __name__ == "__main__":
+    main()
