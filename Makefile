@@ -28,7 +28,7 @@ demo: install
 	  --config.max_steps=300 --config.warmup_steps=30 --config.eval_every=150 --config.checkpoint_every=150
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadscope tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --durations=30 tests
 
 # On a GPU machine with CUDA jaxlib and the project's dependencies already installed (no venv, no network):
 # parity tests on the device, then tokens/s and MFU of SmolLM2-135M / Gemma 3 270M / Llama-3.2-1B shapes.
