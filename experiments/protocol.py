@@ -103,15 +103,18 @@ def run_dir(experiment_dir: str, arm: str, seed: int) -> str:
     return os.path.join(experiment_dir, "runs", arm, f"seed_{seed}")
 
 
-def keep_run(workdir: str, experiment_dir: str, arm: str, seed: int, command: str = "", **extra) -> str:
-    """Copies a finished run's config.json, results.json and metrics.jsonl from `workdir` to `run_dir` and
-    writes provenance.json (arm, seed, command, code version, time, `extra`); returns that folder."""
+def keep_run(workdir: str, experiment_dir: str, arm: str, seed: int, command: str = "", files=RUN_FILES,
+             **extra) -> str:
+    """Copies a finished run's `files` (config.json, results.json and metrics.jsonl; paths relative to the
+    workdir) from `workdir` to `run_dir` and writes provenance.json (arm, seed, command, code version, time,
+    `extra`); returns that folder."""
     dest = run_dir(experiment_dir, arm, seed)
     os.makedirs(dest, exist_ok=True)
-    for name in RUN_FILES:
+    for name in files:
         src = os.path.join(workdir, name)
         if not os.path.exists(src):
             raise FileNotFoundError(f"{src}: a kept run needs its {name} (did the run finish?)")
+        os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
         shutil.copyfile(src, os.path.join(dest, name))
     provenance = {"arm": arm, "seed": seed, "command": command, **code_version(),
                   "kept_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
@@ -134,8 +137,10 @@ def load_runs(experiment_dir: str) -> list[dict]:
                 config = json.load(f)
             with open(os.path.join(path, "results.json")) as f:
                 results = json.load(f)
-            with open(os.path.join(path, "metrics.jsonl")) as f:
-                metrics = [json.loads(line) for line in f if line.strip()]
+            metrics = []  # a kept sequence of stages has them per stage instead
+            if os.path.exists(os.path.join(path, "metrics.jsonl")):
+                with open(os.path.join(path, "metrics.jsonl")) as f:
+                    metrics = [json.loads(line) for line in f if line.strip()]
             runs.append({"arm": arm, "seed": int(provenance["seed"]), "config": config, "results": results,
                          "provenance": provenance, "metrics": metrics})
     return sorted(runs, key=lambda r: (r["arm"], r["seed"]))

@@ -16,10 +16,7 @@ runs/SCENARIO_METHOD/seed_SEED; RESULTS.md and the plot are made from those file
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
-import time
 
 from experiments import protocol
 from experiments.common import markdown_table, run_cli
@@ -30,34 +27,11 @@ FIGURES = ("continual/average_accuracy", "continual/bwt", "continual/fwt")
 
 
 def keep(workdir: str, arm: str, seed: int, command: str) -> str:
-    dest = protocol.run_dir(HERE, arm, seed)
-    os.makedirs(dest, exist_ok=True)
-    for name in ("config.json", "results.json", "continual.json"):
-        shutil.copyfile(os.path.join(workdir, name), os.path.join(dest, name))
-    stages = os.path.join(workdir, "stages")
-    for stage in sorted(os.listdir(stages), key=int):
-        for name in ("results.json", "metrics.jsonl"):
-            os.makedirs(os.path.join(dest, "stages", stage), exist_ok=True)
-            shutil.copyfile(os.path.join(stages, stage, name), os.path.join(dest, "stages", stage, name))
-    with open(os.path.join(dest, "provenance.json"), "w") as f:
-        json.dump({"arm": arm, "seed": seed, "command": command, **protocol.code_version(),
-                   "kept_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, f, indent=1)
-    return dest
-
-
-def load() -> list[dict]:
-    """Every kept sequence: {"arm", "seed", "results", "provenance"}."""
-    runs = []
-    root = os.path.join(HERE, "runs")
-    for arm in sorted(os.listdir(root)) if os.path.isdir(root) else []:
-        for seed_dir in sorted(os.listdir(os.path.join(root, arm))):
-            path = os.path.join(root, arm, seed_dir)
-            with open(os.path.join(path, "results.json")) as f:
-                results = json.load(f)
-            with open(os.path.join(path, "provenance.json")) as f:
-                provenance = json.load(f)
-            runs.append({"arm": arm, "seed": provenance["seed"], "results": results, "provenance": provenance})
-    return runs
+    """The sequence's config, results and matrix, and each stage's results and metrics, with provenance."""
+    stages = sorted(os.listdir(os.path.join(workdir, "stages")), key=int)
+    files = ["config.json", "results.json", "continual.json"]
+    files += [os.path.join("stages", i, name) for i in stages for name in ("results.json", "metrics.jsonl")]
+    return protocol.keep_run(workdir, HERE, arm, seed, command, files=files)
 
 
 def report(runs: list[dict]) -> str:
@@ -132,7 +106,7 @@ def main() -> None:
                         keep(workdir, arm, seed, results["command"])
         if args.out:
             return
-    runs = load()
+    runs = protocol.load_runs(HERE)
     with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
         f.write(report(runs))
     if runs:
