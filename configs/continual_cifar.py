@@ -3,7 +3,8 @@
     python -m sft_jax.main --config=configs/continual_cifar.py:METHOD,SCENARIO --workdir=DIR \
         --config.model=BASE_WORKDIR [--config.seed=S]
 
-METHOD: plain (full fine-tuning), l2sp, ewc, lora (adapters folded into the model after each stage);
+METHOD: plain (full fine-tuning), l2sp, ewc (online: the stages' Fishers summed), lora (adapters folded into the
+model after each stage), replay (full fine-tuning with a memory of earlier classes' training images; class only);
 SCENARIO: task (a head per stage) or class (one head growing by two classes a stage).
 BASE_WORKDIR: a finished run of configs/cifar_pretrain.py, a ViT trained from scratch on airplane, automobile,
 bird, cat and deer: the starting model has seen the classes of the first stages (stages 1-2 and half of 3).
@@ -15,10 +16,11 @@ from configs.cifar_pretrain import cifar_split, cifar_vit
 from configs.common import get_config as common_config
 
 STAGES = (("airplane", "automobile"), ("bird", "cat"), ("deer", "dog"), ("frog", "horse"), ("ship", "truck"))
-METHODS = ("plain", "l2sp", "ewc", "lora")
+METHODS = ("plain", "l2sp", "ewc", "lora", "replay")
 # Penalty weights: chosen before the runs, not tuned (a sweep on the validation split is the next step).
 L2SP_WEIGHT = 0.01
 EWC_WEIGHT = 100.0
+REPLAY_PER_CLASS = 50  # training images kept per earlier class (400 of them by the last stage, beside its 1,440)
 
 
 def get_config(arg: str = "plain,task"):
@@ -35,7 +37,9 @@ def get_config(arg: str = "plain,task"):
     c.lora.rank = 8
     if method == "l2sp":
         c.regularizer.l2sp = L2SP_WEIGHT
-    if method == "ewc":  # the Fisher of the previous stage's head, on its classes' training images
+    if method == "replay":
+        c.stages_replay = REPLAY_PER_CLASS
+    if method == "ewc":  # each stage: the Fisher under the previous stage's head on its classes' training images
         c.regularizer.ewc = EWC_WEIGHT
         c.regularizer.fisher_data = cifar_split("train")
         c.regularizer.fisher_batches = 8

@@ -123,6 +123,11 @@ def defaults() -> ml_collections.ConfigDict:
     # probability weight / sum of weights by a hash of (seed, step, row), each source in its own shuffled epochs
     # (sft_jax/data/mixture.py). Empty: data.train alone
     c.data.mixture = ()
+    # Image classification: a replay memory added to the training images, `replay_per_class` images of each label
+    # in `replay_classes` drawn with the seed from data.train (a class-incremental sequence sets them to the
+    # classes of its earlier stages: `stages_replay`); the same images of a class for every run of one seed
+    c.data.replay_classes = ()
+    c.data.replay_per_class = 0
     # An example longer than max_length: "truncate" (logged, counted in results.json as data/*_truncated) or
     # "error" (stop, naming its file and line).
     c.data.too_long = "truncate"
@@ -192,6 +197,8 @@ def defaults() -> ml_collections.ConfigDict:
     # "task": a head per stage (stages with the same labels share one); "class": one head that grows by each
     # stage's new classes (data.labels of stage I: the labels of stages 0..I), scored over every class seen so far
     c.stages_scenario = "task"
+    # "class" scenario: images per class of the earlier stages replayed in each later stage (data.replay_*); 0: none
+    c.stages_replay = 0
     c.early_stopping = ml_collections.ConfigDict()
     c.early_stopping.metric = "eval/accuracy"  # metric choosing the best checkpoint (and stopping early)
     # auto: min for loss-like metrics (loss, perplexity, ppl, error in the name), else max. An explicit mode
@@ -218,6 +225,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.regularizer.fisher_data = ""  # .txt or .jsonl (field data.text_field) text
     c.regularizer.fisher_batches = 32  # batches the Fisher is estimated from
     c.regularizer.fisher_batch_size = 16  # examples per Fisher batch
+    # EWC over several runs (a sequence's stages: online EWC, Schwarz et al. 2018, with no decay): a .npz of Fisher
+    # values, one per penalised parameter, added to this run's estimate; keep_fisher writes the Fisher the run
+    # penalises with (its estimate plus the prior) to WORKDIR/fisher.npz for the next run
+    c.regularizer.fisher_prior = ""
+    c.regularizer.keep_fisher = False
     c.llrd = 1.0  # layer-wise learning-rate decay: block i from the top learns at llrd**i x (1 = off)
     c.gradual_unfreeze = ml_collections.ConfigDict()
     c.gradual_unfreeze.every = 0  # > 0: head first, then `blocks` more blocks (top-down) every N steps
@@ -334,6 +346,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         from sft_jax.trainer.fork import parse
 
         parse(config.fork_from)
+    _check_replay(config)
     if not 0 <= config.data.validation_fraction < 1:
         raise ValueError(f"config.data.validation_fraction: must be in [0, 1), got {config.data.validation_fraction}")
     for axis, size in config.mesh.items():
@@ -424,6 +437,22 @@ def _validate_images(config: ml_collections.ConfigDict) -> None:
                          f"{tuple(image.std)}")
     if image.crop_padding < 0:
         raise ValueError(f"config.image.crop_padding: must be >= 0, got {image.crop_padding}")
+def _check_replay(config: ml_collections.ConfigDict) -> None:
+    d = config.data
+    if d.replay_per_class < 0 or config.stages_replay < 0:
+        raise ValueError("config.data.replay_per_class and config.stages_replay: must be >= 0")
+    if bool(d.replay_classes) != bool(d.replay_per_class):
+        raise ValueError("config.data.replay_classes and config.data.replay_per_class: set both (the classes to "
+                         "replay and how many images of each) or neither")
+    if d.replay_classes and config.task != "image_classification":
+        raise ValueError(f"config.data.replay_classes: a replay memory of images is for image_classification, not "
+                         f"{config.task!r} (text and LM runs mix earlier data in with data.mixture)")
+    if config.stages_replay and not (config.stages and config.stages_scenario == "class"):
+        raise ValueError("config.stages_replay: replays earlier stages' classes under one growing head, so it needs "
+                         "config.stages with stages_scenario='class' (a head per stage cannot score replayed "
+                         "images of other stages' classes)")
+
+
 def _validate_forgetting(config: ml_collections.ConfigDict) -> None:
     r = config.regularizer
     for key in ("l2sp", "ewc"):
@@ -431,6 +460,8 @@ def _validate_forgetting(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.regularizer.{key}: must be >= 0, got {r[key]}")
     if r.l2sp and r.ewc:
         raise ValueError("config.regularizer: set l2sp or ewc, not both")
+    if (r.fisher_prior or r.keep_fisher) and not r.ewc:
+        raise ValueError("config.regularizer.fisher_prior / keep_fisher: only EWC (regularizer.ewc > 0) has a Fisher")
     if r.ewc and not r.fisher_data:
         raise ValueError("config.regularizer.fisher_data: ewc needs data to estimate the Fisher on")
     if r.fisher_batches < 1 or r.fisher_batch_size < 2:

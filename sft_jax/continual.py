@@ -31,7 +31,7 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[ml_collections.Conf
         if not isinstance(stage, Mapping):
             raise ValueError(f"config.stages[{i}]: expected a dict of config keys, got {type(stage).__name__}")
         c = ml_collections.ConfigDict(config.to_dict())
-        c.stages = ()
+        c.stages, c.stages_replay = (), 0  # the sequence's own keys; stages_replay becomes data.replay_*
         for key, value in stage.items():
             where = f"config.stages[{i}].{key}"
             if key in SEQUENCE_KEYS:

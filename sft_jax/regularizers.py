@@ -11,6 +11,7 @@ parameters, checkpointed, restored on resume) instead of being constants of the 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sft_jax import storage
 from sft_jax.state import ModelDef
 
 
@@ -99,6 +101,40 @@ def empirical_fisher(model_def: ModelDef, params: Mapping[str, jax.Array], names
     if not mean > 0:
         raise ValueError("the Fisher estimate is zero (no gradient reaches the penalised parameters)")
     return {k: v / mean for k, v in total.items()}
+
+
+FISHER_FILE = "fisher.npz"  # WORKDIR/fisher.npz: the Fisher a run penalised with (regularizer.keep_fisher)
+
+
+def save_fisher(path: str, fisher: Mapping[str, np.ndarray]) -> None:
+    """The Fisher as one float32 .npz array per parameter name, written whole (a temporary file renamed)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in fisher.items()})
+    with storage.open(path + ".tmp", "wb") as f:
+        f.write(buffer.getvalue())
+    storage.rename(path + ".tmp", path)
+
+
+def add_fisher_prior(fisher: Mapping[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
+    """`fisher` plus the one saved at `path` (another run's, e.g. the previous stage's): the online-EWC sum. The
+    saved file must hold exactly these parameters with these shapes, or one line says which differs."""
+    if not storage.isfile(path):
+        raise FileNotFoundError(f"config.regularizer.fisher_prior: {path}: file not found (a run with "
+                                f"regularizer.keep_fisher writes WORKDIR/{FISHER_FILE})")
+    try:
+        with np.load(io.BytesIO(storage.read_bytes(path))) as saved:
+            prior = {k: saved[k] for k in saved.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npz of Fisher values ({e})") from None
+    if set(prior) != set(fisher):
+        missing, extra = sorted(set(fisher) - set(prior)), sorted(set(prior) - set(fisher))
+        raise ValueError(f"{path}: its Fisher covers other parameters than this run penalises (missing: "
+                         f"{missing[:3]}{' ...' if len(missing) > 3 else ''}; not penalised here: "
+                         f"{extra[:3]}{' ...' if len(extra) > 3 else ''})")
+    for k, v in fisher.items():
+        if prior[k].shape != v.shape:
+            raise ValueError(f"{path}: {k} has shape {prior[k].shape}, this run's parameter {v.shape}")
+    return {k: v + prior[k] for k, v in fisher.items()}
 
 
 def wise_ft(pretrained: Mapping[str, jax.Array], finetuned: Mapping[str, jax.Array], alpha: float,

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import zlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -202,6 +203,20 @@ def carve_validation(records: list, fraction: float, seed: int) -> tuple[list, l
                         "examples held out would leave none to train on")
     held = set(np.random.default_rng([seed, 1]).permutation(len(records))[:count].tolist())
     return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+
+
+def replay_memory(records: list, per_class: int, seed: int) -> list:
+    """`per_class` records of each label (all of a label's records where it has fewer), in their original order.
+    A label's draw depends on the seed and the label alone, so a class keeps the same memory whichever other
+    classes are replayed with it."""
+    by_label: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_label.setdefault(r.label, []).append(i)
+    keep = []
+    for label, indices in by_label.items():
+        rng = np.random.default_rng([seed, 2, zlib.crc32(label.encode())])
+        keep += [indices[k] for k in rng.permutation(len(indices))[:per_class]]
+    return [records[i] for i in sorted(keep)]
 
 
 def subsample(records: list, count: int, seed: int) -> list:

@@ -46,13 +46,17 @@ class ImageClassification(classification.ClassificationTask):
         self.config = config
         d = config.data
         train_records, eval_records = self._read(d.train), self._read(d.eval)
-        self.vocab = classification.label_vocab(d.train, rundir, train_records, tuple(d.labels))
+        memory = []  # replayed images of other classes (data.replay_classes), added after validation is carved
+        if d.replay_classes:
+            memory = batching.replay_memory(self._read(d.train, classes=tuple(d.replay_classes)),
+                                            d.replay_per_class, config.seed)
+        self.vocab = classification.label_vocab(d.train, rundir, train_records + memory, tuple(d.labels))
         spec = image_model.resolve_image_model(config.model, config.vit, config.image, jnp.dtype(config.dtype))
         self.image_size = size = spec.vit_config.image_size
         if d.validation_fraction:  # evaluations select on images carved from train; data.eval is reported
             self.test_data = {"eval_ds": images.load_images(eval_records, self.vocab, size)}
             train_records, eval_records = batching.carve_validation(train_records, d.validation_fraction, config.seed)
-        train_records = batching.subsample(train_records, d.max_train_examples, config.seed)
+        train_records = batching.subsample(train_records, d.max_train_examples, config.seed) + memory
         # Eval first: its labels are checked before any time is spent decoding the training images.
         self.eval_ds = images.load_images(eval_records, self.vocab, size)
         self.train_ds = images.load_images(train_records, self.vocab, size)
@@ -88,6 +92,8 @@ class ImageClassification(classification.ClassificationTask):
                                                 flip=config.image.flip)
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
                         "num_labels": len(self.vocab), "image_size": size}
+        if memory:
+            self.summary["replay_examples"] = len(memory)
         if self.source_ds is not None:
             self.summary["source_eval_examples"] = len(self.source_ds)
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import tqdm
 
-from sft_jax import cpu_matmul_choice, groups, optim, regularizers, sharding, strategies
+from sft_jax import cpu_matmul_choice, distributed, groups, optim, regularizers, sharding, storage, strategies
 from sft_jax.checkpoint import Checkpoints, FrozenBase
 from sft_jax.models import fused_attention
 from sft_jax.models import remat as remat_lib
@@ -122,6 +122,22 @@ def make_optimizer(config: ml_collections.ConfigDict, labels: dict[str, str], la
     return tx, phase_list, anchored
 
 
+def estimate_fisher(config: ml_collections.ConfigDict, task: Task, state, anchored: tuple[str, ...],
+                    workdir: str) -> dict:
+    """EWC's Fisher at the starting parameters, plus `regularizer.fisher_prior` (an earlier run's); written to
+    WORKDIR/fisher.npz with `regularizer.keep_fisher`."""
+    r = config.regularizer
+    t_fisher = time.time()
+    fisher = task.fisher(state.params, anchored)
+    tqdm.tqdm.write(f"EWC: Fisher of {len(anchored)} tensors estimated in {time.time() - t_fisher:.0f}s")
+    if r.fisher_prior:
+        fisher = regularizers.add_fisher_prior(fisher, r.fisher_prior)
+        tqdm.tqdm.write(f"EWC: added the Fisher of {r.fisher_prior}")
+    if r.keep_fisher and distributed.is_primary():
+        regularizers.save_fisher(storage.join(storage.normalize(workdir), regularizers.FISHER_FILE), fisher)
+    return fisher
+
+
 @dataclasses.dataclass
 class Training:
     """What the loop runs: the state, its compiled steps and what they were built from."""
@@ -172,9 +188,8 @@ def prepare(config: ml_collections.ConfigDict, task: Task, ckpt: Checkpoints, wo
         meta["forked_from"] = config.fork_from
         tqdm.tqdm.write(f"forked from {config.fork_from}: training from step {int(state.step)}")
     elif config.regularizer.ewc:  # a resumed state holds its Fisher
-        t_fisher = time.time()
-        state = state.replace(opt_state=regularizers.set_fisher(state.opt_state, task.fisher(state.params, anchored)))
-        tqdm.tqdm.write(f"EWC: Fisher of {len(anchored)} tensors estimated in {time.time() - t_fisher:.0f}s")
+        fisher = estimate_fisher(config, task, state, anchored, workdir)
+        state = state.replace(opt_state=regularizers.set_fisher(state.opt_state, fisher))
 
     # One compiled step per phase (gradual unfreezing, LP-FT), each differentiating only what learns in it.
     phased = phase_list or [(0, trainable)]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import tqdm
 
-from sft_jax import continual, distributed, storage
+from sft_jax import continual, distributed, regularizers, storage
 from sft_jax.config_defaults import validate
 from sft_jax.data import batching, images
 from sft_jax.losses import image_classification_loss
@@ -35,6 +35,8 @@ from sft_jax.tasks import classification, image_model
 from sft_jax.train_step import make_eval_step
 
 MATRIX_FILE = "continual.json"
+# What makes a sequence: a rerun on the same workdir with any of these changed would mix two sequences' rows.
+SEQUENCE_KEYS = ("stages", "stages_scenario", "stages_replay", "model", "task")
 # Tasks whose `config.model` may be an earlier run's workdir, which is how a stage starts from the previous one.
 CHAINABLE_TASKS = ("image_classification",)
 
@@ -71,8 +73,14 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
                              "far); leave config.data.labels empty")
         seen: list[str] = []
         for j, c in enumerate(configs):
+            if j and config.stages_replay:  # a memory of every class the earlier stages trained
+                c.data.replay_classes, c.data.replay_per_class = tuple(seen), config.stages_replay
             seen += [label for label in scorer.own_labels(j) if label not in seen]
             c.data.labels = tuple(seen)
+    for i, c in enumerate(configs):  # online EWC: a stage adds its Fisher to that of the EWC stage before it
+        c.regularizer.keep_fisher = bool(c.regularizer.ewc)
+        if i and c.regularizer.ewc and configs[i - 1].regularizer.ewc:
+            c.regularizer.fisher_prior = RunDir(dirs[i - 1]).file(regularizers.FISHER_FILE)
     stage_results = []
     for i, c in enumerate(configs):
         done = RunDir(dirs[i]).file("results.json")
@@ -111,7 +119,7 @@ def _check_same_sequence(root: RunDir, config: ml_collections.ConfigDict) -> Non
             root.write_config(sequence)
         return
     old = root.read_config()
-    changed = [k for k in ("stages", "stages_scenario", "model", "task") if old.get(k) != sequence.get(k)]
+    changed = [k for k in SEQUENCE_KEYS if old.get(k) != sequence.get(k)]
     if changed:
         raise ValueError(f"{root.path}: cannot resume, the sequence changed ({', '.join(changed)}); use a new "
                          "workdir")
