@@ -59,6 +59,41 @@ def prompt_format(config: ml_collections.ConfigDict) -> sft_data.PromptFormat:
     return sft_data.PromptFormat(**config.prompt.to_dict())
 
 
+def read_train_rows(config: ml_collections.ConfigDict, tokenizer, spec: str, source_format: str = ""
+                    ) -> lm_data.LmDataset:
+    """Training rows of `spec`: sft records for task sft, else (or with format "text") documents."""
+    if config.task == "sft" and source_format != "text":
+        records = sft_data.read_sft(spec, sft_fields(config))
+        return sft_data.encode_sft(records, tokenizer, prompt_format(config), config.max_length,
+                                   config.data.too_long)
+    return lm_data.encode_documents(lm_data.read_documents(spec, config.data.text_field), tokenizer,
+                                    config.max_length)
+
+
+def read_eval_rows(config: ml_collections.ConfigDict, tokenizer, spec: str, source_format: str = ""
+                   ) -> tuple[lm_data.LmDataset, list[sft_data.Record]]:
+    """(evaluation rows, the sft records generation metrics prompt with: [] for documents) of `spec`."""
+    if config.task == "sft" and source_format != "text":
+        records = sft_data.read_sft(spec, sft_fields(config), config.data.max_eval_examples)
+        return sft_data.encode_sft(records, tokenizer, prompt_format(config), config.max_length,
+                                   config.data.too_long), records
+    return read_train_rows(config, tokenizer, spec, source_format), []
+
+
+def next_token_scores(eval_fn, params, ds: lm_data.LmDataset, config: ml_collections.ConfigDict, pad_id: int
+                      ) -> dict[str, float]:
+    """eval/loss, eval/perplexity and eval/accuracy (next-token, over the target tokens) of `ds`."""
+    loss_sum = correct = count = 0.0
+    for _, batch in batching.eval_batches(ds, config.eval_batch_size, config.buckets, pad_id,
+                                          collate=lm_data.make_lm_batch):
+        aux = jax.device_get(eval_fn(params, batch))
+        loss_sum += float(aux["loss_sum"])
+        correct += float(aux["correct"])
+        count += float(aux["count"])
+    loss = loss_sum / count
+    return {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/accuracy": correct / count}
+
+
 @register("language_modeling", "sft")
 class LanguageModel(Task):
     strategies = ("head", "partial", "full", "lora")
@@ -182,21 +217,10 @@ class LanguageModel(Task):
         return [self._read_train(s.train, s.format) for s in sources], eval_ds
 
     def _read_train(self, spec: str, source_format: str) -> lm_data.LmDataset:
-        """Training rows of `spec`: sft records for task sft, else (or with format "text") documents."""
-        c = self.config
-        if c.task == "sft" and source_format != "text":
-            records = sft_data.read_sft(spec, sft_fields(c))
-            return sft_data.encode_sft(records, self.tokenizer, prompt_format(c), c.max_length, c.data.too_long)
-        return lm_data.encode_documents(lm_data.read_documents(spec, c.data.text_field), self.tokenizer, c.max_length)
+        return read_train_rows(self.config, self.tokenizer, spec, source_format)
 
     def _read_eval(self, spec: str, source_format: str) -> tuple[lm_data.LmDataset, list[sft_data.Record]]:
-        """(evaluation rows, the sft records generation metrics prompt with: [] for documents) of `spec`."""
-        c = self.config
-        if c.task == "sft" and source_format != "text":
-            records = sft_data.read_sft(spec, sft_fields(c), c.data.max_eval_examples)
-            return sft_data.encode_sft(records, self.tokenizer, prompt_format(c), c.max_length,
-                                       c.data.too_long), records
-        return self._read_train(spec, source_format), []
+        return read_eval_rows(self.config, self.tokenizer, spec, source_format)
 
     def _encode_records(self, items: list[tuple[str, dict]]) -> lm_data.LmDataset:
         """A streamed batch's sft records, tokenized with their target masks as in memory."""
@@ -214,15 +238,7 @@ class LanguageModel(Task):
         return lm_data.LmDataset(tokens, masks, where, cut)
 
     def evaluate(self, eval_fn, params, step: int | None = None) -> dict[str, float]:
-        loss_sum = correct = count = 0.0
-        for _, batch in batching.eval_batches(self.eval_ds, self.config.eval_batch_size, self.config.buckets,
-                                              self.pad_id, collate=lm_data.make_lm_batch):
-            aux = jax.device_get(eval_fn(params, batch))
-            loss_sum += float(aux["loss_sum"])
-            correct += float(aux["correct"])
-            count += float(aux["count"])
-        loss = loss_sum / count
-        out = {"eval/loss": loss, "eval/perplexity": float(np.exp(loss)), "eval/accuracy": correct / count}
+        out = next_token_scores(eval_fn, params, self.eval_ds, self.config, self.pad_id)
         if self.config.eval_generation.metrics and self.eval_records:  # none for a mixture's plain-text source
             out.update(self._generation_metrics(params, step))
         return out

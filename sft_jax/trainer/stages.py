@@ -2,6 +2,10 @@
 from the previous stage's model (its best checkpoint; LoRA adapters folded in), and scores every stage's
 evaluation set after each stage (the accuracy matrix, `sft_jax.continual`).
 
+Language-model stages (sft, language_modeling; task-incremental) pass their best model on as a HF folder,
+STAGE/model (adapters folded in), and are scored by next-token accuracy on their target tokens, their eval/loss
+kept beside it (continual/loss_matrix).
+
 `config.stages_scenario` chooses the head. "task" (task-incremental): a head per stage, stage j scored under
 its own head (see below). "class" (class-incremental): one head that grows by each stage's new classes (stage
 i's `data.labels` are the labels of stages 0..i, the outputs of known classes carried over), every stage
@@ -21,24 +25,21 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 import tqdm
 
 from sft_jax import continual, distributed, regularizers, storage
 from sft_jax.config_defaults import validate
-from sft_jax.data import batching, images
-from sft_jax.losses import image_classification_loss
 from sft_jax.rundir import RunDir
-from sft_jax.state import ModelDef
-from sft_jax.tasks import classification, image_model
-from sft_jax.train_step import make_eval_step
+from sft_jax.trainer import stage_scorers
 
 MATRIX_FILE = "continual.json"
 # What makes a sequence: a rerun on the same workdir with any of these changed would mix two sequences' rows.
 SEQUENCE_KEYS = ("stages", "stages_scenario", "stages_replay", "model", "task")
-# Tasks whose `config.model` may be an earlier run's workdir, which is how a stage starts from the previous one.
-CHAINABLE_TASKS = ("image_classification",)
+# Tasks that run as stages: an image stage's `config.model` is the previous stage's workdir, a language-model
+# stage's the previous stage's best model exported as a HF folder (STAGE/model).
+CHAINABLE_TASKS = ("image_classification", "sft", "language_modeling")
+LM_TASKS = ("sft", "language_modeling")
 
 
 def stage_dir(workdir: str, i: int) -> str:
@@ -49,8 +50,15 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
     """Trains the stages of `config.stages` in order with `train_one(config, workdir)` (train_and_evaluate),
     scoring the matrix after each; returns (and writes to WORKDIR/results.json) the sequence's results."""
     if config.task not in CHAINABLE_TASKS:
-        raise ValueError(f"config.stages: a stage starts from the previous stage's workdir, which task "
+        raise ValueError(f"config.stages: a stage starts from the previous stage's model, which task "
                          f"{config.task!r} cannot load as its model yet; sequences run for {CHAINABLE_TASKS}")
+    lm = config.task in LM_TASKS
+    if lm and config.stages_scenario != "task":
+        raise ValueError(f"config.stages_scenario={config.stages_scenario!r}: class-incremental stages need a "
+                         f"classifier; {config.task} stages are scored task by task (stages_scenario='task')")
+    if lm and storage.is_remote(workdir):
+        raise ValueError(f"{workdir}: language-model stages pass their models on as local HF folders; give a "
+                         "local workdir")
     configs = continual.stage_configs(config)
     for i, c in enumerate(configs):  # every stage's mistakes before the first stage trains
         try:
@@ -65,8 +73,9 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
     dirs = [stage_dir(workdir, i) for i in range(len(configs))]
     for i, c in enumerate(configs):
         if i:
-            c.model = dirs[i - 1]
-    scorer = ImageStageScorer(configs, dirs, config.stages_scenario)
+            c.model = storage.join(dirs[i - 1], stage_scorers.STAGE_MODEL) if lm else dirs[i - 1]
+    scorer = (stage_scorers.LmStageScorer(configs, dirs) if lm
+              else stage_scorers.ImageStageScorer(configs, dirs, config.stages_scenario))
     if config.stages_scenario == "class":
         if any(c.data.labels for c in configs):
             raise ValueError("config.stages_scenario='class' sets each stage's data.labels (the classes seen so "
@@ -91,6 +100,8 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
             results = train_one(c, dirs[i])
             if results.get("preempted"):
                 return {**results, "stage": i}
+        if lm and i + 1 < len(configs):
+            stage_scorers.export_stage_model(dirs[i])
         stage_results.append(results)
         if len(rows) <= i:
             rows.append(scorer.row(i))
@@ -98,10 +109,18 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str, train_one) -> 
     if initial is None and config.stages_scenario == "task":
         initial = scorer.row(None)
         _write_matrix(root, rows, initial)
-    out = {"continual/accuracy_matrix": rows, "continual/scenario": config.stages_scenario,
-           "continual/metric": scorer.metric, **continual.summary(rows, initial)}
-    if initial is not None:
-        out["continual/initial_accuracy"] = initial
+    primary = [r[scorer.metric] for r in rows]
+    first = initial[scorer.metric] if initial is not None else None
+    out = {"continual/accuracy_matrix": primary, "continual/scenario": config.stages_scenario,
+           "continual/metric": scorer.metric, **continual.summary(primary, first)}
+    if first is not None:
+        out["continual/initial_accuracy"] = first
+    for name in rows[0]:  # the scorer's other metrics, cell by cell (a language model's eval/loss)
+        if name != scorer.metric:
+            short = name.split("/")[-1]
+            out[f"continual/{short}_matrix"] = [r[name] for r in rows]
+            if initial is not None:
+                out[f"continual/initial_{short}"] = initial[name]
     for i, results in enumerate(stage_results):
         out.update({f"continual/stage_{i}/{k}": v for k, v in results.items()
                     if k.startswith(("eval/", "test/", "forgetting/")) or k in ("step", "best_step")})
@@ -126,6 +145,7 @@ def _check_same_sequence(root: RunDir, config: ml_collections.ConfigDict) -> Non
 
 
 def _read_matrix(root: RunDir) -> dict:
+    """{"rows": [{metric: [score per stage]} after each stage scored so far], "initial": the same or None}."""
     path = root.file(MATRIX_FILE)
     return json.loads(storage.read_bytes(path)) if storage.isfile(path) else {}
 
@@ -133,76 +153,3 @@ def _read_matrix(root: RunDir) -> dict:
 def _write_matrix(root: RunDir, rows: list, initial: list | None) -> None:
     if distributed.is_primary():
         storage.write_json(root.file(MATRIX_FILE), {"rows": rows, "initial": initial})
-
-
-class ImageStageScorer:
-    """Accuracy on stage j's evaluation images of the model after stage i (None: the starting model)."""
-
-    metric = "eval/accuracy"
-
-    def __init__(self, configs: list[ml_collections.ConfigDict], dirs: list[str], scenario: str = "task"):
-        self.configs, self.dirs, self.scenario = configs, dirs, scenario
-        self._own: dict[int, list[str]] = {}
-        self._data: dict[tuple, images.ImageDataset] = {}
-        self._heads: dict[int, image_model.SourceHead] = {}
-
-    def own_labels(self, j: int) -> list[str]:
-        """The labels of stage j's training data, sorted."""
-        if j not in self._own:
-            self._own[j] = batching.LabelVocab.ordered(r.label for r in self._records(j, "train"))
-        return self._own[j]
-
-    def labels(self, j: int) -> list[str]:
-        """Stage j's classifier labels: as its run saved them, else as its config or training data gives them."""
-        rundir = RunDir(self.dirs[j])
-        if storage.isfile(rundir.labels_path):
-            return rundir.read_labels().labels
-        return list(self.configs[j].data.labels) or self.own_labels(j)
-
-    def _records(self, j: int, split: str) -> list:
-        d = self.configs[j].data
-        return images.read_image_records(d[split], image_field=d.image_field, label_field=d.label_field,
-                                         data_dir=d.tfds_data_dir, classes=tuple(d.classes))
-
-    def _dataset(self, j: int, labels: list[str], size: int) -> images.ImageDataset:
-        key = (j, tuple(labels))
-        if key not in self._data:
-            self._data[key] = images.load_images(self._records(j, "eval"), batching.LabelVocab(labels), size)
-        return self._data[key]
-
-    def _model(self, i: int | None):
-        """(backbone, head as a SourceHead or None, spec) after stage i, or of the starting model."""
-        if i is None:
-            c = self.configs[0]
-            spec = image_model.resolve_image_model(c.model, c.vit, c.image, jnp.dtype(c.dtype))
-            vit, head = image_model.load_backbone(spec, c.seed, tuple(c.ignore_weights))
-            return vit, head, spec
-        classifier, head, spec = image_model.load_image_run(self.dirs[i], "best", merge=True)
-        return classifier.vit, head, spec
-
-    def _trained_head(self, j: int) -> image_model.SourceHead:
-        if j not in self._heads:
-            self._heads[j] = image_model.load_image_run(self.dirs[j], "best")[1]
-        return self._heads[j]
-
-    def row(self, i: int | None) -> list[float]:
-        """The scores of every stage's evaluation set with the model after stage i (None: the starting one)."""
-        vit, head, spec = self._model(i)
-        scores = []
-        for j, c in enumerate(self.configs):
-            if self.scenario == "class":  # the head after stage i, over every class seen so far
-                labels, own = head.labels, head
-                if not set(self.own_labels(j)) <= set(labels):
-                    scores.append(0.0)  # stage j's classes have no outputs yet
-                    continue
-            else:
-                labels = self.labels(j)
-                own = self._trained_head(j) if i is not None and j <= i and head.labels != labels else head
-            module = image_model.build_classifier(vit, labels, own, pooling=c.pooling, dropout=0.0, seed=c.seed)
-            model_def, params = ModelDef.split(module)
-            ev = classification.evaluate(make_eval_step(model_def, image_classification_loss), params,
-                                         self._dataset(j, labels, spec.vit_config.image_size),
-                                         batch_size=c.eval_batch_size, buckets=c.buckets, pad_id=0,
-                                         num_labels=len(labels), collate=images.image_collate(spec.mean, spec.std))
-            scores.append(float(ev[self.metric]))
-        return scores
