@@ -190,7 +190,8 @@ def defaults() -> ml_collections.ConfigDict:
     # (changes that keep the state's structure: learning rate, regularizers, data, steps...); "": from scratch
     c.fork_from = ""
     # Sequential stages, trained in order by one command (WORKDIR/stages/I, each from the previous stage's model;
-    # image classification, sft, language_modeling): a list of dicts of the keys each stage changes, as dotted paths, e.g.
+    # image classification, sft, language_modeling): a list of dicts of the keys each stage changes, as dotted
+    # paths, e.g.
     # ({"data.train": A, "data.eval": A_TEST}, {"data.train": B, "data.eval": B_TEST, "learning_rate": 1e-4});
     # the rest is inherited. results.json holds continual/accuracy_matrix, average_accuracy, bwt and fwt.
     c.stages = ()
