@@ -388,10 +388,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_ignore_patterns(config.ignore_weights)
     _validate_images(config)
     _validate_forgetting(config)
-    if not config.data.train and not config.data.mixture:
-        raise ValueError("config.data.train: no training data given")
-    if not config.data.eval:
-        raise ValueError("config.data.eval: no evaluation data given")
+    if not config.stages:  # a sequence's stages may each give their own (they are validated one by one)
+        if not config.data.train and not config.data.mixture:
+            raise ValueError("config.data.train: no training data given")
+        if not config.data.eval:
+            raise ValueError("config.data.eval: no evaluation data given")
     buckets = config.buckets
     if isinstance(buckets, str) or not buckets or not all(type(b) is int and b > 0 for b in buckets):
         raise ValueError(f"config.buckets: must be a non-empty tuple of positive lengths, got {buckets!r}")

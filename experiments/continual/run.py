@@ -4,7 +4,11 @@ matrix, average accuracy and BWT (and FWT, task-incremental) of each, with t-int
 
     PYTHONPATH=. python -m experiments.continual.run [--methods=plain,l2sp,ewc,lora,replay] [--scenarios=task,class]
         [--seeds=0,1,2] [--base=WORKDIR]
+    PYTHONPATH=. python -m experiments.continual.run --decoder [--strategies=lora] [--seeds=0,1,2]
     PYTHONPATH=. python -m experiments.continual.run --report      # RESULTS.md and continual.png again
+
+--decoder runs the decoder sequence instead (configs/continual_decoder.py: SmolLM2-135M-Instruct on XSum, then
+GSM8K, then English-French translation, the WikiText-2 probe in every stage) into workdirs/decoder_STRATEGY_sSEED.
 
 Each sequence is one command line (configs/continual_cifar.py:METHOD,SCENARIO) in workdirs/SCENARIO_METHOD_sSEED
 (ignored by git; a finished one is read back). The starting model is a run of configs/cifar_pretrain.py
@@ -67,7 +71,41 @@ def report(runs: list[dict]) -> str:
     if any(r["arm"].startswith("class_") for r in runs):
         lines += ["Replay has no task-incremental arm: its memory of earlier classes needs one head over all of "
                   "them.", ""]
+    decoder = [r for r in runs if r["arm"].startswith("decoder_")]
+    if decoder:
+        lines += decoder_report(decoder)
     return "\n".join(lines)
+
+
+def decoder_report(runs: list[dict]) -> list[str]:
+    """The decoder sequence: its accuracy and loss matrices, transfer figures and WikiText-2 after each stage."""
+    names = ("XSum", "GSM8K", "en-fr")
+    lines = ["## Decoder sequence: XSum, then GSM8K, then English-French", "",
+             "SmolLM2-135M-Instruct (weights dequantised from its Q4_1 GGUF), configs/continual_decoder.py: 60 "
+             "steps of 4 examples a stage, bfloat16 matmuls, best checkpoint on 10% of each stage's training "
+             "data; scored on 100 held-out examples per stage. Cells: next-token accuracy on the target tokens "
+             "(%), or their loss, mean over seeds; figures: mean ± half-width of the 95% t-interval [n].", ""]
+    for arm in sorted({r["arm"] for r in runs}):
+        mine = [r["results"] for r in runs if r["arm"] == arm]
+        lines += [f"### {arm.split('_', 1)[1]}", ""]
+        cells = [protocol.summarize([m[k] for m in mine]).format(scale=100, digits=2) for k in FIGURES]
+        lines += markdown_table(["average accuracy (%)", "BWT (points)", "FWT (points)"], [cells]) + [""]
+        for key, first, scale, what in (
+                ("continual/accuracy_matrix", "continual/initial_accuracy", 100, "accuracy (%)"),
+                ("continual/loss_matrix", "continual/initial_loss", 1, "loss (nats)")):
+            mean = scale * np.mean(np.asarray([m[key] for m in mine], float), axis=0)
+            initial = scale * np.mean(np.asarray([m[first] for m in mine], float), axis=0)
+            rows = [["base"] + [f"{v:.2f}" for v in initial]]
+            rows += [[f"after {names[i]}"] + [f"{v:.2f}" for v in row] for i, row in enumerate(mean)]
+            lines += [f"Next-token {what}:", ""] + markdown_table(["model"] + list(names), rows) + [""]
+        ppl = [["base", protocol.summarize([m["continual/stage_0/forgetting/wikitext2_ppl/before"]
+                                            for m in mine]).format(digits=2)]]
+        ppl += [[f"after {names[i]}", protocol.summarize(
+            [m[f"continual/stage_{i}/forgetting/wikitext2_ppl/after"] for m in mine]).format(digits=2)]
+            for i in range(len(names))]
+        lines += ["WikiText-2 perplexity (first 16k tokens):", ""] + markdown_table(["model", "perplexity"], ppl)
+        lines += [""]
+    return lines
 
 
 def matrix_table(matrices: list[list[list[float]]]) -> list[str]:
@@ -83,7 +121,7 @@ def plot(runs: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for arm in sorted({r["arm"] for r in runs}):
+    for arm in sorted({r["arm"] for r in runs if not r["arm"].startswith("decoder_")}):
         mine = [r["results"] for r in runs if r["arm"] == arm]
         ax.scatter([100 * m["continual/bwt"] for m in mine], [100 * m["continual/average_accuracy"] for m in mine],
                    label=arm, marker="o" if arm.startswith("task") else "s")
@@ -105,8 +143,23 @@ def main() -> None:
                    "--out, a plumbing check whose runs are not kept")
     p.add_argument("--out", default="", help="workdirs here instead of workdirs/, nothing kept")
     p.add_argument("--report", action="store_true")
+    p.add_argument("--decoder", action="store_true", help="the decoder sequence (configs/continual_decoder.py)")
+    p.add_argument("--strategies", default="lora", help="--decoder: strategies, a sequence each")
     args = p.parse_args()
-    if not args.report:
+    if args.decoder and not args.report:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for strategy in args.strategies.split(","):
+                arm = f"decoder_{strategy}"
+                workdir = os.path.join(args.out or WORKDIRS, f"{arm}_s{seed}")
+                quick = {"max_steps": args.steps, "eval_every": args.steps, "checkpoint_every": args.steps,
+                         "data.max_eval_examples": 8, "forgetting.wikitext2_max_tokens": 1024}
+                results = run_cli(f"configs/continual_decoder.py:{strategy}", workdir,
+                                  {"seed": seed, **(quick if args.steps else {})})
+                if not args.out:
+                    keep(workdir, arm, seed, results["command"])
+        if args.out:
+            return
+    elif not args.report:
         workdirs = args.out or WORKDIRS
         base = args.base or os.path.join(workdirs, "base")
         if not os.path.exists(os.path.join(base, "results.json")):
