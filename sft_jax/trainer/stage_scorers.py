@@ -29,6 +29,7 @@ class ImageStageScorer:
         self._own: dict[int, list[str]] = {}
         self._data: dict[tuple, images.ImageDataset] = {}
         self._heads: dict[int, image_model.SourceHead] = {}
+        self._eval_fns: dict[tuple, object] = {}
 
     def own_labels(self, j: int) -> list[str]:
         """The labels of stage j's training data, sorted."""
@@ -85,7 +86,11 @@ class ImageStageScorer:
                 own = self._trained_head(j) if i is not None and j <= i and head.labels != labels else head
             module = image_model.build_classifier(vit, labels, own, pooling=c.pooling, dropout=0.0, seed=c.seed)
             model_def, params = ModelDef.split(module)
-            ev = classification.evaluate(make_eval_step(model_def, image_classification_loss), params,
+            # One compiled step per head shape: every classifier of the sequence has the same backbone.
+            key = (len(labels), c.pooling)
+            if key not in self._eval_fns:
+                self._eval_fns[key] = make_eval_step(model_def, image_classification_loss)
+            ev = classification.evaluate(self._eval_fns[key], params,
                                          self._dataset(j, labels, spec.vit_config.image_size),
                                          batch_size=c.eval_batch_size, buckets=c.buckets, pad_id=0,
                                          num_labels=len(labels), collate=images.image_collate(spec.mean, spec.std))
