@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 from sft_jax.config_defaults import defaults, validate
 from sft_jax.data.sources import DataError, read_classification
@@ -155,7 +156,7 @@ def test_failed_rerun_keeps_last_good_checkpoint(tiny_config, tmp_path):
 
 def _cli(tmp_path: pathlib.Path, model_dir, *overrides: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device is plenty here
-    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_FLAG)
     args = [sys.executable, "-m", "sft_jax.main", "--config=configs/sst2.py:partial",
             f"--workdir={tmp_path / 'run'}", f"--config.model={model_dir}",
             f"--config.data.train={BAD / 'train_ok.jsonl'}", f"--config.data.eval={BAD / 'train_ok.jsonl'}",

@@ -18,6 +18,7 @@ import sys
 import zlib
 
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 from sft_jax.data.sources import read_classification
 
@@ -355,7 +356,7 @@ def test_batch_size_the_mesh_cannot_split():
 def _cli(module: str, *args: str, cwd: pathlib.Path = REPO) -> str:
     """The one `error: ...` line of `python -m MODULE ARGS`, checked to come with no traceback."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE_FLAG)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0, proc.stdout + proc.stderr

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 from sft_jax import config_docs, console
 from sft_jax.config_defaults import defaults
@@ -20,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    env.update(HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE_FLAG)
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
 

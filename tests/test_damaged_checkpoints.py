@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 from sft_jax.checkpoint import Checkpoints, DamagedCheckpoint
 from sft_jax.checkpoint_failures import CheckpointSaveFailed
@@ -257,7 +258,7 @@ def cli_config(make_tiny_config, tmp_path_factory) -> pathlib.Path:
 
 
 def _env() -> dict:
-    return {**os.environ, "XLA_FLAGS": ""}  # one CPU device in the subprocesses
+    return {**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAG}  # one CPU device in the subprocesses
 
 
 def _argv(config, workdir) -> list[str]:

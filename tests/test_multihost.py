@@ -19,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3
@@ -41,7 +42,8 @@ def _start_two(config_file: pathlib.Path, workdir: pathlib.Path, timeout_s: int,
     """Processes 0 and 1 of a 2-process run of the CLI (2 CPU devices each), output captured (in
     `logs/process{i}.txt` if given, else pipes)."""
     # PYTHONFAULTHANDLER: a process stopped with SIGABRT below prints every thread's Python stack first.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAG}",
+           "JAX_PLATFORMS": "cpu",
            "PYTHONFAULTHANDLER": "1"}
     port = _free_port()
     return [subprocess.Popen(

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE_FLAG
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("train/examples_per_s", "train/tokens_per_s", "train/wall_time_s")
@@ -42,7 +43,7 @@ def _cmd(config: pathlib.Path, workdir: pathlib.Path, *extra: str) -> list[str]:
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = ""  # one CPU device in the subprocesses
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAG  # one CPU device in the subprocesses
     return env
 
 
