@@ -126,8 +126,8 @@ def defaults() -> ml_collections.ConfigDict:
     # Image classification: a replay memory added to the training images, `replay_per_class` images of each label
     # in `replay_classes` drawn with the seed from data.train (a class-incremental sequence sets them to the
     # classes of its earlier stages: `stages_replay`); the same images of a class for every run of one seed
-    c.data.replay_classes = ()
-    c.data.replay_per_class = 0
+    c.data.replay_classes = ()  # labels whose training images are replayed; empty: no replay memory
+    c.data.replay_per_class = 0  # images kept per replayed label
     # An example longer than max_length: "truncate" (logged, counted in results.json as data/*_truncated) or
     # "error" (stop, naming its file and line).
     c.data.too_long = "truncate"
@@ -229,8 +229,8 @@ def defaults() -> ml_collections.ConfigDict:
     # EWC over several runs (a sequence's stages: online EWC, Schwarz et al. 2018, with no decay): a .npz of Fisher
     # values, one per penalised parameter, added to this run's estimate; keep_fisher writes the Fisher the run
     # penalises with (its estimate plus the prior) to WORKDIR/fisher.npz for the next run
-    c.regularizer.fisher_prior = ""
-    c.regularizer.keep_fisher = False
+    c.regularizer.fisher_prior = ""  # .npz of an earlier run's Fisher; "": none
+    c.regularizer.keep_fisher = False  # write WORKDIR/fisher.npz
     c.llrd = 1.0  # layer-wise learning-rate decay: block i from the top learns at llrd**i x (1 = off)
     c.gradual_unfreeze = ml_collections.ConfigDict()
     c.gradual_unfreeze.every = 0  # > 0: head first, then `blocks` more blocks (top-down) every N steps

@@ -16,14 +16,16 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 
 
 def _write_folder(root: pathlib.Path, per_class: int, size: int = 10, seed: int = 0, labels=COLOURS) -> pathlib.Path:
-    """root/<label>/<i>.png: noisy images of each label's colour (easy to tell apart)."""
+    """root/<label>/<i>.png: noisy images of each label's colour (easy to tell apart); `labels`: names of
+    COLOURS, or a {label: (r, g, b)} of its own."""
     from PIL import Image
 
+    colours = labels if isinstance(labels, dict) else {label: COLOURS[label] for label in labels}
     rng = np.random.default_rng(seed)
-    for label in labels:
+    for label, colour in colours.items():
         (root / label).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = np.clip(np.array(COLOURS[label]) + rng.normal(0, 30, (size, size, 3)), 0, 255)
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (size, size, 3)), 0, 255)
             Image.fromarray(pixels.astype(np.uint8)).save(root / label / f"{i:03d}.png")
     return root
 

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from test_images import _write_folder
 
 from sft_jax.config_defaults import defaults, validate
 from sft_jax.data.batching import replay_memory
@@ -78,15 +79,8 @@ def test_class_incremental_replay_and_online_ewc(image_config, tmp_path):
     """Three class-incremental stages: stage 0 plain, stages 1-2 with EWC and a memory of 2 images per earlier
     class. Each EWC stage's Fisher is its own estimate (normalised to mean 1) plus the previous EWC stage's; the
     memory is in each later stage's training set, drawn from the earlier classes' training images."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 4)):
-        for label, colour in PALETTE.items():
-            (tmp_path / split / label).mkdir(parents=True)
-            for k in range(n):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (10, 10, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / label / f"{k}.png")
+    _write_folder(tmp_path / "train", 6, labels=PALETTE)
+    _write_folder(tmp_path / "test", 4, seed=1, labels=PALETTE)
     c = image_config(str(tmp_path / "train"), str(tmp_path / "test"))
     c.stages_scenario, c.stages_replay = "class", 2
     c.max_steps = c.eval_every = c.checkpoint_every = 2

@@ -127,16 +127,9 @@ def test_a_bad_stage_fails_before_anything_trains(image_config, colours, tmp_pat
 def test_class_incremental_grows_one_head(image_config, tmp_path):
     """stages_scenario='class': stage 1 (blue, yellow) trains a head over green, red, blue, yellow whose first two
     outputs start as stage 0's; stage 1's classes score 0 before they are seen; there is no FWT."""
-    from PIL import Image
-
     palette = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (220, 220, 30)}
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 4)):
-        for label, colour in palette.items():
-            (tmp_path / split / label).mkdir(parents=True)
-            for k in range(n):
-                pixels = np.clip(np.array(colour) + rng.normal(0, 30, (10, 10, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(tmp_path / split / label / f"{k}.png")
+    _write_folder(tmp_path / "train", 6, labels=palette)
+    _write_folder(tmp_path / "test", 4, seed=1, labels=palette)
     c = image_config(str(tmp_path / "train"), str(tmp_path / "test"))
     c.stages_scenario = "class"
     c.stages = ({"data.classes": ("red", "green")}, {"data.classes": ("blue", "yellow"), "strategy": "head"})
