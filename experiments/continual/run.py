@@ -71,6 +71,18 @@ def report(runs: list[dict]) -> str:
     if any(r["arm"].startswith("class_") for r in runs):
         lines += ["Replay has no task-incremental arm: its memory of earlier classes needs one head over all of "
                   "them.", ""]
+    if runs:
+        lines += ["Read with these limits:", "",
+                  "- The L2-SP (0.01) and EWC (100) weights were fixed before the runs, not tuned on the validation "
+                  "split; EWC is online (each stage's Fisher added to the earlier ones), so its pull grows stage by "
+                  "stage, and a weaker or stronger weight moves it along the stability / plasticity trade-off "
+                  "(compare its diagonal with plain fine-tuning's).",
+                  "- Each stage's best checkpoint is chosen on held-out images of that stage's own classes; in the "
+                  "class-incremental setting this favours the newest classes over the replayed ones.",
+                  "- Replay keeps 50 training images per earlier class (100 per stage, 400 by the last stage beside "
+                  "the stage's 1,440).",
+                  "- Task-incremental stages are two-way choices (chance 50%); class-incremental cells are over "
+                  "all classes seen so far (chance 1 / (2 (i + 1)) after stage i).", ""]
     decoder = [r for r in runs if r["arm"].startswith("decoder_")]
     if decoder:
         lines += decoder_report(decoder)
