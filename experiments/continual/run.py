@@ -63,6 +63,7 @@ def report(runs: list[dict]) -> str:
                 cells.append(protocol.summarize(values).format(scale=100, digits=1) if values else "n/a")
             rows.append(cells)
         lines += markdown_table(["method", "average accuracy (%)", "BWT (points)", "FWT (points)"], rows) + [""]
+        lines += paired_table(runs, scenario, arms)
         lines += ["Accuracy matrices (%, mean over seeds): row i after stage i, column j stage j's held-out "
                   "images.", ""]
         for arm in arms:
@@ -118,6 +119,24 @@ def decoder_report(runs: list[dict]) -> list[str]:
         lines += ["WikiText-2 perplexity (first 16k tokens):", ""] + markdown_table(["model", "perplexity"], ppl)
         lines += [""]
     return lines
+
+
+def paired_table(runs: list[dict], scenario: str, arms: list[str]) -> list[str]:
+    """Each method minus plain fine-tuning, seed by seed (the arms share seeds), with the t-interval."""
+    plain = f"{scenario}_plain"
+    if plain not in arms:
+        return []
+    rows = []
+    for arm in arms:
+        if arm == plain:
+            continue
+        cells = [arm.split("_", 1)[1] + " - plain"]
+        for key in FIGURES[:2]:
+            values = protocol.by_arm(runs, key)
+            cells.append(protocol.paired(values[arm], values[plain]).format(scale=100, digits=1))
+        rows.append(cells)
+    return ["Paired differences from plain fine-tuning (same seed):", ""] + markdown_table(
+        ["method", "average accuracy (points)", "BWT (points)"], rows) + [""]
 
 
 def matrix_table(matrices: list[list[list[float]]]) -> list[str]:
