@@ -107,15 +107,13 @@ def export_stage_model(stage_dir: str) -> str:
     from jax.experimental import multihost_utils
 
     from sft_jax import distributed
-    from sft_jax.models.loading.lm import export_hf
-    from sft_jax.tasks.language_model import load_finetuned_lm
+    from sft_jax.export.decoders import export_hf
 
     out = storage.join(stage_dir, STAGE_MODEL)
     if distributed.is_primary() and not storage.isdir(out):
         tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm, _, tokenizer = load_finetuned_lm(stage_dir, "best", merge=True)
-        export_hf(lm, tmp, tokenizer=tokenizer)
+        export_hf(stage_dir, tmp, "best")  # what `python -m sft_jax.export --format=hf` writes
         storage.rename(tmp, out)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"stage model {out}")
