@@ -213,6 +213,13 @@ def run_param_shardings(config, mesh: Mesh, names: Sequence[str], shapes: Mappin
     The trainer lays out its state with it, and a task that loads weights straight onto the mesh does too;
     so this is also where a batch size the mesh cannot split is refused (`check_batch_sizes`)."""
     check_batch_sizes(config, mesh)
+    return run_param_layout(config, mesh, names, shapes, axes)
+
+
+def run_param_layout(config, mesh: Mesh, names: Sequence[str], shapes: Mapping[str, tuple[int, ...]],
+                     axes: Mapping[str, tuple]) -> dict:
+    """`run_param_shardings` without the batch check: a finished run's parameters laid out on another mesh (its
+    export)."""
     logical_rules = run_logical_rules(config)
     return param_shardings(names, mesh, tuple(config.sharding_rules), shapes=shapes,
                            axes=axes if logical_rules is not None else None, logical_rules=logical_rules or ())

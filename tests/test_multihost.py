@@ -41,15 +41,22 @@ def _start_two(config_file: pathlib.Path, workdir: pathlib.Path, timeout_s: int,
                logs: pathlib.Path | None = None) -> list[subprocess.Popen]:
     """Processes 0 and 1 of a 2-process run of the CLI (2 CPU devices each), output captured (in
     `logs/process{i}.txt` if given, else pipes)."""
+    return _two_processes(
+        ["-m", "sft_jax.main", f"--config={config_file}", f"--workdir={workdir}"],
+        lambda port, pid: [f"--config.distributed.coordinator_address=localhost:{port}",
+                           "--config.distributed.num_processes=2", f"--config.distributed.process_id={pid}",
+                           f"--config.distributed.timeout_s={timeout_s}"], logs)
+
+
+def _two_processes(args: list[str], distributed_args, logs: pathlib.Path | None = None) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of `python ARGS` (2 CPU devices each) joined by `distributed_args(port, process_id)`."""
     # PYTHONFAULTHANDLER: a process stopped with SIGABRT below prints every thread's Python stack first.
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAG}",
            "JAX_PLATFORMS": "cpu",
            "PYTHONFAULTHANDLER": "1"}
     port = _free_port()
     return [subprocess.Popen(
-        [sys.executable, "-m", "sft_jax.main", f"--config={config_file}", f"--workdir={workdir}",
-         f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2",
-         f"--config.distributed.process_id={pid}", f"--config.distributed.timeout_s={timeout_s}"],
+        [sys.executable, *args, *distributed_args(port, pid)],
         cwd=REPO, env=env, stdout=open(logs / f"process{pid}.txt", "w") if logs else subprocess.PIPE,  # noqa: SIM115
         stderr=subprocess.STDOUT, text=True) for pid in range(2)]
 
@@ -120,18 +127,53 @@ def test_two_processes_train_like_one(runs):
     assert two_results["total_params"] == one_results["total_params"]
 
 
-def test_two_processes_stream_a_decoder_and_train_like_one(tiny_llama_dir, tmp_path):
-    """A safetensors decoder streamed onto the 2-process mesh (each process reading its own devices' slices,
-    `models/loading/stream.py`) trains as in one process."""
+@pytest.fixture(scope="module")
+def decoder_runs(tiny_llama_dir, tmp_path_factory):
+    """A decoder's 3-step full fine-tuning by 2 processes x 2 devices (CLI) and by this process."""
     from conftest import lm_config
 
-    c = lm_config(tiny_llama_dir, tmp_path, "full")
+    tmp = tmp_path_factory.mktemp("multihost_decoder")
+    c = lm_config(tiny_llama_dir, tmp, "full")
     c.batch_size = c.eval_batch_size = 8
-    _, one, one_results, two, two_results = _two_and_one(c, tmp_path)
+    return _two_and_one(c, tmp)
+
+
+def test_two_processes_stream_a_decoder_and_train_like_one(decoder_runs):
+    """A safetensors decoder streamed onto the 2-process mesh (each process reading its own devices' slices,
+    `models/loading/stream.py`) trains as in one process."""
+    _, one, one_results, two, two_results = decoder_runs
     reference = _losses(one)
     assert len(reference) == STEPS and len(set(reference)) == STEPS
     np.testing.assert_allclose(_losses(two), reference, rtol=1e-5)
     np.testing.assert_allclose(two_results["eval/loss"], one_results["eval/loss"], rtol=1e-5)
+
+
+def test_two_processes_export_a_decoder_from_their_shards(decoder_runs, tmp_path):
+    """`python -m sft_jax.export --format=hf` on 2 processes: each writes its own shards of the weights (neither
+    all of them), into the file one process writes with this process's 8 devices, byte for byte."""
+    from sft_jax.export import export
+
+    two = decoder_runs[3]
+    procs = _two_processes(["-m", "sft_jax.export", f"--workdir={two}", "--format=hf", f"--out={tmp_path / 'two'}"],
+                           lambda port, pid: [f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                                              f"--process_id={pid}", "--distributed_timeout_s=60"])
+    try:
+        export(str(two), "hf", tmp_path / "one")  # meanwhile: the reference, in this process
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    weights = (tmp_path / "two" / "model.safetensors").read_bytes()
+    assert weights == (tmp_path / "one" / "model.safetensors").read_bytes()
+    data = len(weights) - 8 - int.from_bytes(weights[:8], "little")
+    written = [int(re.search(r"process \d of 2: wrote (\d+) bytes", out).group(1)) for out in outputs]
+    assert sum(written) == data and all(0 < w < data for w in written), (written, data)
+    for name in ("config.json", "README.md", "tokenizer.json"):
+        assert (tmp_path / "two" / name).is_file(), name
+    assert not list((tmp_path / "two").glob("*.partial"))
 
 
 def test_checkpoint_of_two_processes_restores_in_one(runs, tmp_path):

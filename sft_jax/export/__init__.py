@@ -5,13 +5,16 @@
     export(workdir, "gguf", out)   # a language model as a GGUF file (gguf_type: f32, f16, bf16, q8_0)
 
 Every export writes a model card (README.md). What each format does with each kind of run is in
-`classifiers.py` and `decoders.py`.
+`classifiers.py` and `decoders.py`. Several processes (`jax.distributed`, e.g. the hosts of the run) can export
+a language model to hf together: each writes its own shards of every tensor into the one file.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+
+import jax
 
 from sft_jax.rundir import RunDir
 
@@ -32,6 +35,9 @@ def export(workdir: str, fmt: str, out: str | os.PathLike, *, gguf_type: str = "
     task = rundir.read_config().get("task", "text_classification")
     if os.path.abspath(out) == os.path.abspath(workdir):
         raise ValueError(f"--out={out} is the workdir itself; give another folder")
+    if jax.process_count() > 1 and (task not in _LANGUAGE_MODELS or fmt != "hf"):
+        raise ValueError(f"--format={fmt} of a {task} run is written by one process; of several, only a language "
+                         "model's --format=hf is (each process writing its shards)")
     if task in _CLASSIFIERS:
         if fmt != "hf":
             raise ValueError(f"{workdir}: a {task} run exports with --format=hf (gguf and peft are for language "

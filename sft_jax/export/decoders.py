@@ -17,14 +17,20 @@ tokenizer = AutoTokenizer.from_pretrained("{out}")'''
 
 
 def export_hf(workdir: str, out: str | os.PathLike, checkpoint: str = "best") -> pathlib.Path:
-    """The run's model, LoRA adapters merged, as a HF folder (`sft_jax.models.loading.lm.export_hf`)."""
+    """The run's model, LoRA adapters merged, as a HF folder (`sft_jax.models.loading.lm.export_hf`). The
+    weights are laid out over every device (of every process) by the run's sharding rules, and each process
+    writes its own shards: no host holds more of the model than its devices' part."""
+    import jax
+
+    from sft_jax import sharding
     from sft_jax.models.loading.lm import export_hf as write_hf
     from sft_jax.tasks.language_model import load_finetuned_lm
 
-    lm, config, tokenizer = load_finetuned_lm(workdir, checkpoint, merge=True)
+    lm, config, tokenizer = load_finetuned_lm(workdir, checkpoint, merge=True, mesh=sharding.make_mesh({"fsdp": -1}))
     out = write_hf(lm, out, tokenizer=tokenizer)
-    model_card.write(out, workdir, what=f"A {config.family} language model (adapters merged)",
-                     usage=_CAUSAL_USE.format(out=out))
+    if jax.process_index() == 0:
+        model_card.write(out, workdir, what=f"A {config.family} language model (adapters merged)",
+                         usage=_CAUSAL_USE.format(out=out))
     return out
 
 

@@ -335,28 +335,38 @@ def _check_lm_eval_probe(f: ml_collections.ConfigDict) -> None:
                          "pip install 'lm_eval==0.4.13'")
 
 
-def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False
-                      ) -> tuple[DecoderLM, DecoderConfig, Any]:
+def load_finetuned_lm(workdir: str, which: str = "best", *, merge: bool = False,
+                      mesh: jax.sharding.Mesh | None = None) -> tuple[DecoderLM, DecoderConfig, Any]:
     """(model with the run's `which` checkpoint weights, its config, tokenizer) of a workdir.
 
     A `strategy=lora` run comes back with its adapters (`.../lora_a`, `.../lora_b`) as trained; with
     `merge=True` they are folded into the kernels, giving a plain `DecoderLM` (faster to generate with).
+    The weights are on one device, or with `mesh` laid out over it by the run's own sharding rules (each
+    process reading only its devices' shards of the checkpoint).
     """
     rundir = RunDir(workdir)
     run = rundir.read_config()
     # The frozen base is rebuilt as the run built it (checkpoints leave it out: `Task.rebuilds_base`): stored
-    # as `param_dtype` before quantising, here on one device.
+    # as `param_dtype` before quantising.
     param_dtype = run.get("param_dtype", "float32")
-    device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)),
-                                        jax.sharding.PartitionSpec())
+    one_device = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("d",)),
+                                            jax.sharding.PartitionSpec())
+
+    def placement(names, shapes, axes):
+        if mesh is None:
+            return {n: one_device for n in names}
+        return sharding.run_param_layout(ml_collections.ConfigDict(run), mesh, names, shapes, axes)
+
     lm, config = build_lm(run["model"], run["strategy"], run.get("dtype", "float32"), lora=run.get("lora"),
-                          seed=run.get("seed", 0), param_dtype=param_dtype,
-                          placement=lambda names, shapes, axes: {n: device for n in names},
+                          seed=run.get("seed", 0), param_dtype=param_dtype, placement=placement,
                           quantize_base=run.get("quantize_base", "none"),
                           scan_layers=run.get("scan_layers", False), frozen_layers=run.get("frozen_layers", 0),
                           ignore_weights=tuple(run.get("ignore_weights", ())))
     model_def, params = ModelDef.split(lm)
     params = in_storage_dtype(params, param_dtype, decoder_layout(config.num_layers))  # (a GGUF loads float32)
+    if mesh is not None:  # the adapters, and a base the loader kept on the host (GGUF), onto the mesh too
+        layout = placement(model_def.names, {k: v.shape for k, v in params.items()}, model_def.axes)
+        params = {k: sharding.put_global(v, layout[k]) for k, v in params.items()}
     lm = unscan_decoder(model_def.merge(rundir.restore_params(params, which)))  # per-layer again
     return (merge_lora(lm) if merge else lm), config, load_lm_tokenizer(run["model"], run.get("tokenizer", ""))
 

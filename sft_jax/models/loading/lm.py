@@ -3,7 +3,7 @@ directories; export to HF.
 
 Both sources go through Hugging Face tensor names (`model.layers.3.self_attn.q_proj.weight`), so one
 name table serves loading and export. Phi-3's fused `qkv_proj` / `gate_up_proj` weights are split into
-those names on load and fused again on export.
+those names on load and fused again on export (`hf_tensors`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import re
+import sys
 from typing import Any
 
 import jax
@@ -102,16 +103,6 @@ def split_fused(config: DecoderConfig, weights: dict[str, np.ndarray]) -> dict[s
             continue
         for (part, _), chunk in zip(parts, np.split(value, np.cumsum([r for _, r in parts])[:-1]), strict=True):
             out[f"model.layers.{match.group(1)}.{part}.weight"] = chunk
-    return out
-
-
-def fuse(config: DecoderConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inverse of `split_fused`: q, k, v / gate, up weights concatenated into Phi-3's fused ones."""
-    out = dict(tensors)
-    for i in range(config.num_layers):
-        for fused in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
-            names = [f"model.layers.{i}.{part}.weight" for part, _ in _fused_parts(config, fused)]
-            out[f"model.layers.{i}.{fused}.weight"] = np.concatenate([out.pop(n) for n in names], axis=0)
     return out
 
 
@@ -221,15 +212,37 @@ def load_lm_tokenizer(name_or_path: str | Checkpoint, tokenizer: str = ""):
 
 
 def _hf_tensor(path: str, value, family: str) -> Tensor:
-    """Our parameter `path` as its HF tensor, converted to float32 (and transposed) only when written."""
+    """Our parameter `path` as its HF tensor, converted to float32 (and transposed) only when written; a
+    `jax.Array` stays on its devices, in its sharding (`write_safetensors` writes it from its shards)."""
     name, transpose = hf_name(path, family)
     shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
 
     def produce():
-        host = np.asarray(jax.device_get(value), np.float32)
-        return host.T if transpose else host
+        x = value.astype(np.float32)
+        return x.T if transpose else x
 
     return Tensor(name, shape, np.float32, produce)
+
+
+def hf_tensors(config: DecoderConfig, params: dict[str, Any]) -> list[Tensor]:
+    """{our path: array} of a plain (unscanned, merged) decoder as the HF tensors of its safetensors file; for
+    Phi-3, q/k/v and gate/up fused again (the inverse of `split_fused`), each in the place of its first part."""
+    tensors = [_hf_tensor(path, value, config.family) for path, value in params.items()]
+    if config.family != "phi3":
+        return tensors
+    by_name = {t.name: t for t in tensors}
+    out = []
+    for t in tensors:
+        place = fused_rows(config, t.name)
+        if place is None:
+            out.append(t)
+        elif place[1][0] == 0:  # the first part: the fused tensor goes here
+            match = _FUSED.fullmatch(place[0])
+            parts = [by_name[f"model.layers.{match.group(1)}.{part}.weight"]
+                     for part, _ in _fused_parts(config, match.group(2))]
+            out.append(Tensor(place[0], (sum(p.shape[0] for p in parts), *parts[0].shape[1:]), np.float32,
+                              lambda parts=parts: jnp.concatenate([p.produce() for p in parts], axis=0)))
+    return out
 
 
 def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
@@ -244,9 +257,10 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
 
     LoRA adapters (in the module or in `params`) are merged into their kernels first: the export is a
     plain model of the base architecture. `sft_jax.models.loading.peft.save_adapters` writes the adapters alone.
+    The weights go out one tensor at a time from where they are: a model sharded over the devices of several
+    processes is written by all of them (each calls this; `out_dir` on a file system they share), each writing
+    its own shards; process 0 writes the other files.
     """
-    from safetensors.numpy import save_file
-
     if params is not None and has_lora(params):
         if not has_lora(model):
             raise ValueError("export_hf: params hold LoRA adapters but the model has none; pass the LoRA model")
@@ -262,17 +276,12 @@ def export_hf(model: DecoderLM, out_dir: str | os.PathLike, *, tokenizer=None,
     if params is None:
         params = {"/".join(str(p) for p in path): v.value
                   for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    if config.family == "phi3":  # fused q/k/v and gate/up: built from the whole dict
-        tensors = {}
-        for path, value in params.items():
-            name, transpose = hf_name(path, config.family)
-            value = np.asarray(jax.device_get(value), np.float32)
-            tensors[name] = np.ascontiguousarray(value.T if transpose else value)
-        save_file(fuse(config, tensors), str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:  # one tensor on the host at a time
-        write_safetensors(out / "model.safetensors", [_hf_tensor(path, value, config.family)
-                                                      for path, value in params.items()])
-    (out / "config.json").write_text(json.dumps(config.to_hf(), indent=1))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+    written = write_safetensors(out / "model.safetensors", hf_tensors(config, params))
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: wrote {written} bytes of weights (its "
+              "shards)", file=sys.stderr)
+    if jax.process_index() == 0:
+        (out / "config.json").write_text(json.dumps(config.to_hf(), indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
     return out
