@@ -257,7 +257,8 @@ def _write_stsb(path, n=24):
 
 def test_train_with_ewc_llrd_and_wise_ft_sweep(tiny_config, tmp_path):
     """End to end: EWC (Fisher on a text file) + LLRD, the STS-B probe at every evaluation, and a WiSE-FT
-    sweep whose endpoints reproduce the pre-trained probe (alpha 0) and the fine-tuned metrics (alpha 1)."""
+    sweep whose endpoints reproduce the pre-trained probe (alpha 0) and the fine-tuned metrics (alpha 1), on the
+    validation split it selects on (eval/) and on the reported split (test/) alike."""
     text = tmp_path / "corpus.txt"
     text.write_text("".join(f"this is generic sentence number {i} about many things\n" for i in range(64)))
     c = tiny_config
@@ -269,9 +270,11 @@ def test_train_with_ewc_llrd_and_wise_ft_sweep(tiny_config, tmp_path):
     c.wise_ft.alphas = (0.0, 0.5, 1.0)
     c.forgetting.stsb = _write_stsb(tmp_path / "stsb.tsv")
     c.forgetting.every_eval = True
+    c.data.validation_fraction = 0.25
     workdir = tmp_path / "run"
     r = train_and_evaluate(c, str(workdir))
     assert r["wise_ft/1/eval/accuracy"] == r["eval/accuracy"]
+    assert r["wise_ft/1/test/accuracy"] == r["test/accuracy"] and "wise_ft/0.5/test/accuracy" in r
     assert r["wise_ft/1/eval/loss"] == pytest.approx(r["eval/loss"], rel=1e-6)
     assert r["wise_ft/1/forgetting/stsb_spearman/after"] == r["forgetting/stsb_spearman/after"]
     assert r["wise_ft/0/forgetting/stsb_spearman/after"] == r["forgetting/stsb_spearman/before"]

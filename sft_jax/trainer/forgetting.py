@@ -26,8 +26,8 @@ def summarise(task: Task, before: dict[str, float], after: dict[str, float], pre
 
 def wise_ft_sweep(task: Task, alphas, eval_fn, pretrained: dict, finetuned: dict, p_shard: dict,
                   before: dict[str, float]) -> dict[str, float]:
-    """Task metrics and forgetting of the WiSE-FT interpolation at each of `alphas` (a fresh head stays as
-    fine-tuned: it has no pre-trained value)."""
+    """Task metrics (and, with a validation split, the reported split's as test/...) and forgetting of the
+    WiSE-FT interpolation at each of `alphas` (a fresh head stays as fine-tuned: it has no pre-trained value)."""
     fresh = re.compile("^" + task.layout.fresh) if task.layout.fresh else None
     keep = [k for k in finetuned if fresh and fresh.search(k)]
     out = {}
@@ -36,6 +36,8 @@ def wise_ft_sweep(task: Task, alphas, eval_fn, pretrained: dict, finetuned: dict
         mixed = {k: jax.device_put(v, p_shard[k]) for k, v in mixed.items()}
         prefix = f"wise_ft/{float(alpha):g}/"
         out.update({prefix + k: v for k, v in task.evaluate(eval_fn, mixed).items()})
+        # With a validation split, alpha is chosen on eval/ (validation) and reported on test/ (data.eval).
+        out.update({prefix + k: v for k, v in task.evaluate_reported(eval_fn, mixed).items()})
         out.update(summarise(task, before, task.probes(mixed), prefix))
         tqdm.tqdm.write(f"WiSE-FT alpha={float(alpha):g}: " + ", ".join(
             f"{k[len(prefix):]}={v:.4f}" for k, v in out.items() if k.startswith(prefix)))
