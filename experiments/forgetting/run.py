@@ -66,7 +66,7 @@ def method_overrides(task: str, method: str, steps: int, weight: float | None = 
     if method in ("head", "partial", "lora"):
         return method, ({"learning_rate": 5e-4} if method == "lora" else {})
     return "full", {
-        "full": {"wise_ft.alphas": "(" + ",".join(f"{a:g}" for a in ALPHAS) + ")"},
+        "full": {"wise_ft.alphas": "(" + ",".join(str(a) for a in ALPHAS) + ")"},
         "lp_ft": {"lp_ft.head_steps": steps // 2, "lp_ft.head_learning_rate": t["head_lr"]},
         "l2sp": {"regularizer.l2sp": weight},
         "ewc": {"regularizer.ewc": weight, **t["fisher"]},
