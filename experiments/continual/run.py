@@ -118,6 +118,12 @@ def decoder_report(runs: list[dict]) -> list[str]:
             for i in range(len(names))]
         lines += ["WikiText-2 perplexity (first 16k tokens):", ""] + markdown_table(["model", "perplexity"], ppl)
         lines += [""]
+    arms = sorted({r["arm"].split("_", 1)[1] for r in runs})
+    if len(arms) == 1:
+        lines += [f"Read with this limit: one strategy ({arms[0]}) was run, so these figures describe it alone; "
+                  "how much of its small forgetting is owed to the strategy needs the same sequence with plain "
+                  f"full fine-tuning beside it (`--decoder --strategies=full`). 60 steps a stage is a short "
+                  "budget: each stage's own gain is modest too.", ""]
     return lines
 
 
