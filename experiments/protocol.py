@@ -146,6 +146,20 @@ def load_runs(experiment_dir: str) -> list[dict]:
     return sorted(runs, key=lambda r: (r["arm"], r["seed"]))
 
 
+def write_results(experiment_dir: str, report, plot=None, plot_file: str = "") -> list[dict]:
+    """RESULTS.md from `report(runs)` (and `plot(runs, path)` to `plot_file`) of an experiment's kept runs only;
+    returns the runs. No kept run: SystemExit, nothing written."""
+    runs = load_runs(experiment_dir)
+    if not runs:
+        raise SystemExit(f"no kept runs in {os.path.join(experiment_dir, 'runs')}: nothing to report")
+    with open(os.path.join(experiment_dir, "RESULTS.md"), "w") as f:
+        f.write(report(runs))
+    if plot is not None:
+        plot(runs, os.path.join(experiment_dir, plot_file))
+    print(f"wrote {os.path.join(experiment_dir, 'RESULTS.md')}")
+    return runs
+
+
 def by_arm(runs: Iterable[dict], metric: str) -> dict[str, dict[int, float]]:
     """{arm: {seed: results[metric]}} of kept runs (runs without the metric left out)."""
     out: dict[str, dict[int, float]] = {}

@@ -61,6 +61,19 @@ def _two_processes(args: list[str], distributed_args, logs: pathlib.Path | None 
         stderr=subprocess.STDOUT, text=True) for pid in range(2)]
 
 
+def _succeeded(procs: list[subprocess.Popen], timeout_s: int = 240) -> list[str]:
+    """The processes' outputs once each has ended with status 0 (one still running after `timeout_s` killed)."""
+    try:
+        outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return outputs
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -159,13 +172,8 @@ def test_two_processes_export_a_decoder_from_their_shards(decoder_runs, tmp_path
                                               f"--process_id={pid}", "--distributed_timeout_s=60"])
     try:
         export(str(two), "hf", tmp_path / "one")  # meanwhile: the reference, in this process
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+        outputs = _succeeded(procs)
     weights = (tmp_path / "two" / "model.safetensors").read_bytes()
     assert weights == (tmp_path / "one" / "model.safetensors").read_bytes()
     data = len(weights) - 8 - int.from_bytes(weights[:8], "little")
@@ -246,15 +254,7 @@ def test_a_killed_process_ends_the_other_and_both_resume(runs, tmp_path):
         for item in ("params", "train"):
             assert {d.name for d in (step / item).glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
 
-    procs = _start_two(config_file, work, DEAD_PEER_TIMEOUT_S)
-    try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, output in zip(procs, outputs):
-        assert p.returncode == 0, output[-3000:]
+    _succeeded(_start_two(config_file, work, DEAD_PEER_TIMEOUT_S))
     results = json.loads((work / "results.json").read_text())
     assert results["step"] == STEPS
     assert results["params_fingerprint"] == reference["params_fingerprint"]

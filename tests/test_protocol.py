@@ -73,6 +73,14 @@ def test_kept_runs_hold_their_files_and_code_version(tmp_path):
     assert runs[0]["provenance"]["command"] == "train full" and runs[0]["provenance"]["budget"] == "10 steps"
     assert protocol.by_arm(runs, "eval/accuracy") == {"full": {0: 0.9, 1: 0.8}, "head": {0: 0.7}}
     assert protocol.provenance_line(runs).startswith("3 runs, code version ")
+    plotted = []
+    protocol.write_results(str(experiment), lambda rs: f"{len(rs)} runs\n",
+                           lambda rs, path: plotted.append((len(rs), path)), "plot.png")
+    assert (experiment / "RESULTS.md").read_text() == "3 runs\n"
+    assert plotted == [(3, str(experiment / "plot.png"))]
+    with pytest.raises(SystemExit, match="no kept runs"):  # nothing kept: nothing written
+        protocol.write_results(str(tmp_path / "empty"), lambda rs: "x")
+    assert not (tmp_path / "empty" / "RESULTS.md").exists()
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         (tmp_path / "unfinished").mkdir()
         (tmp_path / "unfinished" / "config.json").write_text("{}")

@@ -138,13 +138,7 @@ def main() -> None:
                     results = run_cli(f"configs/cifar_transfer.py:{strategy},{per_class}", workdir,
                                       {"seed": seed, **({} if strategy == "scratch" else {"model": base_dir})})
                     protocol.keep_run(workdir, HERE, arm, seed, results["command"])
-    runs = protocol.load_runs(HERE)
-    if not runs:
-        raise SystemExit("no kept runs in runs/: nothing to report")
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-        f.write(report(runs))
-    plot(runs, os.path.join(HERE, "transfer.png"))
-    print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")
+    protocol.write_results(HERE, report, plot, "transfer.png")
 
 
 if __name__ == "__main__":

@@ -71,12 +71,7 @@ def main() -> None:
                     "eval_every": args.steps, "checkpoint_every": args.steps, "early_stopping.patience": 0,
                     "log_every": 50})
                 protocol.keep_run(workdir, HERE, dtype, seed, results["command"])
-    runs = protocol.load_runs(HERE)
-    if not runs:
-        raise SystemExit("no kept runs in runs/: nothing to report")
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-        f.write(report(runs))
-    print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")
+    protocol.write_results(HERE, report)
 
 
 if __name__ == "__main__":

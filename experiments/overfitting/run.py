@@ -146,13 +146,7 @@ def main() -> None:
                     "log_every": max(every // 2, 1), "early_stopping.patience": 0, "forgetting.every_eval": True,
                     "batch_size": BATCH})
                 protocol.keep_run(workdir, HERE, arm, seed, results["command"])
-    runs = protocol.load_runs(HERE)
-    if not runs:
-        raise SystemExit("no kept runs in runs/: nothing to report")
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-        f.write(report(runs))
-    plot(runs, os.path.join(HERE, "curves.png"))
-    print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")
+    protocol.write_results(HERE, report, plot, "curves.png")
 
 
 if __name__ == "__main__":

@@ -164,13 +164,8 @@ def main() -> None:
                                 ("peer_torch", *peer_torch_run(strategy, seed))]
                     for arm, workdir, command in done:
                         protocol.keep_run(workdir, HERE, f"{arm}_{strategy}", seed, command)
-    runs = protocol.load_runs(HERE)
-    if not runs:
-        raise SystemExit("no kept runs in runs/: nothing to report")
-    with open(os.path.join(HERE, "RESULTS.md"), "w") as f:
-        f.write(report(runs))
-    plot(runs, os.path.join(HERE, "accuracy_vs_forgetting.png"))
-    print(f"wrote {os.path.join(HERE, 'RESULTS.md')}")
+    protocol.write_results(HERE, report, plot, "accuracy_vs_forgetting.png")
+
 
 if __name__ == "__main__":
     main()
