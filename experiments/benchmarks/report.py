@@ -171,11 +171,12 @@ def _main_table(main: list[dict], meta: dict) -> list[str]:
 
 
 def _variants_table(main: list[dict], meta: dict) -> list[str]:
-    """Every PyTorch variant's tokens/s, one row per group (the records of a group share its variants)."""
-    groups = {}
+    """Every PyTorch variant's tokens/s, one row per (model, strategy, shape): the variants of all its records (a
+    run may time each dtype's variants in a group of its own)."""
+    groups: dict[tuple, dict] = {}
     for r in main:
         if "torch_variants" in r:
-            groups.setdefault((r["model"], r["strategy"], r["batch"], r["seq_len"]), r["torch_variants"])
+            groups.setdefault((r["model"], r["strategy"], r["batch"], r["seq_len"]), {}).update(r["torch_variants"])
     if not groups:
         return []
     names = list(dict.fromkeys(n for v in groups.values() for n in v))
