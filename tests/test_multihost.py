@@ -62,9 +62,18 @@ def _two_processes(args: list[str], distributed_args, logs: pathlib.Path | None 
 
 
 def _succeeded(procs: list[subprocess.Popen], timeout_s: int = 240) -> list[str]:
-    """The processes' outputs once each has ended with status 0 (one still running after `timeout_s` killed)."""
+    """The processes' outputs once each has ended with status 0. A hang (stop 19: best and latest saves of one
+    step shared orbax barrier names; checkpoint._options) fails with where each process stood: those still
+    running after `timeout_s` get SIGABRT, which makes them print every thread's Python stack first."""
     try:
         outputs = [p.communicate(timeout=timeout_s)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGABRT)
+        stuck = [p.communicate(timeout=60)[0] for p in procs]
+        pytest.fail("the 2-process run hung; each process's last output:\n"
+                    + "\n".join(f"--- process {i} ---\n{out[-6000:]}" for i, out in enumerate(stuck)))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -107,22 +116,8 @@ def _two_and_one(c, tmp: pathlib.Path):
     one = tmp / "one_process"
     try:
         one_results = train_and_evaluate(c, str(one))  # meanwhile: the reference, in this process
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        # A hang (stop 19: best and latest saves of one step shared orbax barrier names; checkpoint._options)
-        # fails with where each process stood.
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGABRT)
-        stuck = [p.communicate(timeout=60)[0] for p in procs]
-        pytest.fail("the 2-process run hung; each process's last output:\n"
-                    + "\n".join(f"--- process {i} ---\n{out[-6000:]}" for i, out in enumerate(stuck)))
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-3000:]
+        _succeeded(procs)
     return c, one, one_results, two, json.loads((two / "results.json").read_text())
 
 
