@@ -17,13 +17,26 @@ def get_config(arg=None):
     return defaults()
 
 
+# The one WikiText-2 forgetting probe every decoder config and experiment uses, so their "before" perplexities
+# are one number: the first 16k tokens of the raw test split, in disjoint windows of 512 (cheap on CPU).
+WIKITEXT2_PROBE = {"wikitext2_max_tokens": 16384, "wikitext2_max_length": 512, "wikitext2_stride": 511}
+
+
+def add_wikitext2_probe(c):
+    """Sets the shared WikiText-2 probe (WIKITEXT2_PROBE) on config `c`; returns `c`."""
+    c.forgetting.wikitext2 = shared_data("wikitext2_raw")
+    for key, value in WIKITEXT2_PROBE.items():
+        c.forgetting[key] = value
+    return c
+
+
 # Learning rates per strategy for SmolLM2-135M: adapters tolerate (and need) a much larger step.
 SMOLLM2_LEARNING_RATES = {"lora": 5e-4, "partial": 5e-5, "full": 3e-5, "head": 1e-4}
 
 
 def smollm2_sft(strategy: str):
     """What the SmolLM2-135M-Instruct SFT configs share: the model, the strategy and its learning rate,
-    chat-template prompts, early stopping on eval loss, and the WikiText-2 forgetting probe (first 16k tokens).
+    chat-template prompts, early stopping on eval loss, and the shared WikiText-2 forgetting probe.
     `partial` freezes the embeddings and the first 20 of the 30 blocks."""
     c = get_config()
     c.task = "sft"
@@ -37,6 +50,4 @@ def smollm2_sft(strategy: str):
     c.eval_generation.batch_size = 16
     c.early_stopping.metric = "eval/loss"
     c.early_stopping.mode = "min"
-    c.forgetting.wikitext2 = shared_data("wikitext2_raw")
-    c.forgetting.wikitext2_max_tokens = 16384
-    return c
+    return add_wikitext2_probe(c)

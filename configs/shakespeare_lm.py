@@ -7,8 +7,8 @@ default partial; append `,gemma3-270m` for Gemma 3.
 Train on the first 95% of tinyshakespeare's lines, evaluate on the last 5% (about 56k characters).
 """
 
+from configs.common import add_wikitext2_probe, shared_data
 from configs.common import get_config as common_config
-from configs.common import shared_data
 
 LEARNING_RATES = {"head": 1e-4, "partial": 5e-5, "full": 3e-5}
 
@@ -22,8 +22,7 @@ def get_config(arg=None):
     c.frozen_layers = 20 if strategy == "partial" else 0
     c.data.train = shared_data("tinyshakespeare", "input.txt") + "[:95%]"
     c.data.eval = shared_data("tinyshakespeare", "input.txt") + "[95%:]"
-    c.forgetting.wikitext2 = shared_data("wikitext2_raw")
-    c.forgetting.wikitext2_max_tokens = 16384  # a 16k-token probe keeps before/after cheap on CPU
+    add_wikitext2_probe(c)
     c.max_length = 256
     c.buckets = (256,)
     c.batch_size = 4

@@ -176,3 +176,27 @@ def provenance_line(runs: Iterable[dict]) -> str:
     dirty = sum(bool(r["provenance"].get("dirty")) for r in runs)
     return (f"{len(runs)} runs, code version{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
             + (f"; {dirty} made with uncommitted changes" if dirty else "; all from committed code"))
+
+
+def decoder_line(runs: Iterable[dict]) -> str:
+    """One line every decoder RESULTS.md carries: where the weights came from (a packaged GGUF is dequantised,
+    so these are the 4-bit file's weights, not the original release's) and the WikiText-2 probe, read from the
+    runs' configs. Runs that used different models or probes: ValueError (their perplexities are not one scale)."""
+    from sft_jax.models.registry import SHORT_NAMES
+
+    runs = list(runs)
+    models = sorted({r["config"]["model"] for r in runs})
+    probes = {tuple(r["config"]["forgetting"].get(k) for k in ("wikitext2_max_tokens", "wikitext2_max_length",
+                                                                "wikitext2_stride")) for r in runs}
+    if len(probes) != 1:
+        raise ValueError(f"the runs used {len(probes)} different WikiText-2 probes {sorted(probes)}; "
+                         "rerun them with configs.common.WIKITEXT2_PROBE")
+    (tokens, length, stride), = probes
+    origins = []
+    for model in models:
+        source = SHORT_NAMES.get(model)
+        origins.append(f"{model} (weights dequantised from the packaged GGUF `{source.gguf_file}`)"
+                       if source and source.gguf_file else model)
+    extent = f"its first {tokens:,} tokens (the model's tokenizer)" if tokens else "all of it"
+    return (f"Model: {', '.join(origins)}. WikiText-2 probe: the raw test split, {extent}, in windows of {length} "
+            f"tokens with stride {stride}.")

@@ -86,3 +86,19 @@ def test_kept_runs_hold_their_files_and_code_version(tmp_path):
         (tmp_path / "unfinished" / "config.json").write_text("{}")
         (tmp_path / "unfinished" / "results.json").write_text("{}")
         protocol.keep_run(str(tmp_path / "unfinished"), str(experiment), "full", 2)
+
+
+def test_decoder_line_names_the_gguf_origin_and_the_one_shared_probe():
+    from configs.common import WIKITEXT2_PROBE, smollm2_sft
+
+    config = json.loads(smollm2_sft("lora").to_json())
+    assert {k: config["forgetting"][k] for k in WIKITEXT2_PROBE} == WIKITEXT2_PROBE
+    runs = [{"config": config}, {"config": config}]
+    line = protocol.decoder_line(runs)
+    assert "smollm2-135m-instruct (weights dequantised from the packaged GGUF `SmolLM2-135M-Instruct.Q4_1.gguf`)" \
+        in line
+    assert "first 16,384 tokens" in line and "windows of 512 tokens with stride 511" in line
+    other = json.loads(json.dumps(config))
+    other["forgetting"]["wikitext2_max_tokens"] = 8192  # a second probe definition: not one scale
+    with pytest.raises(ValueError, match="2 different WikiText-2 probes"):
+        protocol.decoder_line([{"config": config}, {"config": other}])

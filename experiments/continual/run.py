@@ -94,10 +94,11 @@ def decoder_report(runs: list[dict]) -> list[str]:
     """The decoder sequence: its accuracy and loss matrices, transfer figures and WikiText-2 after each stage."""
     names = ("XSum", "GSM8K", "en-fr")
     lines = ["## Decoder sequence: XSum, then GSM8K, then English-French", "",
-             "SmolLM2-135M-Instruct (weights dequantised from its Q4_1 GGUF), configs/continual_decoder.py: 60 "
-             "steps of 4 examples a stage, bfloat16 matmuls, best checkpoint on 10% of each stage's training "
-             "data; scored on 100 held-out examples per stage. Cells: next-token accuracy on the target tokens "
-             "(%), or their loss, mean over seeds; figures: mean ± half-width of the 95% t-interval [n].", ""]
+             "configs/continual_decoder.py: 60 steps of 4 examples a stage, bfloat16 matmuls, best checkpoint "
+             "on 10% of each stage's training data; scored on 100 held-out examples per stage. Cells: next-token "
+             "accuracy on the target tokens (%), or their loss, mean over seeds; figures: mean ± half-width of "
+             "the 95% t-interval [n].", "",
+             protocol.decoder_line(runs), ""]
     for arm in sorted({r["arm"] for r in runs}):
         mine = [r["results"] for r in runs if r["arm"] == arm]
         lines += [f"### {arm.split('_', 1)[1]}", ""]
@@ -116,7 +117,7 @@ def decoder_report(runs: list[dict]) -> list[str]:
         ppl += [[f"after {names[i]}", protocol.summarize(
             [m[f"continual/stage_{i}/forgetting/wikitext2_ppl/after"] for m in mine]).format(digits=2)]
             for i in range(len(names))]
-        lines += ["WikiText-2 perplexity (first 16k tokens):", ""] + markdown_table(["model", "perplexity"], ppl)
+        lines += ["WikiText-2 perplexity (the probe above):", ""] + markdown_table(["model", "perplexity"], ppl)
         lines += [""]
     arms = sorted({r["arm"].split("_", 1)[1] for r in runs})
     if len(arms) == 1:

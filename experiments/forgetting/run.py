@@ -154,6 +154,8 @@ def task_report(runs: list[dict], task: str) -> list[str]:
     by_arm = figures(runs, task)
     steps = mine[0]["config"]["max_steps"]
     lines = [f"## {task}: {steps} steps per method", ""]
+    if task == "xsum":
+        lines += [protocol.decoder_line(mine), ""]
     weights = tuned_weights(runs, task)
     if weights:
         lines += [f"Penalty weights chosen on the tuning seed's validation split (the largest within "
