@@ -102,3 +102,19 @@ def test_decoder_line_names_the_gguf_origin_and_the_one_shared_probe():
     other["forgetting"]["wikitext2_max_tokens"] = 8192  # a second probe definition: not one scale
     with pytest.raises(ValueError, match="2 different WikiText-2 probes"):
         protocol.decoder_line([{"config": config}, {"config": other}])
+
+
+@pytest.mark.parametrize("name", ["shakespeare_lm", "xsum_smollm2", "gsm8k_smollm2", "continual_decoder",
+                                  "gemma3_sft"])
+def test_every_decoder_config_uses_the_shared_wikitext_probe(name):
+    import importlib
+
+    from configs.common import WIKITEXT2_PROBE
+    from sft_jax.config_defaults import validate
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    if not config.data.train and not config.data.mixture:
+        config.data.train = config.data.eval = "records.jsonl"  # gemma3_sft leaves its data to the caller
+    validate(config)
+    assert {k: config.forgetting[k] for k in WIKITEXT2_PROBE} == WIKITEXT2_PROBE
+    assert config.forgetting.wikitext2.endswith("wikitext2_raw")
