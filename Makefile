@@ -48,11 +48,12 @@ experiment-sst2: install
 experiment-perplexity: install
 	$(BIN)/python -m experiments.perplexity.run --max_tokens=65536 --reference_windows=2
 
+# SmolLM2 on XSum (lora, partial, full) and GSM8K (lora, full): 330 steps x 3 seeds per strategy in bfloat16.
 experiment-xsum: install
-	$(BIN)/python -m experiments.xsum_summarization.run --budget=360
+	$(BIN)/python -m experiments.xsum_summarization.run
 
 experiment-gsm8k: install
-	$(BIN)/python -m experiments.gsm8k.run --budget=300 --strategies=lora
+	$(BIN)/python -m experiments.gsm8k.run
 
 # Gemma 3 270M base: plain-pair SFT vs instruction tuning on a balanced mixture, 330 steps, 3 seeds each.
 experiment-sft-vs-ift: install

@@ -49,17 +49,3 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines
-
-
-def budget_runs(config: str, here: str, strategies: list[str], budget: float, common: dict) -> list[dict]:
-    """`base` (the untouched model through the same evaluation: one step at learning rate 0), then one run per
-    strategy with the same training-time budget (`max_train_seconds`) and a single evaluation at its end.
-    Workdirs: HERE/workdirs/NAME. Returns results.json of each run plus `strategy`."""
-    rows = [dict(run_cli(f"{config}:full", os.path.join(here, "workdirs", "base"),
-                         {**common, "learning_rate": 0.0, "max_steps": 1, "warmup_steps": 0}), strategy="base")]
-    for strategy in strategies:
-        overrides = {**common, "max_train_seconds": budget, "max_steps": 100000, "eval_every": 100000,
-                     "checkpoint_every": 50}
-        r = run_cli(f"{config}:{strategy}", os.path.join(here, "workdirs", strategy), overrides)
-        rows.append(dict(r, strategy=strategy))
-    return rows

@@ -118,3 +118,29 @@ def test_every_decoder_config_uses_the_shared_wikitext_probe(name):
     validate(config)
     assert {k: config.forgetting[k] for k in WIKITEXT2_PROBE} == WIKITEXT2_PROBE
     assert config.forgetting.wikitext2.endswith("wikitext2_raw")
+
+
+def test_decoder_strategies_report_is_made_from_kept_runs(tmp_path):
+    from configs.common import smollm2_sft
+    from experiments import decoder_strategies
+
+    task = decoder_strategies.Task(title="T", here=str(tmp_path), config="configs/xsum_smollm2.py", metric="rougeL",
+                                   metric_name="ROUGE-L", overrides={}, description="D.")
+    config = json.loads(smollm2_sft("lora").to_json())
+    config["data"]["validation_fraction"] = 0.1
+    for arm, seed, rouge, rise in (("base", 0, 10.0, 0.0), ("lora", 0, 20.0, 0.5), ("lora", 1, 22.0, 0.7),
+                                   ("full", 0, 25.0, 2.0), ("full", 1, 29.0, 2.4)):
+        workdir = tmp_path / f"w_{arm}_{seed}"
+        workdir.mkdir()
+        (workdir / "config.json").write_text(json.dumps({**config, "max_steps": 1 if arm == "base" else 330}))
+        (workdir / "results.json").write_text(json.dumps({
+            "test/rougeL": rouge, "test/loss": 3.0, "forgetting/wikitext2_ppl/before": 28.0,
+            "forgetting/wikitext2_ppl/after": 28.0 + rise, "forgetting/wikitext2_ppl/rise": rise,
+            "trainable_params": 7}))
+        (workdir / "metrics.jsonl").write_text("{}\n")
+        protocol.keep_run(str(workdir), str(tmp_path), arm, seed)
+    text = decoder_strategies.report(task, protocol.load_runs(str(tmp_path)))
+    assert "| base | 0 | 10.00 (n=1, no interval)" in text  # the base model is one greedy run, not a seed sample
+    assert "| lora | 7 | 21.00 ± 12.71 [8.29, 33.71] (n=2)" in text  # t(0.975, 1) = 12.706
+    assert "| full - lora | 6.00 ± 12.71 [-6.71, 18.71] (n=2)" in text  # paired by seed: differences 5 and 7
+    assert "WikiText-2 perplexity before fine-tuning: 28.00." in text and "Model: smollm2-135m-instruct" in text
