@@ -93,3 +93,15 @@ def test_hf_xsum_examples_match_sft_jax_encoding():
     assert len(short["input_ids"]) <= 64
     summary_ids = tokenizer(record["summary"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
     assert [x for x in short["labels"] if x != -100] == summary_ids  # the article is cut, never the summary
+
+
+def test_report_splits_the_ratio_into_time_per_step_and_steps():
+    from experiments.time_to_accuracy.report import summarise
+
+    runs = [{"time_to_target_s": t, "step_at_target": n, "evals": [{"step": 250, "wall_s": f}]}
+            for t, n, f in ((100.0, 1000, 40.0), (125.0, 1250, 50.0), (100.0, 1000, 45.0))]
+    s = summarise(runs)
+    assert s["first_eval_s"] == pytest.approx(45.0)
+    assert s["steps"] == pytest.approx(1083.333, rel=1e-4)
+    assert s["s_per_step"] == pytest.approx(0.1)
+    assert s["interval"].n == 3 and s["interval"].low < s["mean"] < s["interval"].high

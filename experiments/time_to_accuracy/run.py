@@ -33,7 +33,9 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    return {"cpu_model": cpu_model(), "cores": len(os.sched_getaffinity(0)),
+    from experiments.benchmarks.machine import cpu_line, describe_cpu
+
+    return {"cpu_model": cpu_model(), "cpu": cpu_line(describe_cpu()), "cores": len(os.sched_getaffinity(0)),
             **{name: importlib.metadata.version(name) for name in ("jax", "torch", "transformers")}}
 
 
