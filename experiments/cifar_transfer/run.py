@@ -31,8 +31,7 @@ TARGET, SOURCE = "eval/accuracy", "forgetting/source_accuracy/after"
 # The base's seed lies outside every fine-tuning seed. A fresh head is drawn from nnx.Rngs(seed) exactly as the
 # base's own head was at its start, so a fine-tuning run at the base's seed starts its new head at the base head's
 # initial weights: the new classes are then learnt along the source classes' logit directions, and the forgetting
-# probe (the base's head on the moved backbone) collapses for that seed alone (seed 0 of the first protocol run,
-# base at seed 0: source accuracy 11-21% against 45-57% for seeds 1 and 2, in partial and full at every budget).
+# probe (the base's head on the moved backbone) collapses for that seed alone (notes.md, stop 39).
 BASE_SEED = 1000
 
 

@@ -12,7 +12,9 @@ ARM_NAMES = {"sft_jax": "sft_jax (python -m sft_jax.main)", "hf_trainer": "HF Tr
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Over one arm's seeds: how many reached the target, and the mean, min and max of their times."""
+    """Over one arm's seeds: how many reached the target; of the runs that did, their times' mean, min, max and
+    t-interval, and (when every such run records its step) the mean steps to target, time per step and time of
+    the first evaluation."""
     reached = [r for r in runs if r["time_to_target_s"] is not None]
     times = [r["time_to_target_s"] for r in reached]
     out = {"seeds": len(runs), "reached": len(times)}

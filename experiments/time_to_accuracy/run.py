@@ -26,16 +26,11 @@ from experiments.time_to_accuracy.cases import CASES, Case, smoke
 HERE = arms.HERE
 
 
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    return names[0] if names else "unknown"
-
-
 def machine() -> dict:
     from experiments.benchmarks.machine import cpu_line, describe_cpu
 
-    return {"cpu_model": cpu_model(), "cpu": cpu_line(describe_cpu()), "cores": len(os.sched_getaffinity(0)),
+    cpu = describe_cpu()
+    return {"cpu_model": cpu["model_name"] or "unknown", "cpu": cpu_line(cpu), "cores": len(os.sched_getaffinity(0)),
             **{name: importlib.metadata.version(name) for name in ("jax", "torch", "transformers")}}
 
 
