@@ -89,6 +89,14 @@ def case_section(name: str, case: dict, runs: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _smollm2_source(results: dict) -> str:
+    """What the sft_jax arm's SmolLM2 runs loaded, read from their recorded commands."""
+    commands = [r["command"] for r in results["runs"] if r["case"] == "smollm2" and r["arm"] == "sft_jax"]
+    if commands and all("--config.model=smollm2-135m-instruct " in c for c in commands):
+        return "sft_jax's arm loads the GGUF file itself, so its time holds dequantising the Q4 blocks."
+    return "sft_jax's arm loads that same export (its command's --config.model)."
+
+
 def render(results: dict) -> str:
     m = results["machine"]
     lines = ["# Time to accuracy: sft_jax's command line against a Hugging Face Trainer script", "",
@@ -109,7 +117,7 @@ def render(results: dict) -> str:
              "WikiText-2 probes and generation off and no early-stopping patience; the HF script uses the "
              "Trainer's defaults otherwise (its default optimizer, dataloader without workers, float32, sdpa "
              "attention, eager). The HF arm's SmolLM2 is sft_jax's export of the same GGUF weights (made once, "
-             "before any timing), with PEFT LoRA on the same projections.", ""]
+             f"before any timing), with PEFT LoRA on the same projections; {_smollm2_source(results)}", ""]
     for name, case in results["cases"].items():
         lines += case_section(name, case, [r for r in results["runs"] if r["case"] == name])
     return "\n".join(lines)

@@ -44,7 +44,7 @@ def code_version() -> str:
 
 
 def smollm2_hf_dir(cache: str) -> str:
-    """SmolLM2 as a Hugging Face directory, exported once by sft_jax from the GGUF file sft_jax trains (the same
+    """SmolLM2 as a Hugging Face directory, exported once by sft_jax from the registry's GGUF file (the same
     weights, float32), with its tokenizer (chat template included): what the HF arm loads."""
     path = os.path.join(cache, "smollm2_hf")
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -70,11 +70,14 @@ def hf_model_dir(case: Case, out: str, given: dict[str, str]) -> str:
 def run_case(case: Case, seeds: list[int], out: str, models: dict[str, str], save) -> list[dict]:
     """Both arms, seeds alternating between them; `save(runs)` after each run."""
     hf_dir = hf_model_dir(case, out, models)
+    # Both arms start from the same file: where the case's model is a GGUF (smollm2), sft_jax loads the float32
+    # export the HF arm loads, so neither arm's time holds dequantising Q4 blocks.
+    sft_jax_model = models.get(case.name) or (hf_dir if case.name == "smollm2" else None)
     runs = []
     for seed in seeds:
         for arm in report.ARMS:
             workdir = os.path.join(out, "workdirs", case.name, f"{arm}_s{seed}")
-            cmd = (arms.sft_jax_command(case, seed, workdir, models.get(case.name)) if arm == "sft_jax"
+            cmd = (arms.sft_jax_command(case, seed, workdir, sft_jax_model) if arm == "sft_jax"
                    else arms.hf_command(case, seed, workdir, hf_dir))
             load = os.getloadavg()[0]
             r = arms.run_arm(arm, cmd, case, workdir)
