@@ -105,3 +105,28 @@ def test_report_splits_the_ratio_into_time_per_step_and_steps():
     assert s["steps"] == pytest.approx(1083.333, rel=1e-4)
     assert s["s_per_step"] == pytest.approx(0.1)
     assert s["interval"].n == 3 and s["interval"].low < s["mean"] < s["interval"].high
+
+
+def test_rerunning_one_case_keeps_the_others_with_their_own_provenance(smoke_out, tmp_path):
+    from experiments.time_to_accuracy.report import render
+    from experiments.time_to_accuracy.run import carry_other_cases
+
+    earlier = json.loads((smoke_out / "results.json").read_text())
+    earlier["smoke"] = False  # a smoke file is never carried: it is not a measurement
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(earlier))
+    now = {"command": "python -m experiments.time_to_accuracy.run --cases=other", "code_version": "new",
+           "machine": earlier["machine"], "smoke": False, "poll_s": earlier["poll_s"], "cases": {}, "runs": []}
+    carry_other_cases(str(path), now, ["other"])
+    assert now["runs"] == earlier["runs"]
+    assert now["cases"]["minilm"]["made_by"]["code_version"] == earlier["code_version"]
+    rerun = dict(now, cases={}, runs=[])
+    carry_other_cases(str(path), rerun, ["minilm"])  # the case being rerun is not carried
+    assert rerun["cases"] == {} and rerun["runs"] == []
+    # The rerun case (here a copy of minilm under another name) beside the carried one: each says who made it.
+    now["cases"]["other"] = {**now["cases"]["minilm"], "made_by": {k: now[k] for k in ("command", "code_version",
+                                                                                          "machine")}}
+    now["runs"] += [{**r, "case": "other"} for r in earlier["runs"]]
+    text = render(now)
+    assert text.count("Produced by `") == 2
+    assert f"at code version {earlier['code_version']}" in text and "at code version new" in text

@@ -89,6 +89,15 @@ def case_section(name: str, case: dict, runs: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _made_by(made_by: dict, smoke: bool) -> list[str]:
+    m = made_by["machine"]
+    return [f"Produced by `{made_by['command']}` at code version {made_by['code_version']}"
+            + (" (a --smoke run: a plumbing check, not a measurement)" if smoke else "") + ".", "",
+            f"Machine: {m.get('cpu', m['cpu_model'])}, {m['cores']} cores used by each arm (XLA:CPU's threads; "
+            f"torch.set_num_threads({m['cores']})); JAX {m['jax']}, PyTorch {m['torch']}, transformers "
+            f"{m['transformers']}.", ""]
+
+
 def _smollm2_source(results: dict) -> str:
     """What the sft_jax arm's SmolLM2 runs loaded, read from their recorded commands."""
     commands = [r["command"] for r in results["runs"] if r["case"] == "smollm2" and r["arm"] == "sft_jax"]
@@ -98,15 +107,13 @@ def _smollm2_source(results: dict) -> str:
 
 
 def render(results: dict) -> str:
-    m = results["machine"]
-    lines = ["# Time to accuracy: sft_jax's command line against a Hugging Face Trainer script", "",
-             f"Produced by `{results['command']}` at code version {results['code_version']}"
-             + (" (a --smoke run: a plumbing check, not a measurement)" if results.get("smoke") else "") + ".",
-             "",
-             f"Machine: {m.get('cpu', m['cpu_model'])}, {m['cores']} cores used by each arm (XLA:CPU's threads; "
-             f"torch.set_num_threads({m['cores']})); JAX {m['jax']}, PyTorch {m['torch']}, transformers "
-             f"{m['transformers']}.", "",
-             "Each run is a fresh process started in an emptied folder; the clock starts just before the process "
+    made_by = [case.get("made_by", results) for case in results["cases"].values()]
+    lines = ["# Time to accuracy: sft_jax's command line against a Hugging Face Trainer script", ""]
+    if all(m == made_by[0] for m in made_by):  # one invocation made every case
+        lines += _made_by(made_by[0], results.get("smoke"))
+    else:
+        lines += ["Each case below says which invocation made it, at which code version, on which machine.", ""]
+    lines += ["Each run is a fresh process started in an emptied folder; the clock starts just before the process "
              "is launched, so imports, tokenisation, model loading, compilation, checkpoints and every evaluation "
              "are inside the time. An evaluation's time is when its line appears in the file the arm writes "
              f"(read every {results['poll_s']} s); a run ends at the first evaluation that reaches the target. "
@@ -119,5 +126,8 @@ def render(results: dict) -> str:
              "attention, eager). The HF arm's SmolLM2 is sft_jax's export of the same GGUF weights (made once, "
              f"before any timing), with PEFT LoRA on the same projections; {_smollm2_source(results)}", ""]
     for name, case in results["cases"].items():
-        lines += case_section(name, case, [r for r in results["runs"] if r["case"] == name])
+        section = case_section(name, case, [r for r in results["runs"] if r["case"] == name])
+        if not all(m == made_by[0] for m in made_by):
+            section[2:2] = _made_by(case.get("made_by", results), results.get("smoke"))
+        lines += section
     return "\n".join(lines)

@@ -89,6 +89,22 @@ def run_case(case: Case, seeds: list[int], out: str, models: dict[str, str], sav
     return runs
 
 
+def carry_other_cases(path: str, results: dict, running: list[str]) -> None:
+    """Keeps, from an earlier results.json at `path`, the cases this invocation does not run (their runs and
+    their own command, code version and machine under "made_by"), so one case can be rerun alone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("smoke"):
+        return
+    made_by = {k: earlier[k] for k in ("command", "code_version", "machine")}
+    for name, case in earlier["cases"].items():
+        if name not in running:
+            results["cases"][name] = {**case, "made_by": case.get("made_by", made_by)}
+            results["runs"] += [r for r in earlier["runs"] if r["case"] == name]
+
+
 def parse_setting(old, text: str):
     """A --set value in the type of the setting it replaces (buckets: comma-separated ints)."""
     return tuple(int(x) for x in text.split(",")) if isinstance(old, tuple) else type(old)(text)
@@ -111,9 +127,11 @@ def main() -> None:
     if not args.report:
         models = dict(m.split("=", 1) for m in args.model)
         data = {k: v.split(",", 1) for k, v in (d.split("=", 1) for d in args.data)}
-        results = {"command": " ".join(["python -m experiments.time_to_accuracy.run", *sys.argv[1:]]),
-                   "code_version": code_version(), "smoke": args.smoke, "poll_s": arms.POLL_S,
-                   "machine": machine(), "cases": {}, "runs": []}
+        made_by = {"command": " ".join(["python -m experiments.time_to_accuracy.run", *sys.argv[1:]]),
+                   "code_version": code_version(), "machine": machine()}
+        results = {**made_by, "smoke": args.smoke, "poll_s": arms.POLL_S, "cases": {}, "runs": []}
+        if not args.smoke:
+            carry_other_cases(path, results, args.cases.split(","))
         os.makedirs(args.out, exist_ok=True)
         for name in args.cases.split(","):
             case = smoke(CASES[name]) if args.smoke else CASES[name]
@@ -123,7 +141,7 @@ def main() -> None:
             case = dataclasses.replace(case, settings={**case.settings, **changed})
             results["cases"][name] = {"metric": case.metric, "mode": case.mode, "target": case.target,
                                       "config": case.config, "settings": case.settings,
-                                      "sft_jax_only": case.sft_jax_only}
+                                      "sft_jax_only": case.sft_jax_only, "made_by": made_by}
             done = list(results["runs"])
 
             def save(runs, done=done):
