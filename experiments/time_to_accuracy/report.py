@@ -107,10 +107,11 @@ def _smollm2_source(results: dict) -> str:
 
 
 def render(results: dict) -> str:
-    made_by = [case.get("made_by", results) for case in results["cases"].values()]
+    made_by = {name: case.get("made_by", results) for name, case in results["cases"].items()}
+    one_invocation = all(m == next(iter(made_by.values())) for m in made_by.values())
     lines = ["# Time to accuracy: sft_jax's command line against a Hugging Face Trainer script", ""]
-    if all(m == made_by[0] for m in made_by):  # one invocation made every case
-        lines += _made_by(made_by[0], results.get("smoke"))
+    if one_invocation:
+        lines += _made_by(next(iter(made_by.values())), results.get("smoke"))
     else:
         lines += ["Each case below says which invocation made it, at which code version, on which machine.", ""]
     lines += ["Each run is a fresh process started in an emptied folder; the clock starts just before the process "
@@ -127,7 +128,7 @@ def render(results: dict) -> str:
              f"before any timing), with PEFT LoRA on the same projections; {_smollm2_source(results)}", ""]
     for name, case in results["cases"].items():
         section = case_section(name, case, [r for r in results["runs"] if r["case"] == name])
-        if not all(m == made_by[0] for m in made_by):
-            section[2:2] = _made_by(case.get("made_by", results), results.get("smoke"))
+        if not one_invocation:
+            section[2:2] = _made_by(made_by[name], results.get("smoke"))
         lines += section
     return "\n".join(lines)
