@@ -209,6 +209,30 @@ def test_gradient_accumulation_equals_one_large_batch(tok, tiny_llama_dir):
     assert not np.allclose(one.params["layers/0/mlp/up/kernel"], params["layers/0/mlp/up/kernel"])
 
 
+def test_target_index_has_one_width_per_bucket(tok):
+    """The target index's width is a shape of the compiled step: it follows the data set, not each batch, so a
+    run compiles its train step once per bucket however its targets' counts vary (a stream, which cannot see
+    ahead, keeps the T/8 .. T ladder)."""
+    from sft_jax.data import batching
+
+    records = [sft.Record(sft.PAIR, f"d:{i}", input="number " * 3, output="yes " * (1 + 9 * (i % 4)))
+               for i in range(16)]
+    ds = sft.encode_sft(records, tok, FMT, 64)
+    counts = [int(m[1:].sum()) for m in ds.loss_mask]
+    assert ds.most_targets == max(counts) and min(counts) < 8 < max(counts)
+    unpacked = batching.TrainBatches(ds, 2, (64,), 0, tok.pad_token_id, collate=lm_data.make_lm_batch)
+    packed = batching.TrainBatches(lm_data.pack(ds, 64), 2, (64,), 0, tok.pad_token_id,
+                                   collate=lm_data.make_packed_batch)
+    for batches, most in ((unpacked, ds.most_targets), (packed, packed.ds.most_targets)):
+        widths = {batches.batch(s)["target_index"].shape[1] for s in range(2 * batches.steps_per_epoch)}
+        assert widths == {min(64, -(-most // 8) * 8)}
+    per_batch = {lm_data.make_lm_batch(ds, np.array([i, i + 4]), 2, (64,), tok.pad_token_id,
+                                       target_width="batch")["target_index"].shape[1] for i in range(4)}
+    assert per_batch == {8, 16, 32}  # the ladder follows each batch's rows
+    with pytest.raises(ValueError, match="target_width='rows'"):
+        lm_data.make_lm_batch(ds, np.array([0]), 1, (64,), tok.pad_token_id, target_width="rows")
+
+
 def test_loss_at_target_positions_equals_full_loss(tok, tiny_llama_dir):
     """The loss computes logits only at target positions; it must equal scoring every position."""
     from sft_jax.losses import lm_loss

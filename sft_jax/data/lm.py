@@ -8,6 +8,7 @@ only change the mask. Long documents are cut into consecutive blocks, never sile
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from collections.abc import Sequence
@@ -125,6 +126,11 @@ class LmDataset:
     def num_targets(self) -> int:
         return int(sum(m[1:].sum() for m in self.loss_mask))
 
+    @functools.cached_property
+    def most_targets(self) -> int:
+        """The most target tokens of any row: the width of every batch's target index (`make_lm_batch`)."""
+        return max((int(m[1:].sum()) for m in self.loss_mask), default=1)
+
 
 def doc_token_ids(tokenizer, text: str) -> list[int]:
     """BOS (when the tokenizer adds one by default) + text tokens + EOS: a document the model learns to end."""
@@ -152,8 +158,10 @@ def encode_documents(docs: Sequence[Document], tokenizer, max_length: int) -> Lm
 
 
 def make_lm_batch(ds: LmDataset, indices: np.ndarray, batch_size: int, buckets: Sequence[int],
-                  pad_id: int) -> dict[str, np.ndarray]:
-    """Shifted, padded batch: input_ids, targets, loss_mask (float32), segment_ids (0 = pad), positions.
+                  pad_id: int, target_width: str = "dataset") -> dict[str, np.ndarray]:
+    """Shifted, padded batch: input_ids, targets, loss_mask (float32), segment_ids (0 = pad), positions, and the
+    target index (`add_target_index`) of width `target_width`: "dataset" when `ds` is the whole data set, "batch"
+    when it holds only this batch's rows (a stream's).
 
     Rows past len(indices) are all padding (loss_mask 0)."""
     seq_len = bucket_length(max(len(ds.tokens[i]) - 1 for i in indices), buckets)
@@ -171,19 +179,34 @@ def make_lm_batch(ds: LmDataset, indices: np.ndarray, batch_size: int, buckets: 
         batch["segment_ids"][row, :n] = 1
         batch["positions"][row, :n] = np.arange(n)
     _check_targets(batch, [ds.where[i] for i in indices])
-    return add_target_index(batch)
+    return add_target_index(batch, _width(ds, target_width))
 
 
-def add_target_index(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _width(ds, target_width: str) -> int | None:
+    if target_width not in ("dataset", "batch"):
+        raise ValueError(f"target_width={target_width!r}: 'dataset' or 'batch'")
+    return ds.most_targets if target_width == "dataset" else None
+
+
+def add_target_index(batch: dict[str, np.ndarray], most_targets: int | None = None) -> dict[str, np.ndarray]:
     """Adds `target_index` / `target_weight` [B, K]: the positions whose loss mask is 1, padded to K.
 
     The loss then computes vocabulary logits only there. In SFT most positions are prompt (an XSum article of
     ~450 tokens for a ~30-token summary), so this skips most of the LM head, the largest matmul of a small
-    model with a big vocabulary. K is the smallest of T/8, T/4, T/2, T that fits, to bound recompilation."""
+    model with a big vocabulary. K is a shape of the compiled step, so it must not follow each batch: given
+    the data set's `most_targets` (the most any row has), K is that rounded up to a multiple of 8, at most the
+    sequence length, for every batch of a bucket: one compile per bucket. Without it (a stream, which cannot
+    see its rows ahead), K is the smallest of T/8, T/4, T/2, T that fits the batch: at most four compiles a
+    bucket."""
     mask = batch["loss_mask"] > 0
     t = mask.shape[1]
     need = max(int(mask.sum(axis=1).max()), 1)
-    k = next(c for c in (max(t // 8, 1), max(t // 4, 1), max(t // 2, 1), t) if c >= need)
+    if most_targets is not None:
+        if need > most_targets:
+            raise ValueError(f"a batch row has {need} targets, more than the data set's most_targets={most_targets}")
+        k = min(t, -(-max(most_targets, 1) // 8) * 8)
+    else:
+        k = next(c for c in (max(t // 8, 1), max(t // 4, 1), max(t // 2, 1), t) if c >= need)
     index = np.zeros((mask.shape[0], k), np.int32)
     weight = np.zeros((mask.shape[0], k), np.float32)
     for row in range(mask.shape[0]):
@@ -219,6 +242,12 @@ class PackedDataset:
     def where(self) -> list[str]:
         return [self.base.where[r[0]] for r in self.rows]
 
+    @functools.cached_property
+    def most_targets(self) -> int:
+        """The most target tokens of any packed row (its sequences' together)."""
+        per_sequence = [int(m[1:].sum()) for m in self.base.loss_mask]
+        return max((sum(per_sequence[j] for j in r) for r in self.rows), default=1)
+
 
 def pack(ds: LmDataset, max_length: int) -> PackedDataset:
     """First-fit decreasing: sequences, longest first, go into the first row with room (deterministic)."""
@@ -241,7 +270,7 @@ def pack(ds: LmDataset, max_length: int) -> PackedDataset:
 
 
 def make_packed_batch(ds: PackedDataset, indices: np.ndarray, batch_size: int, buckets: Sequence[int],
-                      pad_id: int) -> dict[str, np.ndarray]:
+                      pad_id: int, target_width: str = "dataset") -> dict[str, np.ndarray]:
     """Like `make_lm_batch`, each row holding several sequences: segment ids 1, 2, ... (attention stays
     within a segment) and positions restarting at 0 for each sequence."""
     seq_len = bucket_length(max(int(ds.lengths[i]) for i in indices), buckets)
@@ -261,4 +290,4 @@ def make_packed_batch(ds: PackedDataset, indices: np.ndarray, batch_size: int, b
             batch["positions"][row, col: col + n] = np.arange(n)
             col += n
     _check_targets(batch, [ds.base.where[j] for i in indices for j in ds.rows[i]])
-    return add_target_index(batch)
+    return add_target_index(batch, _width(ds, target_width))

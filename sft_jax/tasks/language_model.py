@@ -153,7 +153,7 @@ class LanguageModel(Task):
         self.pad_id = self.tokenizer.pad_token_id
         if config.data.streaming:
             self.batches = streamed_batches(config, self.train_ds, self._encode_records, self.pad_id,
-                                            collate=lm_data.make_lm_batch)
+                                            collate=functools.partial(lm_data.make_lm_batch, target_width="batch"))
         elif config.data.mixture:
             self.batches = mixture.mixture_batches(config, self.train_ds, self.pad_id, collate=lm_data.make_lm_batch)
             self.train_ds = self.batches.ds
