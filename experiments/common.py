@@ -14,16 +14,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_cli(config: str, workdir: str, overrides: dict | None = None) -> dict:
     """`python -m sft_jax.main --config=CONFIG --workdir=WORKDIR --config.K=V ...`; returns its results.json
     plus `command` and `process_wall_s`. A finished workdir is reused (the run resumes and stops at once)."""
-    cmd = [sys.executable, "-m", "sft_jax.main", f"--config={config}", f"--workdir={workdir}"]
-    cmd += [f"--config.{k}={v}" for k, v in (overrides or {}).items()]
+    cmd = _cli(config, workdir, overrides)
     print("$", " ".join(cmd[1:]), flush=True)
     start = time.time()
     subprocess.run(cmd, cwd=ROOT, check=True)
     with open(os.path.join(workdir, "results.json")) as f:
         results = json.load(f)
-    results.update(command="python " + " ".join(cmd[1:]).replace(ROOT + "/", ""),
-                   process_wall_s=time.time() - start)
+    results.update(command=cli_command(config, workdir, overrides), process_wall_s=time.time() - start)
     return results
+
+
+def _cli(config: str, workdir: str, overrides: dict | None) -> list[str]:
+    cmd = [sys.executable, "-m", "sft_jax.main", f"--config={config}", f"--workdir={workdir}"]
+    return cmd + [f"--config.{k}={v}" for k, v in (overrides or {}).items()]
+
+
+def cli_command(config: str, workdir: str, overrides: dict | None = None) -> str:
+    """The command `run_cli` runs, as it records it (paths relative to the repository)."""
+    return "python " + " ".join(_cli(config, workdir, overrides)[1:]).replace(ROOT + "/", "")
 
 
 def run_cli_cached(config: str, workdir: str, overrides: dict | None = None) -> dict:
@@ -38,9 +46,7 @@ def run_cli_cached(config: str, workdir: str, overrides: dict | None = None) -> 
         print(f"reusing {path}", flush=True)
     with open(path) as f:
         results = json.load(f)
-    cmd = [sys.executable, "-m", "sft_jax.main", f"--config={config}", f"--workdir={workdir}"]
-    cmd += [f"--config.{k}={v}" for k, v in (overrides or {}).items()]
-    results.update(command="python " + " ".join(cmd[1:]).replace(ROOT + "/", ""),
+    results.update(command=cli_command(config, workdir, overrides),
                    run_wall_s=os.path.getmtime(path) - os.path.getmtime(os.path.join(workdir, "config.json")))
     return results
 

@@ -123,6 +123,21 @@ def keep_run(workdir: str, experiment_dir: str, arm: str, seed: int, command: st
     return dest
 
 
+def kept_results(experiment_dir: str, arm: str, seed: int, command: str) -> dict | None:
+    """The results.json of the run `keep_run` kept for (arm, seed), when it was made by `command`; None when
+    none was kept. An experiment longer than a session goes on from the runs it kept, on any clone, without
+    their workdirs. A run kept from another command is an error, not a silent reuse: the recipe changed."""
+    path = run_dir(experiment_dir, arm, seed)
+    if not os.path.exists(os.path.join(path, "results.json")):
+        return None
+    with open(os.path.join(path, "provenance.json")) as f:
+        kept = json.load(f)["command"]
+    if kept != command:
+        raise ValueError(f"{path}: kept from another command (remove it to rerun):\n  kept: {kept}\n  now:  {command}")
+    with open(os.path.join(path, "results.json")) as f:
+        return {**json.load(f), "command": command}
+
+
 def load_runs(experiment_dir: str) -> list[dict]:
     """Every kept run of an experiment: {"arm", "seed", "config", "results", "provenance", "metrics"}, sorted by
     arm and seed."""

@@ -88,6 +88,23 @@ def test_kept_runs_hold_their_files_and_code_version(tmp_path):
         protocol.keep_run(str(tmp_path / "unfinished"), str(experiment), "full", 2)
 
 
+def test_a_kept_run_is_reused_only_for_its_own_command(tmp_path):
+    """An experiment longer than a session goes on from its kept runs (on a fresh clone, without workdirs);
+    a run kept from another recipe is refused, never silently reused."""
+    workdir, experiment = tmp_path / "w", tmp_path / "exp"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"seed": 0}))
+    (workdir / "results.json").write_text(json.dumps({"eval/accuracy": 0.9}))
+    (workdir / "metrics.jsonl").write_text("")
+    assert protocol.kept_results(str(experiment), "full", 0, "train --lr=1") is None
+    protocol.keep_run(str(workdir), str(experiment), "full", 0, command="train --lr=1")
+    assert protocol.kept_results(str(experiment), "full", 0, "train --lr=1") == {"eval/accuracy": 0.9,
+                                                                              "command": "train --lr=1"}
+    assert protocol.kept_results(str(experiment), "full", 1, "train --lr=1") is None
+    with pytest.raises(ValueError, match=r"seed_0: kept from another command"):
+        protocol.kept_results(str(experiment), "full", 0, "train --lr=2")
+
+
 def test_decoder_line_names_the_gguf_origin_and_the_one_shared_probe():
     from configs.common import WIKITEXT2_PROBE, smollm2_sft
 
