@@ -34,6 +34,22 @@ def cli_command(config: str, workdir: str, overrides: dict | None = None) -> str
     return "python " + " ".join(_cli(config, workdir, overrides)[1:]).replace(ROOT + "/", "")
 
 
+def run_kept(config: str, workdir: str, overrides: dict, experiment_dir: str, arm: str, seed: int,
+             **extra) -> dict:
+    """`run_cli`, then `protocol.keep_run` (with `extra` in the provenance); returns the results. A run kept
+    already by the same command is not run again: its kept results come back, so an experiment longer than a
+    session goes on from its committed runs on any clone."""
+    from experiments import protocol
+
+    kept = protocol.kept_results(experiment_dir, arm, seed, cli_command(config, workdir, overrides))
+    if kept is not None:
+        print(f"kept already: {arm} seed {seed}", flush=True)
+        return kept
+    results = run_cli(config, workdir, overrides)
+    protocol.keep_run(workdir, experiment_dir, arm, seed, results["command"], **extra)
+    return results
+
+
 def run_cli_cached(config: str, workdir: str, overrides: dict | None = None) -> dict:
     """`run_cli`, except that a workdir whose results.json exists is read back instead of re-run (its final
     evaluation and probes are not repeated), so a report can be rebuilt from finished runs at no cost.

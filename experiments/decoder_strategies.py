@@ -16,7 +16,7 @@ import dataclasses
 import os
 
 from experiments import protocol
-from experiments.common import markdown_table, run_cli
+from experiments.common import markdown_table, run_kept
 
 STEPS = 330
 WARMUP = 30
@@ -60,12 +60,11 @@ def run_overrides(task: Task, seed: int, steps: int, base: bool = False) -> dict
 
 def run(task: Task, strategies: list[str], seeds: list[int], steps: int) -> None:
     """`base`, then every (seed, strategy), seeds outermost (a cut-short run has every arm of its seeds); each
-    run kept. A finished workdir is read back, not retrained."""
+    run kept. A run kept already (`common.run_kept`) or a finished workdir is read back, not retrained."""
     jobs = [("base", "full", seeds[0], True)] + [(s, s, seed, False) for seed in seeds for s in strategies]
     for arm, strategy, seed, base in jobs:
         workdir = os.path.join(task.here, "workdirs", f"{arm}_s{seed}")
-        results = run_cli(f"{task.config}:{strategy}", workdir, run_overrides(task, seed, steps, base))
-        protocol.keep_run(workdir, task.here, arm, seed, results["command"])
+        run_kept(f"{task.config}:{strategy}", workdir, run_overrides(task, seed, steps, base), task.here, arm, seed)
 
 
 def report(task: Task, runs: list[dict]) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 
 import pytest
@@ -103,6 +105,29 @@ def test_a_kept_run_is_reused_only_for_its_own_command(tmp_path):
     assert protocol.kept_results(str(experiment), "full", 1, "train --lr=1") is None
     with pytest.raises(ValueError, match=r"seed_0: kept from another command"):
         protocol.kept_results(str(experiment), "full", 0, "train --lr=2")
+
+
+def test_run_kept_trains_once_then_reads_the_kept_run(tmp_path, monkeypatch):
+    from experiments import common
+
+    trained = []
+
+    def fake_run_cli(config, workdir, overrides):  # what sft_jax.main leaves in a workdir
+        trained.append(workdir)
+        os.makedirs(workdir, exist_ok=True)
+        for name, text in (("config.json", "{}"), ("results.json", json.dumps({"eval/loss": 1.5})),
+                           ("metrics.jsonl", "")):
+            with open(os.path.join(workdir, name), "w") as f:
+                f.write(text)
+        return {"eval/loss": 1.5, "command": common.cli_command(config, workdir, overrides)}
+
+    monkeypatch.setattr(common, "run_cli", fake_run_cli)
+    args = ("configs/x.py:full", str(tmp_path / "w"), {"seed": 0}, str(tmp_path / "exp"), "full", 0)
+    assert common.run_kept(*args, method="full")["eval/loss"] == 1.5
+    shutil.rmtree(tmp_path / "w")  # a fresh clone: no workdir, only the committed runs/
+    assert common.run_kept(*args, method="full")["eval/loss"] == 1.5
+    assert len(trained) == 1
+    assert protocol.load_runs(str(tmp_path / "exp"))[0]["provenance"]["method"] == "full"
 
 
 def test_decoder_line_names_the_gguf_origin_and_the_one_shared_probe():

@@ -28,7 +28,7 @@ import numpy as np
 
 from configs.common import shared_data
 from experiments import protocol
-from experiments.common import cli_command, markdown_table, run_cli
+from experiments.common import markdown_table, run_kept
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TUNING_SEED = 100
@@ -84,13 +84,7 @@ def train(task: str, arm: str, method: str, seed: int, steps: int, weight: float
     config = f"{t['config']}:{strategy}"
     overrides = {**t["common"], "seed": seed, "max_steps": steps, "warmup_steps": max(steps // 10, 1),
                  "checkpoint_every": t["common"]["eval_every"], "early_stopping.patience": 0, **overrides}
-    kept = protocol.kept_results(HERE, f"{task}_{arm}", seed, cli_command(config, workdir, overrides))
-    if kept is not None:  # kept by an earlier session: the runs go on from there
-        print(f"kept: {task}_{arm} seed {seed}", flush=True)
-        return kept
-    results = run_cli(config, workdir, overrides)
-    protocol.keep_run(workdir, HERE, f"{task}_{arm}", seed, results["command"], method=method, weight=weight)
-    return results
+    return run_kept(config, workdir, overrides, HERE, f"{task}_{arm}", seed, method=method, weight=weight)
 
 
 def best_validation(results: dict, task: str) -> float:

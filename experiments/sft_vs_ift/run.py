@@ -28,7 +28,7 @@ import json
 import os
 
 from experiments import protocol
-from experiments.common import ROOT, markdown_table, run_cli
+from experiments.common import ROOT, cli_command, markdown_table, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(HERE, "workdirs")
@@ -122,7 +122,11 @@ def evaluate(model: str | None, workdir: str | None, paths: dict[str, str]) -> d
 def run_arm(arm: str, seed: int, steps: int, paths: dict[str, str]) -> None:
     """Trains (or reads back) one run, scores it, and keeps its files with generation.json."""
     workdir = os.path.join(WORK, f"{arm}_s{seed}")
-    results = run_cli(CONFIG, workdir, arm_overrides(arm, paths, seed, steps))
+    overrides = arm_overrides(arm, paths, seed, steps)
+    if protocol.kept_results(HERE, arm, seed, cli_command(CONFIG, workdir, overrides)) is not None:
+        print(f"kept already: {arm} seed {seed}", flush=True)  # by an earlier session, generation.json with it
+        return
+    results = run_cli(CONFIG, workdir, overrides)
     scores_path = os.path.join(workdir, "generation.json")
     if not os.path.exists(scores_path):
         _write_json(scores_path, evaluate(None, workdir, paths))
