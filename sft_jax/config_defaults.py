@@ -113,6 +113,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.data.validation_fraction = 0.0
     c.data.tfds_data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data directory; None: TFDS's
     c.data.max_train_examples = 0  # 0: all; else the first N after a seeded shuffle
+    # Training batches from windows of this many batches sorted by length (fewer pads: most batches land in a short
+    # bucket); a batch then holds sentences of like length. 1: batches of random examples, as most trainers draw
+    c.data.group_window = 50
     # True: data.train (.jsonl or .parquet) is read record by record as batches need it, never held in memory
     # (text classification and sft; each process reads its rows; see sft_jax/data/streaming.py)
     c.data.streaming = False
@@ -339,6 +342,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "lm_loss_chunk"):
         if _get(config, key) < 0:
             raise ValueError(f"config.{key}: must be >= 0, got {_get(config, key)}")
+    if config.data.group_window < 1:
+        raise ValueError(f"config.data.group_window: batches per sorted window, >= 1, got {config.data.group_window}")
     _check_warmup(config)
     _check_profile_steps(config.profile_steps)
     if not all(isinstance(s, int) and s >= 1 for s in config.keep_checkpoints_at):

@@ -253,6 +253,7 @@ INVALID_VALUES = [
     ("nan_policy", "ignore", "config.nan_policy: 'ignore' is not stop or skip"),
     ("grad_accum_steps", 3, "config.grad_accum_steps: 3 must be >= 1 and divide batch_size=8"),
     ("data.too_long", "drop", "config.data.too_long: 'drop' is not one of"),
+    ("data.group_window", 0, "config.data.group_window: batches per sorted window, >= 1, got 0"),
     ("early_stopping.mode", "up", "config.early_stopping.mode: 'up' is not auto, max or min"),
     ("task", "regression", "config.task: unknown task 'regression'"),
     ("distributed.coordinator_address", "host0", "config.distributed.coordinator_address: 'host0' is not host:port"),

@@ -160,10 +160,12 @@ class LanguageModel(Task):
         elif config.packing:
             packed = lm_data.pack(self.train_ds, max(config.buckets))
             self.batches = batching.TrainBatches(packed, config.batch_size, config.buckets, config.seed,
-                                                 self.pad_id, collate=lm_data.make_packed_batch)
+                                                 self.pad_id, group_window=config.data.group_window,
+                                                 collate=lm_data.make_packed_batch)
         else:
             self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
-                                                 self.pad_id, collate=lm_data.make_lm_batch)
+                                                 self.pad_id, group_window=config.data.group_window,
+                                                 collate=lm_data.make_lm_batch)
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
                         "eval_target_tokens": self.eval_ds.num_targets,
                         "data/eval_truncated": self.eval_ds.truncated}

@@ -91,7 +91,7 @@ class TextClassification(classification.ClassificationTask):
             self.train_ds = self.batches.ds
         else:
             self.batches = batching.TrainBatches(self.train_ds, config.batch_size, config.buckets, config.seed,
-                                                 self.pad_id)
+                                                 self.pad_id, group_window=config.data.group_window)
         self.summary = {"train_examples": len(self.train_ds), "eval_examples": len(self.eval_ds),
                         "num_labels": len(self.vocab), "data/eval_truncated": self.eval_ds.truncated}
         if not config.data.streaming:  # a stream meets its long texts as it reads them
