@@ -1,7 +1,7 @@
 """SST-2 with all-MiniLM-L6-v2: head vs partial (embeddings + blocks 0-2 frozen) vs full fine-tuning, and what
 each costs on STS-B, under the experiment protocol (experiments/protocol.py).
 
-    PYTHONPATH=. python -m experiments.sst2_strategies.run [--budgets=equal,peer] [--seeds=0,1,2]
+    PYTHONPATH=. python -m experiments.sst2_strategies.run [--budgets=equal,peer,peer_random] [--seeds=0,1,2]
         [--strategies=head,partial,full] [--steps=1000]
     PYTHONPATH=. python -m experiments.sst2_strategies.run --report     # RESULTS.md and the plot again
 
@@ -12,6 +12,8 @@ Two budgets, each its own table:
 - peer: the peer's recipe (peer_torch.py's docstring), run by sft_jax (`PEER`) and by peer_torch.py (PyTorch +
   transformers alone) with the same seeds: 8,000 training sentences, one epoch (250 steps), the final model
   scored, as the peer did.
+- peer_random: sft_jax at the peer's recipe with batches of random examples (`data.group_window=1`), as the
+  peer draws them: whether sft_jax's length-sorted batches account for its larger STS-B drop.
 Each run is one command in workdirs/ARM_sSEED (ignored by git; a finished one is read back); its config,
 results and metrics are kept with the code version under runs/ARM/seed_SEED, and RESULTS.md and the plot are
 made from those files only.
@@ -56,6 +58,15 @@ def peer_sft_jax_run(strategy: str, seed: int) -> tuple[str, str]:
     workdir = os.path.join(WORKDIRS, f"peer_sftjax_{strategy}_s{seed}")
     results = run_cli(f"configs/sst2.py:{strategy}", workdir,
                       {"seed": seed, **PEER, "learning_rate": PEER_LEARNING_RATES[strategy]})
+    return workdir, results["command"]
+
+
+def peer_random_run(strategy: str, seed: int) -> tuple[str, str]:
+    """`peer_sft_jax_run` with batches of random examples (data.group_window=1), as the peer draws them, where
+    sft_jax by default sorts windows of 50 batches by length."""
+    workdir = os.path.join(WORKDIRS, f"peer_sftjax_random_{strategy}_s{seed}")
+    results = run_cli(f"configs/sst2.py:{strategy}", workdir, {"seed": seed, **PEER, "data.group_window": 1,
+                                                               "learning_rate": PEER_LEARNING_RATES[strategy]})
     return workdir, results["command"]
 
 
@@ -105,17 +116,28 @@ def report(runs: list[dict]) -> str:
         if rows:
             lines += ["Paired differences (same seed):", ""]
             lines += markdown_table(["arms", "accuracy (points)", "STS-B drop"], rows) + [""]
-    peer = [a for s in STRATEGIES for a in (f"peer_sftjax_{s}", f"peer_torch_{s}") if any(r["arm"] == a for r in runs)]
+    peer = [a for s in STRATEGIES for a in (f"peer_sftjax_{s}", f"peer_sftjax_random_{s}", f"peer_torch_{s}")
+            if any(r["arm"] == a for r in runs)]
     if peer:
         lines += ["## The peer's budget", "",
                   "The recipe of peer_torch.py: 8,000 training sentences (shuffled with the seed), one epoch of 32 "
                   "(250 steps), at most 64 tokens, AdamW (weight decay 0.01, biases and norms undecayed), linear "
                   "warm-up over 10% then linear decay, clipping 1.0, learning rate head 1e-3, partial and full "
                   "5e-5, mean pooling into one linear layer; the final model scored. `peer_sftjax`: sft_jax's "
-                  "command line with those settings (no head dropout); `peer_torch`: PyTorch + transformers "
-                  "alone, same seeds (the seeds draw different subsets and orders in the two).", ""]
+                  "command line with those settings (no head dropout); `peer_sftjax_random`: the same with batches "
+                  "of random examples (data.group_window=1) instead of sft_jax's default windows of 50 batches "
+                  "sorted by length; `peer_torch`: PyTorch + transformers alone, same seeds (the seeds draw "
+                  "different subsets and orders in sft_jax and PyTorch).", ""]
         lines += markdown_table(["arm", "runs", "SST-2 dev accuracy (%)", "STS-B after", "STS-B drop"],
                                 summary_rows(runs, peer, ACCURACY["peer"])) + [""]
+        acc, drop = protocol.by_arm(runs, ACCURACY["peer"]), protocol.by_arm(runs, DROP)
+        rows = [[f"{s}: random - sorted batches", protocol.paired(acc[a], acc[b]).format(scale=100, digits=1),
+                 protocol.paired(drop[a], drop[b]).format(digits=3)]
+                for s in STRATEGIES for a, b in [(f"peer_sftjax_random_{s}", f"peer_sftjax_{s}")]
+                if a in acc and b in acc]
+        if rows:
+            lines += ["sft_jax's batches, paired by seed (the same 8,000 examples, batched differently):", ""]
+            lines += markdown_table(["arms", "accuracy (points)", "STS-B drop"], rows) + [""]
         lines += ["The figures issue 28 quotes for the peer (one run each): "
                   + "; ".join(f"{s} {100 * a:.1f}%, STS-B 0.867 -> {b:.3f}" for s, (a, b) in QUOTED.items())
                   + ".", ""]
@@ -159,6 +181,8 @@ def main() -> None:
                 for budget in args.budgets.split(","):
                     if budget == "equal":
                         done = [("equal", *equal_run(strategy, seed, args.steps))]
+                    elif budget == "peer_random":
+                        done = [("peer_sftjax_random", *peer_random_run(strategy, seed))]
                     else:
                         done = [("peer_sftjax", *peer_sft_jax_run(strategy, seed)),
                                 ("peer_torch", *peer_torch_run(strategy, seed))]
